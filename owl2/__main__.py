@@ -1,0 +1,3 @@
+from owl2.cli.main import main
+
+raise SystemExit(main())

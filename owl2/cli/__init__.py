@@ -1,0 +1,1 @@
+"""The ``owl2`` command line."""

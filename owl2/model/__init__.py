@@ -1,0 +1,26 @@
+"""The mPLUG-Owl2 architecture in plain PyTorch.
+
+Read top to bottom: ``config`` (one config object), ``vision`` (ViT), ``abstractor`` (visual abstractor), ``llama``
+(decoder with the Modality-Adaptive Module), ``cache`` (KV cache), ``modeling`` (everything wired together) and
+``inputs`` (official-style ids -> owl2 inputs).
+"""
+
+from owl2.model.cache import KVCache
+from owl2.model.config import AbstractorConfig, ConfigError, Owl2Config, VisionConfig
+from owl2.model.inputs import OFFICIAL_IMAGE_TOKEN, prepare_official_inputs
+from owl2.model.modeling import IGNORE_INDEX, GenerateOutput, Owl2ForCausalLM, Owl2Model, Owl2Output
+
+__all__ = [
+    "IGNORE_INDEX",
+    "OFFICIAL_IMAGE_TOKEN",
+    "AbstractorConfig",
+    "ConfigError",
+    "GenerateOutput",
+    "KVCache",
+    "Owl2Config",
+    "Owl2ForCausalLM",
+    "Owl2Model",
+    "Owl2Output",
+    "VisionConfig",
+    "prepare_official_inputs",
+]

@@ -1,0 +1,83 @@
+"""A preallocated key/value cache for the decoder.
+
+All rows of a batch share one write offset (prompts are left-padded), so a step writes one slice per layer and
+never reallocates. Besides keys and values the cache remembers, per cached position, whether it is a real token
+(the attention mask), whether it is an image position (the modality it was encoded with), and each row's next
+RoPE position, so padding and images stay correct across decode steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from owl2.model.config import Owl2Config
+
+
+class KVCache:
+    """Keys/values [layers, B, kv_heads, max_length, head_dim] plus per-position bookkeeping.
+
+    Reuse one cache across generations with :meth:`reset` (same or smaller batch and length).
+    """
+
+    def __init__(
+        self,
+        config: Owl2Config,
+        batch_size: int,
+        max_length: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.image_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+        self.has_padding = False
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[index], self.values[index]
+
+    def reset(self) -> None:
+        """Forget every cached position; the buffers are kept for the next generation."""
+        self.valid.zero_()
+        self.image_mask.zero_()
+        self.next_position.zero_()
+        self.length = 0
+        self.has_padding = False
+
+    def fits(self, batch_size: int, max_length: int, dtype: torch.dtype, device: torch.device) -> bool:
+        return (
+            self.batch_size == batch_size
+            and self.max_length >= max_length
+            and self.keys.dtype == dtype
+            and self.keys.device == device
+        )
+
+    def reserve(self, new_tokens: int) -> int:
+        """Check there is room for ``new_tokens`` more positions and return where they start."""
+        if self.length + new_tokens > self.max_length:
+            raise ValueError(
+                f"KV cache overflow: {self.length} cached + {new_tokens} new positions > max_length {self.max_length}"
+            )
+        return self.length
+
+    def commit(self, valid: torch.Tensor, image_mask: torch.Tensor | None, has_padding: bool) -> None:
+        """Record the bookkeeping of the chunk just written (``valid``/``image_mask`` are [B, T])."""
+        start, end = self.length, self.length + valid.shape[1]
+        self.valid[:, start:end] = valid
+        if image_mask is not None:
+            self.image_mask[:, start:end] = image_mask
+        self.next_position += valid.sum(-1)
+        self.has_padding = self.has_padding or has_padding
+        self.length = end

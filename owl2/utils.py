@@ -1,0 +1,56 @@
+"""Small shared helpers: atomic writes and optional progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, TypeVar
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success it replaces ``path`` in one rename.
+
+    A crash or an exception leaves the previous ``path`` untouched and removes the temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    with atomic_output(path, "w") as handle:
+        handle.write(text)
+
+
+def progress(items: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True) -> Iterable[T]:
+    """Wrap ``items`` in a tqdm bar when tqdm is installed, else print a line per item to stderr."""
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _plain_progress(items, total, desc)
+    return tqdm(items, total=total, desc=desc, unit="shard", dynamic_ncols=True)
+
+
+def _plain_progress(items: Iterable[T], total: int | None, desc: str) -> Iterator[T]:
+    for i, item in enumerate(items, 1):
+        yield item
+        print(f"{desc}: {i}/{total if total is not None else '?'}", file=sys.stderr, flush=True)

@@ -1,0 +1,20 @@
+"""The documented interface for external checks, exactly as the README shows it."""
+
+from __future__ import annotations
+
+import torch
+
+import owl2
+from tests.conftest import OFFICIAL_TINY
+
+
+@torch.no_grad()
+def test_documented_interface(oracle):
+    model = owl2.load_model(str(OFFICIAL_TINY), dtype=torch.float32)
+    assert isinstance(model, torch.nn.Module) and not model.training
+    batch = owl2.prepare_official_inputs(oracle["input_ids_image"], attention_mask=None, pixel_values=oracle["image"])
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values"}
+    out = model(**batch)
+    assert out.logits.shape == (1, 14 - 1 + 9, 320)
+    new_ids = model.generate(**batch, max_new_tokens=8, eos_token_id=None)
+    assert torch.equal(new_ids, oracle["generate_new_tokens"])
