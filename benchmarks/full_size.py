@@ -374,6 +374,7 @@ def print_table(results: dict[str, Any]) -> None:
         ("parameters (B)", results["params_b"]),
         ("checkpoint (GB)", results["checkpoint_gb"]),
         ("write time (s)", results["write_s"] if results["write_s"] is not None else "reused"),
+        ("peak RSS of the writer process (GiB)", results["write_peak_rss_gib"]),
         ("load time (s)", results["load_s"]),
         ("peak RSS after load (GiB)", results["load_peak_rss_gib"]),
         ("peak RSS, inference only (GiB)", results["inference_peak_rss_gib"]),
