@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import owl2  # noqa: E402
-from official_style import OfficialStyleDecoder  # noqa: E402
-from owl2.model.config import AbstractorConfig, Owl2Config, VisionConfig  # noqa: E402
+from official_style import OfficialStyleDecoder
+
+import owl2
+from owl2.model.config import AbstractorConfig, Owl2Config, VisionConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Figures of the official code on this machine (issue 2): tokens/s, batch 1 and total at batch 4.

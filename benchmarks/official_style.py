@@ -18,12 +18,22 @@ from owl2.model.llama import rotate_half
 from owl2.model.modeling import Owl2ForCausalLM
 
 
+def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # plain F.linear, as transformers' nn.Linear runs it (owl2's Linear picks other CPU kernels for bf16)
+    return F.linear(x, module.weight, module.bias)
+
+
+def _mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
+
+
 def _multiway(branches: torch.nn.ModuleList, x: torch.Tensor, indicators: torch.Tensor, out_dim: int) -> torch.Tensor:
     out = x.new_empty(*x.shape[:-1], out_dim)
     for idx, branch in enumerate(branches):
         sel = (indicators == idx).nonzero(as_tuple=True)
         if sel[0].numel():
-            out[sel] = branch(x[sel].unsqueeze(1)).squeeze(1)
+            run = (lambda t, b=branch: _linear(b, t)) if isinstance(branch, torch.nn.Linear) else branch
+            out[sel] = run(x[sel].unsqueeze(1)).squeeze(1)
     return out
 
 
@@ -45,7 +55,7 @@ class OfficialStyleDecoder:
         residual = h
         # the official MultiwayNetwork: nonzero + gather/scatter per branch, for the norm and for k and v
         h = _multiway(layer.input_layernorm.multiway, h, indicators, h.shape[-1])
-        q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        q = _linear(attn.q_proj, h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = _multiway(attn.k_proj.multiway, h, indicators, attn.k_proj.out_features)
         v = _multiway(attn.v_proj.multiway, h, indicators, attn.v_proj.out_features)
         k = k.view(b, t, self.heads, self.head_dim).transpose(1, 2)
@@ -57,10 +67,10 @@ class OfficialStyleDecoder:
         scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim) + mask
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = (probs @ v).transpose(1, 2).reshape(b, t, -1)
-        h = residual + attn.o_proj(out)
+        h = residual + _linear(attn.o_proj, out)
         residual = h
         h = _multiway(layer.post_attention_layernorm.multiway, h, indicators, h.shape[-1])
-        return residual + layer.mlp(h), (k, v)
+        return residual + _mlp(layer.mlp, h), (k, v)
 
     def _forward(self, embeds, indicators, positions, past):
         t = embeds.shape[1]
@@ -71,7 +81,7 @@ class OfficialStyleDecoder:
         for i, layer in enumerate(self.model.model.layers):
             h, kv = self._layer(layer, h, indicators, positions, mask, None if past is None else past[i])
             new_past.append(kv)
-        return self.model.lm_head(self.model.model.norm(h)), new_past
+        return _linear(self.model.lm_head, self.model.model.norm(h)), new_past
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 from owl2.model.abstractor import VisualAbstractor
 from owl2.model.cache import KVCache
 from owl2.model.config import Owl2Config
-from owl2.model.llama import AttentionContext, DecoderLayer, ModalityRoute, RMSNorm, RotaryEmbedding
+from owl2.model.llama import AttentionContext, DecoderLayer, Linear, ModalityRoute, RMSNorm, RotaryEmbedding
 from owl2.model.vision import VisionModel
 
 IGNORE_INDEX = -100
@@ -130,7 +130,7 @@ class Owl2ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Owl2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -191,7 +191,7 @@ class Owl2ForCausalLM(nn.Module):
         if position_ids is None:
             offset = cache.next_position[:, None] if cache is not None else 0
             position_ids = offset + (valid.long().cumsum(-1) - 1).clamp(min=0)
-        cos, sin = self.model.rotary_emb(position_ids)
+        cos, sin = self.model.rotary_emb(position_ids, embeds.dtype)
         any_padding = has_padding or (cache is not None and cache.has_padding)
         mask = self._attention_mask(valid, cache, start) if any_padding or (start > 0 and t > 1) else None
         ctx = AttentionContext(

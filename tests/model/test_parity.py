@@ -109,16 +109,15 @@ def test_greedy_generation_bf16(tiny_bf16, oracle_bf16, use_cache):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @torch.no_grad()
-def test_left_padded_batch_gives_rows_alone_answer(tiny_fp32, tiny_bf16, oracle, dtype):
-    model = tiny_fp32 if dtype == "fp32" else tiny_bf16
+def test_left_padded_batch_gives_rows_alone_answer(tiny_fp32, tiny_bf16, oracle, oracle_bf16, dtype):
+    model, reference = (tiny_fp32, oracle) if dtype == "fp32" else (tiny_bf16, oracle_bf16)
     batch = official(
         oracle["input_ids_leftpad"], oracle["attention_mask_leftpad"], pixel_values=oracle["images_batch"]
     )
     new = model.generate(**batch, max_new_tokens=8)
-    expected = oracle["generate_leftpad_rows_alone_new_tokens"]
-    assert torch.equal(new, expected)
+    assert torch.equal(new, reference["generate_leftpad_rows_alone_new_tokens"])
     # The official code gets the padded row wrong; make sure the fixture really tells the two apart.
-    assert not torch.equal(new, oracle["generate_leftpad_official_new_tokens"])
+    assert not torch.equal(new, reference["generate_leftpad_official_new_tokens"])
 
 
 @torch.no_grad()
