@@ -32,6 +32,26 @@ def prepare_official_inputs(
     padded on (left when any row starts with padding, else right). ``config`` gives the layout (tokens per image and
     image id); by default, that of the model most recently returned by :func:`owl2.load_model`.
     """
+    num_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+    batch = expand_official_ids(
+        input_ids, attention_mask, labels=labels, config=config, pad_token_id=pad_token_id, num_images=num_images
+    )
+    if pixel_values is not None:
+        batch["pixel_values"] = pixel_values
+    return batch
+
+
+def expand_official_ids(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    labels: torch.Tensor | None = None,
+    config: Owl2Config | None = None,
+    pad_token_id: int = 0,
+    num_images: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The id/mask/label part of :func:`prepare_official_inputs`; ``num_images``, when given, must equal the number
+    of placeholders."""
     config = config or default_layout_config()
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}")
@@ -48,8 +68,7 @@ def prepare_official_inputs(
     if bool(bad.any()):
         raise ValueError(f"input_ids hold negative ids other than {OFFICIAL_IMAGE_TOKEN}: {input_ids[bad].unique()}")
     num_placeholders = int((input_ids == OFFICIAL_IMAGE_TOKEN).sum())
-    num_images = 0 if pixel_values is None else int(pixel_values.shape[0])
-    if num_placeholders != num_images:
+    if num_images is not None and num_placeholders != num_images:
         raise ValueError(f"input_ids hold {num_placeholders} image placeholder(s) but {num_images} image(s) were given")
 
     left_padded = bool((attention_mask[:, 0] == 0).any())
@@ -76,6 +95,4 @@ def prepare_official_inputs(
     }
     if labels is not None:
         batch["labels"] = torch.stack([pad(r[2], IGNORE_INDEX) for r in rows])
-    if pixel_values is not None:
-        batch["pixel_values"] = pixel_values
     return batch

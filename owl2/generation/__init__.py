@@ -1,0 +1,21 @@
+"""Decoding: sampling settings, streaming detokenisation and the batched generation engine."""
+
+from owl2.generation.engine import (
+    GenerationEngine,
+    GenerationRequest,
+    GenerationResult,
+    ImageEmbeddingCache,
+    StepEvent,
+)
+from owl2.generation.sampling import SamplingParams
+from owl2.generation.streaming import TextStream
+
+__all__ = [
+    "GenerationEngine",
+    "GenerationRequest",
+    "GenerationResult",
+    "ImageEmbeddingCache",
+    "SamplingParams",
+    "StepEvent",
+    "TextStream",
+]

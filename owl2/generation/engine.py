@@ -1,0 +1,265 @@
+"""The generation engine: batched decoding, streaming and answer scoring on an :class:`Owl2ForCausalLM`.
+
+Requests carry official-form prompt ids (one -200 per image, as the tokenizer's ``encode_prompt`` gives them) and
+their preprocessed images. A batch is left-padded, each image expanded to its 65 positions, and decoded with the
+model's KV cache; every row keeps its own sampling settings, stop conditions and text stream, so a row's greedy
+output is the same whether it runs alone or in a batch. Visual tokens are cached by image content, so an image
+seen before in the session is not encoded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from owl2.generation.sampling import SamplingParams, make_generator, next_token
+from owl2.generation.streaming import TextStream
+from owl2.model.inputs import OFFICIAL_IMAGE_TOKEN, expand_official_ids
+from owl2.model.modeling import Owl2ForCausalLM
+
+
+@dataclass
+class GenerationRequest:
+    """``prompt_ids``: official-form ids (one -200 per image); ``images``: [n, 3, S, S] preprocessed, in order."""
+
+    prompt_ids: Sequence[int]
+    images: torch.Tensor | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int  # positions the prompt occupies, images counted as tokens_per_image each
+
+
+@dataclass
+class StepEvent:
+    row: int
+    token_id: int | None  # the id added to the output (None when the row ended on a stop id, which is not output)
+    delta: str
+    finish_reason: str | None  # set on the row's last event
+
+
+class ImageEmbeddingCache:
+    """Visual tokens [tokens_per_image, D] keyed by the content of the preprocessed image (LRU, ``capacity``)."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(pixels: torch.Tensor) -> str:
+        data = pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        return hashlib.sha256(data).hexdigest() + str(tuple(pixels.shape))
+
+    def encode(self, model: Owl2ForCausalLM, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_values`` [N, 3, S, S] -> visual tokens [N, tokens_per_image, D], encoding only unseen images."""
+        keys = [self.key(p) for p in pixel_values]
+        missing = [i for i, k in enumerate(keys) if k not in self._entries]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            with torch.inference_mode():
+                fresh = model.model.encode_images(pixel_values[missing].to(model.device, model.dtype))
+            for i, embeds in zip(missing, fresh, strict=True):
+                self._entries[keys[i]] = embeds
+        out = []
+        for k in keys:
+            self._entries.move_to_end(k)
+            out.append(self._entries[k])
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return torch.stack(out)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official-form rows -> ids and mask [B, max_len], padded on the left."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, length - len(row):] = torch.as_tensor(list(row), dtype=torch.long)
+            mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+class GenerationEngine:
+    """Batched generation, streaming and scoring for one model.
+
+    ``decode`` turns generated ids into text (``tokenizer.decode``); ``eos_token_id`` ends a row unless a request
+    names its own ``stop_token_ids``. ``context_length`` bounds prompt plus output (default: the config's
+    ``max_position_embeddings``): longer prompts are rejected, outputs are cut to fit.
+    """
+
+    def __init__(
+        self,
+        model: Owl2ForCausalLM,
+        decode: Callable[[list[int]], str],
+        *,
+        eos_token_id: int | Sequence[int] | None,
+        pad_token_id: int = 0,
+        image_cache: ImageEmbeddingCache | None = None,
+        context_length: int | None = None,
+        max_batch_size: int = 16,
+    ) -> None:
+        self.model = model
+        self.decode = decode
+        self.eos_ids = () if eos_token_id is None else (
+            (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+        self.pad_token_id = pad_token_id
+        self.image_cache = image_cache if image_cache is not None else ImageEmbeddingCache()
+        self.context_length = context_length or model.config.max_position_embeddings
+        self.max_batch_size = max_batch_size
+
+    # ----------------------------------------------------------------------------------------------------- inputs
+    def _prepare(self, rows: Sequence[Sequence[int]], images: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        for i, (row, imgs) in enumerate(zip(rows, images, strict=True)):
+            placeholders = sum(1 for t in row if t == OFFICIAL_IMAGE_TOKEN)
+            given = 0 if imgs is None else int(imgs.shape[0])
+            if placeholders != given:
+                raise ValueError(f"prompt {i} has {placeholders} image placeholder(s) but {given} image(s)")
+        ids, mask = left_pad(rows, self.pad_token_id)
+        given = [imgs for imgs in images if imgs is not None and imgs.shape[0] > 0]
+        embeds = self.image_cache.encode(self.model, torch.cat(given)) if given else None
+        batch = expand_official_ids(ids, mask, config=self.model.config, pad_token_id=self.pad_token_id)
+        device = self.model.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if embeds is not None:
+            batch["image_embeds"] = embeds
+        return batch
+
+    def _check_context(self, prompt_lengths: torch.Tensor) -> None:
+        longest = int(prompt_lengths.max())
+        if longest >= self.context_length:
+            raise ValueError(
+                f"the prompt takes {longest} positions (each image counts {self.model.config.tokens_per_image}), "
+                f"which leaves no room in the context of {self.context_length}"
+            )
+
+    # ------------------------------------------------------------------------------------------------- generation
+    def iterate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[StepEvent]]:
+        """Decode ``requests`` as one batch, yielding the text deltas of every step."""
+        if not requests:
+            return
+        if len(requests) > self.max_batch_size:
+            raise ValueError(f"at most {self.max_batch_size} requests per batch, got {len(requests)}")
+        model, device = self.model, self.model.device
+        batch = self._prepare([r.prompt_ids for r in requests], [r.images for r in requests])
+        prompt_lengths = batch["attention_mask"].sum(1).cpu()
+        self._check_context(prompt_lengths)
+        caps = [min(r.params.max_new_tokens, self.context_length - int(n))
+                for r, n in zip(requests, prompt_lengths, strict=True)]
+        streams = [TextStream(self.decode, r.params.stop) for r in requests]
+        stop_ids = [set(r.params.stop_token_ids if r.params.stop_token_ids is not None else self.eos_ids)
+                    for r in requests]
+        generators = [make_generator(r.params, device) for r in requests]
+        history = [torch.tensor([t for t in r.prompt_ids if t >= 0], dtype=torch.long, device=device)
+                   for r in requests]
+        simple = [r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests]
+        active = [True] * len(requests)
+        counts = [0] * len(requests)
+
+        with torch.inference_mode():
+            b, length = batch["input_ids"].shape
+            cache = model.new_cache(b, length + max(caps))
+            out = model(**batch, cache=cache, logits_to_keep=1)
+            for _ in range(max(caps)):
+                logits = out.logits[:, -1].float()
+                chosen = logits.argmax(-1).tolist()
+                events = []
+                for i, request in enumerate(requests):
+                    if not active[i]:
+                        continue
+                    if not simple[i]:
+                        chosen[i] = next_token(logits[i], request.params, history[i], generators[i])
+                        history[i] = torch.cat([history[i], history[i].new_tensor([chosen[i]])])
+                    token = chosen[i]
+                    counts[i] += 1
+                    if token in stop_ids[i]:
+                        events.append(StepEvent(i, None, streams[i].finish(), "stop"))
+                        active[i] = False
+                        continue
+                    delta = streams[i].push(token)
+                    if streams[i].stopped:
+                        events.append(StepEvent(i, token, delta, "stop"))
+                        active[i] = False
+                    elif counts[i] >= caps[i]:
+                        events.append(StepEvent(i, token, delta + streams[i].finish(), "length"))
+                        active[i] = False
+                    else:
+                        events.append(StepEvent(i, token, delta, None))
+                yield events
+                if not any(active):
+                    break
+                feed = torch.tensor([t if a else self.pad_token_id for t, a in zip(chosen, active, strict=True)],
+                                    device=device)
+                out = model(feed[:, None], cache=cache, logits_to_keep=1)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run every request to completion (in batches of ``max_batch_size``)."""
+        results: list[GenerationResult] = []
+        for start in range(0, len(requests), self.max_batch_size):
+            chunk = list(requests[start:start + self.max_batch_size])
+            texts = [""] * len(chunk)
+            reasons = ["length"] * len(chunk)
+            tokens: list[list[int]] = [[] for _ in chunk]
+            for events in self.iterate(chunk):
+                for event in events:
+                    texts[event.row] += event.delta
+                    if event.token_id is not None:
+                        tokens[event.row].append(event.token_id)
+                    if event.finish_reason:
+                        reasons[event.row] = event.finish_reason
+            for i, request in enumerate(chunk):
+                results.append(GenerationResult(texts[i], tokens[i], reasons[i], self.prompt_tokens(request)))
+        return results
+
+    def stream(self, request: GenerationRequest) -> Iterator[str]:
+        """Text deltas of one request as they are decoded; they concatenate to the full answer."""
+        for events in self.iterate([request]):
+            for event in events:
+                if event.delta:
+                    yield event.delta
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        per_image = self.model.config.tokens_per_image
+        return sum(per_image if t == OFFICIAL_IMAGE_TOKEN else 1 for t in request.prompt_ids)
+
+    # ---------------------------------------------------------------------------------------------------- scoring
+    def loglikelihoods(
+        self,
+        prompt_ids: Sequence[int],
+        images: torch.Tensor | None,
+        continuations: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """Summed log-probability [C] of each continuation (token ids) after the prompt, in float32."""
+        if not continuations or any(len(c) == 0 for c in continuations):
+            raise ValueError("every continuation needs at least one token")
+        out = []
+        for start in range(0, len(continuations), self.max_batch_size):
+            chunk = continuations[start:start + self.max_batch_size]
+            rows = [list(prompt_ids) + list(c) for c in chunk]
+            batch = self._prepare(rows, [images] * len(rows))
+            self._check_context(batch["attention_mask"].sum(1))
+            keep = max(len(c) for c in chunk) + 1
+            with torch.inference_mode():
+                logits = self.model(**batch, logits_to_keep=keep).logits.float()
+            logprobs = logits[:, :-1].log_softmax(-1)
+            for i, cont in enumerate(chunk):
+                target = torch.tensor(cont, device=logprobs.device)
+                picked = logprobs[i, -len(cont):].gather(-1, target[:, None])
+                out.append(picked.sum())
+        return torch.stack(out).cpu()
