@@ -1,0 +1,1 @@
+"""Tokenizer, image processor and conversation templates."""

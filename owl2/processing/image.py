@@ -1,0 +1,640 @@
+"""Image loading and preprocessing, pixel-exact with the official mPLUG-Owl2 pipeline.
+
+The official code turns an image into ``pixel_values`` with transformers-4.31's ``CLIPImageProcessor`` configured
+by the checkpoint's ``preprocessor_config.json``, optionally after reshaping the image to a square. This module
+reimplements it with Pillow and numpy only. The CLIP step is:
+
+1. resize so the shortest edge is ``size`` (448) with PIL bicubic; the long edge becomes
+   ``int(448 * long / short)`` (truncated, not rounded);
+2. centre crop 448 x 448 (offsets ``(h - 448) // 2`` and ``(w - 448) // 2``);
+3. rescale: ``float32(float64(u8) * (1/255))``;
+4. normalise in float32: ``(x - mean) / std`` with the CLIP mean and std;
+5. channels first, float32.
+
+Every step is computed exactly as the official code does. Steps 3 and 4 are a function of the 8-bit value alone, so
+they go through a per-channel 256-entry table. The outputs match the recorded official outputs bit for bit in float32
+(``tests/fixtures/preproc``).
+
+Policies (what happens to a non-square image before the CLIP step):
+
+========= ============================================================== ==============================================
+policy    what it does                                                   where the official code uses it
+========= ============================================================== ==============================================
+stretch   ``image.resize((m, m))`` with ``m = max(w, h)`` (Pillow's      README quick start and every ``evaluate/*.py``
+          default filter for RGB, bicubic), so the aspect ratio is lost  (``process_images`` with ``model_cfg=None``,
+          and nothing is cut off. The CLIP step then resizes again.      the ``'resize'`` branch). "Recommended for
+          **The default.**                                               best performance"
+pad       letterbox to ``m x m`` with the mean colour                    ``serve/cli.py`` (``--image-aspect-ratio
+          ``tuple(int(c * 255) for c in mean)`` = (122, 116, 104), the   pad``) and training (``expand2square``)
+          image pasted at ``((m - w) // 2, 0)`` or ``(0, (m - h) // 2)``
+crop      nothing: the CLIP step alone (shortest edge 448, centre        the Gradio/model-worker demo (config without
+          crop), which cuts off the sides of a non-square image          ``image_aspect_ratio``) and training's
+                                                                         default ``square``
+========= ============================================================== ==============================================
+
+Square images give the same result under all three.
+
+Loading (:func:`load_image`) differs from the official ``Image.open(path).convert("RGB")`` in these ways:
+
+* EXIF orientation is applied (``ImageOps.exif_transpose``). The official code ignores it, so a rotated phone photo
+  reaches the official model on its side. Pass ``exif_transpose=False`` for strict parity.
+* 16-bit and 32-bit integer images (``I;16*``, ``I``) and float images (``F``) are scaled to 8 bits. Pillow's
+  ``convert("RGB")`` saturates them instead, so most 16-bit images become nearly white.
+* Alpha is dropped as ``convert("RGB")`` does (parity: the colour under a transparent pixel is kept). This includes
+  palette transparency. Pass ``background=(r, g, b)`` to composite onto a colour instead.
+* Bad input is rejected with :class:`ImageError` instead of failing later: empty, truncated, not an image,
+  zero-sized, or over ``max_pixels`` (checked from the header before any pixel is decoded).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+import urllib.parse
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_POLICY",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "POLICIES",
+    "PREPROCESSOR_CONFIG_NAME",
+    "ImageError",
+    "ImageProcessor",
+    "ImageSource",
+    "expand_to_square",
+    "load_image",
+    "load_image_processor",
+    "stretch_to_square",
+]
+
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+POLICIES: tuple[str, ...] = ("crop", "pad", "stretch")
+DEFAULT_POLICY = "stretch"
+#: Default pixel limit for :func:`load_image`: 64 Mi pixels (8192 x 8192). Lower than Pillow's own warning threshold
+#: (about 89 M pixels), which is only a warning, and its error threshold (about 179 M pixels).
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+#: Anything :func:`load_image` accepts.
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
+
+_RELEASE_SIZE = 448
+_RESAMPLE_NAMES = {int(r): r.name.lower() for r in Image.Resampling}
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_INT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: the message names the source and the problem."""
+
+
+# ------------------------------------------------------------------------------------------------------------ loading
+def load_image(
+    source: ImageSource,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    *,
+    exif_transpose: bool = True,
+    background: tuple[int, int, int] | None = None,
+) -> Image.Image:
+    """Load ``source`` as a fully decoded RGB ``PIL.Image.Image`` that shares nothing with the input.
+
+    ``source`` may be a path (``str`` or ``os.PathLike``), raw encoded bytes (``bytes``, ``bytearray`` or
+    ``memoryview``), a binary file object, a ``data:image/...;base64,...`` URL, a ``PIL.Image.Image`` or a numpy
+    array. Arrays are channels-last: H x W (gray), H x W x 1, H x W x 3 (RGB) or H x W x 4 (RGBA), with dtype uint8,
+    uint16 (scaled to 8 bits, ``round(v / 257)``) or float in [0, 1] (``round(v * 255)``).
+
+    ``max_pixels`` limits width x height (``None``: no limit of ours; Pillow's own error at about 179 M pixels still
+    applies and is reported as :class:`ImageError`). For encoded input the limit is checked from the header before
+    any pixel is decoded, which defuses decompression bombs. Then the whole image is decoded, so truncated files fail
+    here and not halfway through preprocessing. Multi-frame files give their first frame.
+
+    Conversion to RGB follows the official ``.convert("RGB")`` (alpha dropped, palette expanded, CMYK converted
+    naively, no ICC colour management), except that 16/32-bit and float images are scaled to 8 bits and
+    ``background`` (when given) composites images with transparency onto that colour. ``exif_transpose`` applies
+    the EXIF orientation (the official code does not). A malformed EXIF block is ignored, not an error.
+
+    Raises :class:`ImageError` (a ``ValueError``) for a missing or empty file, empty data, data that is not an
+    image, truncated or corrupt data, a zero-size image, an image over ``max_pixels``, an unsupported array shape or
+    dtype, or an unsupported source type.
+    """
+    if max_pixels is not None and max_pixels <= 0:
+        raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
+    if isinstance(source, Image.Image):
+        image = _load_pil(source, "PIL image", max_pixels)
+        owned = False
+    elif isinstance(source, np.ndarray):
+        image = _from_array(source, max_pixels)
+        owned = True
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        image = _decode_bytes(data, f"image data ({len(data)} bytes)", max_pixels)
+        owned = True
+    elif isinstance(source, str) and source[:5].lower() == "data:":
+        image = _decode_bytes(_parse_data_url(source), "data URL", max_pixels)
+        owned = True
+    elif isinstance(source, str) and source.lower().startswith(("http://", "https://")):
+        raise ImageError(f"remote URLs are not fetched; download the image first: {source[:200]!r}")
+    elif isinstance(source, (str, os.PathLike)):
+        if not os.fspath(source):
+            raise ImageError("empty image path")
+        image = _decode_path(Path(source), max_pixels)
+        owned = True
+    elif hasattr(source, "read"):
+        image = _decode_bytes(_read_stream(source), "file object", max_pixels)
+        owned = True
+    else:
+        raise ImageError(f"unsupported image source type {type(source).__name__}")
+    try:
+        rgb = _finish(image, exif_transpose=exif_transpose, background=background)
+    finally:
+        if owned:
+            image.close()
+    return rgb
+
+
+def _check_dims(width: int, height: int, max_pixels: int | None, what: str) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{what}: zero-size image ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(
+            f"{what}: image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+            "(max_pixels; a possible decompression bomb)"
+        )
+
+
+def _decode_path(path: Path, max_pixels: int | None) -> Image.Image:
+    what = f"image file {str(path)!r}"
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as exc:
+        raise ImageError(f"{what}: file not found") from exc
+    except OSError as exc:
+        raise ImageError(f"{what}: cannot access it ({exc})") from exc
+    if path.is_dir():
+        raise ImageError(f"{what}: is a directory, not an image file")
+    if size == 0:
+        raise ImageError(f"{what}: file is empty")
+    return _decode(path, what, max_pixels)  # Pillow reads the header first, so a huge file is not read in full
+
+
+def _read_stream(stream: Any) -> bytes:
+    try:
+        data = stream.read()
+    except OSError as exc:
+        raise ImageError(f"file object: cannot read it ({exc})") from exc
+    if isinstance(data, str):
+        raise ImageError("file object: opened in text mode; open image files with 'rb'")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageError(f"file object: read() returned {type(data).__name__}, expected bytes")
+    return bytes(data)
+
+
+def _parse_data_url(url: str) -> bytes:
+    """The payload of a ``data:[<media type>][;base64],<data>`` URL (RFC 2397); the media type must be image/*."""
+    header, comma, payload = url.partition(",")
+    if not comma:
+        raise ImageError("data URL: malformed, no ',' between the header and the data")
+    params = [part.strip().lower() for part in header[5:].split(";")]
+    media_type, is_base64 = params[0], "base64" in params[1:]
+    if media_type and not media_type.startswith("image/"):
+        raise ImageError(f"data URL: media type is {media_type!r}, expected image/*")
+    if not is_base64:
+        return urllib.parse.unquote_to_bytes(payload)
+    text = "".join(urllib.parse.unquote(payload).split())
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(f"data URL: invalid base64 data ({exc})") from exc
+
+
+def _decode_bytes(data: bytes, what: str, max_pixels: int | None) -> Image.Image:
+    if not data:
+        raise ImageError(f"{what}: empty data")
+    return _decode(io.BytesIO(data), what, max_pixels)
+
+
+def _decode(source: Path | BinaryIO, what: str, max_pixels: int | None) -> Image.Image:
+    """Open ``source``, check the header's size against ``max_pixels``, then decode every pixel."""
+    try:
+        with warnings.catch_warnings():
+            # Our own limit (checked next) is the guard; Pillow's warning would be noise or come too late.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{what}: image too large, a possible decompression bomb ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{what}: not an image, or a format Pillow cannot read") from exc
+    except Exception as exc:  # unreadable file, or one of the many types Pillow's plugins raise for bad headers
+        raise ImageError(f"{what}: cannot read the image header ({type(exc).__name__}: {exc})") from exc
+    try:
+        _check_dims(image.width, image.height, max_pixels, what)
+        _force_load(image, what)
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+def _force_load(image: Image.Image, what: str) -> None:
+    """Decode every pixel now, so truncation and corruption surface as :class:`ImageError` here."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{what}: image too large, a possible decompression bomb ({exc})") from exc
+    except Exception as exc:
+        raise ImageError(f"{what}: truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_pil(image: Image.Image, what: str, max_pixels: int | None) -> Image.Image:
+    _check_dims(image.width, image.height, max_pixels, what)
+    _force_load(image, what)  # a lazily opened Image.open(...) is decoded here
+    return image
+
+
+def _from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
+    """A channels-last uint8/uint16/float array as an L, RGB or RGBA image."""
+    what = f"array of shape {tuple(array.shape)} and dtype {array.dtype}"
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        hint = " (channels-first? transpose to H x W x C)" if array.ndim == 3 and array.shape[0] in (1, 3, 4) else ""
+        raise ImageError(f"{what}: unsupported shape, expected H x W, H x W x 1, H x W x 3 or H x W x 4{hint}")
+    _check_dims(array.shape[1], array.shape[0], max_pixels, what)
+    if array.dtype == np.uint8:
+        u8 = array
+    elif array.dtype == np.uint16:
+        u8 = _uint16_to_uint8(array)
+    elif np.issubdtype(array.dtype, np.floating):
+        values = array.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ImageError(f"{what}: float pixels must be finite")
+        low, high = float(values.min()), float(values.max())
+        if low < 0.0 or high > 1.0:
+            raise ImageError(f"{what}: float pixels must lie in [0, 1], got [{low:g}, {high:g}]")
+        u8 = np.rint(values * 255.0).astype(np.uint8)
+    else:
+        raise ImageError(f"{what}: unsupported dtype {array.dtype}, expected uint8, uint16 or float in [0, 1]")
+    return Image.fromarray(np.ascontiguousarray(u8))
+
+
+def _uint16_to_uint8(values: np.ndarray) -> np.ndarray:
+    """``round(v / 257)``: 0 -> 0 and 65535 -> 255, in exact integer arithmetic."""
+    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _finish(image: Image.Image, *, exif_transpose: bool, background: tuple[int, int, int] | None) -> Image.Image:
+    if exif_transpose:
+        try:
+            oriented = ImageOps.exif_transpose(image)
+        except Exception:  # a malformed EXIF block: keep the stored orientation
+            oriented = None
+        image = oriented if oriented is not None else image
+    return _to_rgb(image, background)
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """A new RGB image with the pixels of ``image`` (see :func:`load_image` for the rules per mode)."""
+    mode = image.mode
+    if mode in _INT16_MODES or mode in ("I", "F"):
+        return Image.fromarray(_wide_gray_to_uint8(np.asarray(image), mode)).convert("RGB")
+    has_alpha = mode in _ALPHA_MODES or "transparency" in image.info
+    try:
+        with warnings.catch_warnings():
+            # "Palette images with Transparency expressed in bytes should be converted to RGBA": dropping the
+            # alpha is deliberate (it is what the official .convert("RGB") does).
+            warnings.simplefilter("ignore", UserWarning)
+            if background is not None and has_alpha:
+                rgba = image.convert("RGBA")
+                canvas = Image.new("RGBA", rgba.size, (*_rgb_triple(background), 255))
+                return Image.alpha_composite(canvas, rgba).convert("RGB")
+            return image.convert("RGB")  # for an RGB image this is a copy
+    except ValueError as exc:
+        raise ImageError(f"image mode {mode!r}: cannot convert it to RGB ({exc})") from exc
+
+
+def _wide_gray_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit integer or float gray levels -> uint8.
+
+    ``I;16*`` is 16-bit by definition: ``round(v / 257)``. ``I`` (32-bit) is read as 16-bit when any value exceeds
+    255 (16-bit PNG and TIFF files) and as 8-bit otherwise (``convert("I")`` of an 8-bit image); values are clipped
+    to the range first. ``F`` is read as [0, 1] when all values lie there, else as 0..255 and clipped like Pillow's
+    own conversion; NaN becomes 0.
+    """
+    if mode in _INT16_MODES:
+        return _uint16_to_uint8(values.astype(np.uint16))
+    if mode == "I":
+        wide = values.astype(np.int64)
+        if wide.size and int(wide.max()) > 255:
+            return _uint16_to_uint8(np.clip(wide, 0, 65535))
+        return np.clip(wide, 0, 255).astype(np.uint8)
+    floats = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+    if floats.size and float(floats.min()) >= 0.0 and float(floats.max()) <= 1.0:
+        floats = floats * 255.0
+    return np.clip(np.rint(floats), 0, 255).astype(np.uint8)
+
+
+def _rgb_triple(color: Iterable[int]) -> tuple[int, int, int]:
+    triple = tuple(int(c) for c in color)
+    if len(triple) != 3 or not all(0 <= c <= 255 for c in triple):
+        raise ValueError(f"background must be three integers in 0..255, got {color!r}")
+    return triple  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------------ square shapes
+def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """The official ``expand2square``: letterbox ``image`` to a square of its longer edge filled with ``background``.
+
+    The image is pasted at ``(0, (w - h) // 2)`` for a wide image and at ``((h - w) // 2, 0)`` for a tall one, so an
+    odd margin puts the extra pixel after the image. A square image is returned as is.
+    """
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), background)
+    result.paste(image, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def stretch_to_square(image: Image.Image) -> Image.Image:
+    """The official ``image.resize((max_edge, max_edge))``: stretch to a square of the longer edge, bicubic.
+
+    The official call names no filter. Pillow's default for RGB (and every mode but "1", "P" and the ``;``-modes)
+    has been bicubic since Pillow 7, so bicubic is used here explicitly, whatever the processor's ``resample``.
+    """
+    side = max(image.size)
+    return image.resize((side, side), Image.Resampling.BICUBIC)
+
+
+# ----------------------------------------------------------------------------------------------------- the processor
+class ImageProcessor:
+    """The official preprocessing: an optional square policy, then transformers-4.31 ``CLIPImageProcessor``.
+
+    The keyword arguments are the ``preprocessor_config.json`` fields; the defaults are the released checkpoint's
+    (``MAGAer13/mplug-owl2-llama2-7b``): shortest edge 448, bicubic, centre crop 448, rescale 1/255, CLIP mean/std.
+    ``size`` may be an int (the shortest edge, the released form), ``{"shortest_edge": n}`` or
+    ``{"height": h, "width": w}`` (resize to exactly that, ignoring the aspect ratio, as newer transformers do).
+    ``crop_size`` may be an int or ``{"height": h, "width": w}``. ``default_policy`` is the policy used when a call
+    passes none (``"stretch"``, the official README's and evaluation scripts' choice; see the module docstring).
+
+    ``preprocess`` gives one [3, H, W] float32 tensor, ``__call__`` a batch [N, 3, H, W]; (H, W) is ``output_size``
+    (448 x 448 for the release). Both take anything :func:`load_image` accepts. A ``PIL.Image.Image`` is used as given
+    (converted to RGB like :func:`load_image`, but without EXIF transposition or a pixel limit), so the same PIL image
+    gives exactly the official ``pixel_values``. Every other source goes through :func:`load_image` with its defaults.
+    """
+
+    def __init__(
+        self,
+        *,
+        do_resize: bool = True,
+        size: int | Mapping[str, int] = _RELEASE_SIZE,
+        resample: int = int(Image.Resampling.BICUBIC),
+        do_center_crop: bool = True,
+        crop_size: int | Mapping[str, int] = _RELEASE_SIZE,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
+        default_policy: str = DEFAULT_POLICY,
+    ) -> None:
+        self.do_resize = bool(do_resize)
+        self.size = _size_dict(size, "size", shortest_edge_ok=True)
+        if int(resample) not in _RESAMPLE_NAMES:
+            raise ValueError(f"resample must be one of {sorted(_RESAMPLE_NAMES)} (PIL filters), got {resample!r}")
+        self.resample = int(resample)
+        self.do_center_crop = bool(do_center_crop)
+        self.crop_size = _size_dict(crop_size, "crop_size", shortest_edge_ok=False)
+        self.do_rescale = bool(do_rescale)
+        self.rescale_factor = float(rescale_factor)
+        self.do_normalize = bool(do_normalize)
+        self.image_mean = _three_floats(image_mean, "image_mean")
+        self.image_std = _three_floats(image_std, "image_std")
+        if any(s == 0.0 for s in self.image_std):
+            raise ValueError(f"image_std must not contain 0, got {self.image_std}")
+        self.default_policy = _check_policy(default_policy)
+        self._table = self._value_table()
+
+    # -------------------------------------------------------------------------------------------- configuration
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], **overrides: Any) -> ImageProcessor:
+        """Build from a ``preprocessor_config.json`` dict; unknown keys (``feature_extractor_type``, ...) are ignored.
+
+        ``do_convert_rgb`` is ignored too: images are always converted to RGB, as the model needs three channels.
+        """
+        known = (
+            "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+            "do_normalize", "image_mean", "image_std",
+        )  # fmt: skip
+        kwargs = {key: config[key] for key in known if key in config and config[key] is not None}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration in ``preprocessor_config.json`` form (sizes as dicts, the newer transformers form)."""
+        return {
+            "crop_size": dict(self.crop_size),
+            "do_center_crop": self.do_center_crop,
+            "do_normalize": self.do_normalize,
+            "do_rescale": self.do_rescale,
+            "do_resize": self.do_resize,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "resample": self.resample,
+            "rescale_factor": self.rescale_factor,
+            "size": dict(self.size),
+        }
+
+    def __repr__(self) -> str:
+        return f"ImageProcessor(default_policy={self.default_policy!r}, {self.to_dict()})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ImageProcessor):
+            return NotImplemented
+        return self.to_dict() == other.to_dict() and self.default_policy == other.default_policy
+
+    __hash__ = None  # type: ignore[assignment]  # mutable attributes
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(H, W) of every output, or ``None`` when it depends on the input (no crop, shortest-edge resize)."""
+        if self.do_center_crop:
+            return self.crop_size["height"], self.crop_size["width"]
+        if self.do_resize and "height" in self.size:
+            return self.size["height"], self.size["width"]
+        return None
+
+    @property
+    def pad_color(self) -> tuple[int, ...]:
+        """The ``pad`` policy's background, as the official code computes it: ``int(m * 255)`` per channel."""
+        return tuple(int(m * 255) for m in self.image_mean)
+
+    # -------------------------------------------------------------------------------------------------- running
+    def preprocess(self, image: ImageSource, policy: str | None = None) -> torch.Tensor:
+        """One image -> float32 tensor [3, H, W] (``policy``: ``"stretch"``, ``"pad"`` or ``"crop"``; ``None``:
+        ``default_policy``)."""
+        policy = self.default_policy if policy is None else _check_policy(policy)
+        if isinstance(image, Image.Image):
+            _force_load(image, "PIL image")
+            rgb = _to_rgb(image)
+        else:
+            rgb = load_image(image)
+        if policy == "pad":
+            rgb = expand_to_square(rgb, self.pad_color)
+        elif policy == "stretch":
+            rgb = stretch_to_square(rgb)
+        return torch.from_numpy(self._clip(rgb))
+
+    def __call__(self, images: ImageSource | Sequence[ImageSource], policy: str | None = None) -> torch.Tensor:
+        """Images -> float32 batch [N, 3, H, W]. A list or tuple is a batch; anything else is one image (N = 1).
+
+        An empty list gives [0, 3, H, W] when ``output_size`` is fixed. Outputs of different sizes (only possible
+        without a centre crop) raise ``ValueError``.
+        """
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            if self.output_size is None:
+                raise ValueError("no images, and the output size is not fixed (no centre crop)")
+            return torch.empty(0, 3, *self.output_size)
+        tensors = [self.preprocess(image, policy) for image in batch]
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise ValueError(f"images preprocess to different shapes {sorted(shapes)}; enable the centre crop")
+        return torch.stack(tensors)
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _value_table(self) -> np.ndarray:
+        """[3, 256] float32: the rescaled and normalised value of each 8-bit level, per channel.
+
+        Rescale is ``float32(float64(u8) * rescale_factor)`` (numpy promotes uint8 times a Python float to float64,
+        then transformers casts to float32) and normalise is ``(x - mean) / std`` in float32, as in transformers 4.31.
+        Both depend only on the level, so a lookup reproduces them bit for bit.
+        """
+        levels = np.arange(256, dtype=np.uint8)
+        values = (levels * self.rescale_factor).astype(np.float32) if self.do_rescale else levels.astype(np.float32)
+        table = np.stack([values] * 3)
+        if self.do_normalize:
+            mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
+            std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+            table = (table - mean) / std
+        return np.ascontiguousarray(table, dtype=np.float32)
+
+    def _clip(self, rgb: Image.Image) -> np.ndarray:
+        """The CLIP processor on an RGB image: resize, centre crop, rescale + normalise -> [3, H, W] float32."""
+        if self.do_resize:
+            target = self._resize_target(rgb.width, rgb.height)
+            rgb = rgb.resize(target, Image.Resampling(self.resample))
+        pixels = np.asarray(rgb)
+        if self.do_center_crop:
+            pixels = _center_crop(pixels, self.crop_size["height"], self.crop_size["width"])
+        out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+        for channel in range(3):
+            np.take(self._table[channel], pixels[:, :, channel], out=out[channel])
+        return out
+
+    def _resize_target(self, width: int, height: int) -> tuple[int, int]:
+        """(W, H) after the resize: transformers-4.31 ``get_resize_output_image_size`` (long edge truncated)."""
+        if "height" in self.size:
+            return self.size["width"], self.size["height"]
+        short_target = self.size["shortest_edge"]
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(short_target * long / short)
+        return (short_target, new_long) if width <= height else (new_long, short_target)
+
+
+def _center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
+    """transformers-4.31 ``center_crop`` on H x W x C: offsets ``(h - ch) // 2``.
+
+    An image smaller than the crop is first centred on zeros (offset ``(ch - h) // 2``), as transformers does. For an
+    odd difference transformers 4.31 then returns one row (column) short of the crop; this returns the full crop,
+    i.e. the same pixels plus one more row (column) of zeros. The released config never reaches this branch: the
+    resize makes the short edge equal to the crop.
+    """
+    height, width = pixels.shape[:2]
+    if height < crop_height or width < crop_width:
+        new_height, new_width = max(crop_height, height), max(crop_width, width)
+        padded = np.zeros((new_height, new_width, *pixels.shape[2:]), dtype=pixels.dtype)
+        top_pad, left_pad = (new_height - height) // 2, (new_width - width) // 2
+        padded[top_pad : top_pad + height, left_pad : left_pad + width] = pixels
+        pixels, height, width = padded, new_height, new_width
+    top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    return pixels[top : top + crop_height, left : left + crop_width]
+
+
+def _size_dict(value: int | Mapping[str, int], name: str, *, shortest_edge_ok: bool) -> dict[str, int]:
+    """An int or a transformers size dict -> ``{"shortest_edge": n}`` or ``{"height": h, "width": w}``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int or a size dict, got {value!r}")
+    if isinstance(value, int):
+        result = {"shortest_edge": value} if shortest_edge_ok else {"height": value, "width": value}
+    elif isinstance(value, Mapping):
+        keys = set(value)
+        if keys == {"height", "width"}:
+            result = {"height": value["height"], "width": value["width"]}
+        elif keys == {"shortest_edge"} and shortest_edge_ok:
+            result = {"shortest_edge": value["shortest_edge"]}
+        else:
+            allowed = '{"shortest_edge": n} or ' if shortest_edge_ok else ""
+            raise ValueError(f"{name} must be an int, {allowed}{{'height': h, 'width': w}}, got {dict(value)!r}")
+    else:
+        raise ValueError(f"{name} must be an int or a size dict, got {value!r}")
+    for key, side in result.items():
+        if isinstance(side, bool) or not isinstance(side, int) or side <= 0:
+            raise ValueError(f"{name}[{key!r}] must be a positive int, got {side!r}")
+    return result
+
+
+def _three_floats(values: Sequence[float], name: str) -> tuple[float, float, float]:
+    floats = tuple(float(v) for v in values)
+    if len(floats) != 3:
+        raise ValueError(f"{name} must have 3 values (R, G, B), got {len(floats)}")
+    return floats  # type: ignore[return-value]
+
+
+def _check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown image policy {policy!r}; expected one of {', '.join(POLICIES)}")
+    return policy
+
+
+def load_image_processor(path: str | os.PathLike[str]) -> ImageProcessor:
+    """The :class:`ImageProcessor` for a checkpoint directory (its ``preprocessor_config.json``) or a config file.
+
+    A directory without ``preprocessor_config.json`` gives the defaults, which equal the released checkpoint's config
+    (converted checkpoints may not carry the file). A path that does not exist raises ``FileNotFoundError``; a file
+    that is not a JSON object, or holds invalid values, raises ``ValueError``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        config_path = path / PREPROCESSOR_CONFIG_NAME
+        if not config_path.is_file():
+            return ImageProcessor()
+    elif path.is_file():
+        config_path = path
+    else:
+        raise FileNotFoundError(f"no checkpoint directory or preprocessor config at {str(path)!r}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    try:
+        return ImageProcessor.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{config_path}: {exc}") from exc
