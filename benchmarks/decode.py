@@ -2,12 +2,13 @@
 
 Model: LLM hidden 1024, 8 layers, 16 heads, intermediate 2816, vocab 32000; ViT 512 wide, 6 layers, 224 px;
 abstractor 2 layers, 64 queries. Input: one image plus 32 text tokens per row; greedy, 64 new tokens; batch 1 and 4;
-fp32 and bf16. For each case it prints the prefill time, decode tokens/s (total over the batch), the same for the
+fp32 and bf16, and the int8 load options (``int8-dynamic`` with fp32 activations, ``int8`` weight-only with bf16
+activations). For each case it prints the prefill time, decode tokens/s (total over the batch), the same for the
 official-style baseline (``official_style.py``: the official decode algorithm on the same weights), their ratio,
 and decode as a fraction of the memory-bandwidth roofline: the weight bytes one decode step must read divided by
 the copy bandwidth measured in the same run.
 
-    python benchmarks/decode.py [--runs 3] [--new-tokens 64] [--batch 1 4] [--dtype fp32 bf16]
+    python benchmarks/decode.py [--runs 3] [--new-tokens 64] [--batch 1 4] [--variant fp32 bf16 int8-dynamic int8]
 """
 
 from __future__ import annotations
@@ -27,8 +28,15 @@ from official_style import OfficialStyleDecoder
 
 import owl2
 from owl2.model.config import AbstractorConfig, Owl2Config, VisionConfig
+from owl2.model.quantize import quantize_language_model
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# variant -> (activation dtype, quantisation)
+VARIANTS = {
+    "fp32": (torch.float32, None),
+    "bf16": (torch.bfloat16, None),
+    "int8-dynamic": (torch.float32, "int8-dynamic"),
+    "int8": (torch.bfloat16, "int8"),
+}
 # Figures of the official code on this machine (issue 2): tokens/s, batch 1 and total at batch 4.
 OFFICIAL_REPORTED = {("fp32", 1): 25.7, ("bf16", 1): 44.1, ("fp32", 4): 52.0, ("bf16", 4): 152.0}
 
@@ -56,13 +64,15 @@ def random_model(config: Owl2Config, seed: int = 0) -> owl2.Owl2ForCausalLM:
     return model.eval()
 
 
-def decode_step_bytes(model: owl2.Owl2ForCausalLM) -> int:
-    """Weight bytes one text decode step reads: the LLM without the image branch, one embedding row, the head."""
+def decode_step_bytes(model: owl2.Owl2ForCausalLM, quantized: bool) -> int:
+    """Weight bytes one text decode step reads: the LLM without the image branch, one embedding row, the head
+    (matrices at one byte per weight when quantised)."""
     total = 0
     for name, p in model.named_parameters():
         if name.startswith(("model.vision_model", "model.visual_abstractor")) or ".multiway.1." in name:
             continue
-        total += (p.shape[1] if name == "model.embed_tokens.weight" else p.numel()) * p.element_size()
+        size = 1 if quantized and p.ndim == 2 and name != "model.embed_tokens.weight" else p.element_size()
+        total += (p.shape[1] if name == "model.embed_tokens.weight" else p.numel()) * size
     return total
 
 
@@ -117,22 +127,25 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="repetitions per case (the median is reported)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--variant", choices=list(VARIANTS), nargs="+", default=list(VARIANTS))
     parser.add_argument("--no-baseline", action="store_true", help="skip the official-style baseline")
     args = parser.parse_args()
 
     config = mid_config()
-    base = random_model(config)
     bandwidth = copy_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    header = (f"{'dtype':5} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'baseline':>9} {'ratio':>6} "
+    header = (f"{'variant':12} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'baseline':>9} {'ratio':>6} "
               f"{'official*':>9} {'x off.':>6} {'roofline':>8}")
     print(header)
     results = []
-    for dtype_name in args.dtype:
-        model = random_model(config).to(DTYPES[dtype_name]) if dtype_name != "fp32" else base
-        step_bytes = decode_step_bytes(model)
-        decoder = OfficialStyleDecoder(model)
+    for variant in args.variant:
+        dtype, quantize = VARIANTS[variant]
+        model = random_model(config).to(dtype)
+        step_bytes = decode_step_bytes(model, quantized=quantize is not None)
+        # the baseline always runs the unquantised weights in the variant's activation dtype
+        decoder = OfficialStyleDecoder(random_model(config).to(dtype))
+        if quantize is not None:
+            quantize_language_model(model, quantize)
         for b in args.batch:
             batch = inputs(config, b, seed=b)
             time_owl2(model, batch, 4)  # warm-up
@@ -147,16 +160,16 @@ def main() -> None:
             tok_s = statistics.median(speed)
             roofline = step_bytes / bandwidth * (tok_s / b)
             ref = statistics.median(baseline) if baseline else float("nan")
-            reported = OFFICIAL_REPORTED.get((dtype_name, b), float("nan"))
+            reported = OFFICIAL_REPORTED.get(("fp32" if dtype == torch.float32 else "bf16", b), float("nan"))
             agree = ref_tokens is None or bool((tokens == ref_tokens).float().mean() > 0.9)
             row = {
-                "dtype": dtype_name, "batch": b, "prefill_s": statistics.median(prefill), "tokens_per_s": tok_s,
+                "variant": variant, "batch": b, "prefill_s": statistics.median(prefill), "tokens_per_s": tok_s,
                 "baseline_tokens_per_s": ref, "ratio_vs_baseline": tok_s / ref, "official_reported": reported,
                 "ratio_vs_official_reported": tok_s / reported, "roofline_fraction": roofline,
                 "step_weight_bytes": step_bytes, "greedy_tokens_agree_with_baseline": agree,
             }
             results.append(row)
-            print(f"{dtype_name:5} {b:5d} {row['prefill_s']:9.3f} {tok_s:8.1f} {ref:9.1f} {tok_s / ref:6.2f} "
+            print(f"{variant:12} {b:5d} {row['prefill_s']:9.3f} {tok_s:8.1f} {ref:9.1f} {tok_s / ref:6.2f} "
                   f"{reported:9.1f} {tok_s / reported:6.2f} {roofline:8.2f}")
     print("* official: the official code's figures on this machine class, quoted in issue 2 (not run here)")
     print(json.dumps(results))

@@ -190,12 +190,14 @@ def load_model(
     *,
     revision: str | None = None,
     show_progress: bool = True,
+    quantize: str | None = None,
 ) -> Owl2ForCausalLM:
     """Load a checkpoint (official or owl2 layout) into an :class:`Owl2ForCausalLM` in eval mode.
 
     Tensors are cast to ``dtype`` shard by shard. Missing or unexpected keys raise :class:`CheckpointError` listing
     them; the official model's recomputed buffers (``rotary_emb.inv_freq``, the abstractor's sin-cos tables) are
-    accepted and ignored.
+    accepted and ignored. ``quantize`` ("int8-dynamic" or "int8") quantises the LLM's linear layers for inference
+    (see :mod:`owl2.model.quantize`).
     """
     dtype = parse_dtype(dtype)
     device = torch.device(device)
@@ -221,6 +223,10 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_buffers(model, device)
     set_default_layout(config)
+    if quantize is not None:
+        from owl2.model.quantize import quantize_language_model
+
+        quantize_language_model(model, quantize)
     return model.eval()
 
 

@@ -137,11 +137,12 @@ class Owl2ForCausalLM(nn.Module):
     # ------------------------------------------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activation dtype (that of the embeddings, which are never quantised)."""
+        return self.model.embed_tokens.weight.dtype
 
     def reset_buffers(self) -> None:
         """Recompute the derived buffers (RoPE frequencies, abstractor sin-cos tables) on the current device."""
