@@ -253,7 +253,7 @@ class Owl2ForCausalLM(nn.Module):
         """Causal and padding mask [B, 1, T, start + T] (True = attend). Every position may attend to itself, so
         padded rows stay finite (their outputs are never used)."""
         t = valid.shape[1]
-        keys_valid = torch.cat([cache.valid[:, :start], valid.to(cache.valid.device)], 1) if cache else valid
+        keys_valid = torch.cat([cache.valid[:, :start], valid.to(cache.valid.device)], 1) if cache is not None else valid
         query_pos = torch.arange(start, start + t, device=valid.device)[:, None]
         key_pos = torch.arange(start + t, device=valid.device)[None, :]
         allowed = (key_pos <= query_pos) & keys_valid[:, None, :]
