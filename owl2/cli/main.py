@@ -27,6 +27,117 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+
+
+def _load_pipeline(args: argparse.Namespace):  # -> owl2.api.Pipeline (imported lazily: torch import is slow)
+    from owl2.api import load
+
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    return load(args.model, dtype=args.dtype, device=args.device, policy=args.policy)
+
+
+def _ask(args: argparse.Namespace) -> int:
+    import json
+
+    if (args.prompt is None) == (args.jsonl is None):
+        raise ValueError("give exactly one of --prompt or --jsonl")
+    pipe = _load_pipeline(args)
+    if args.prompt is not None:
+        jobs = [{"prompt": args.prompt, "images": list(args.image or [])}]
+    else:
+        jobs = []
+        with open(args.jsonl, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{args.jsonl} line {number}: not valid JSON ({exc})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                    raise ValueError(f'{args.jsonl} line {number}: expected {{"prompt": str, "image": ...}}')
+                images = record.get("images", [record["image"]] if record.get("image") else [])
+                jobs.append({**record, "prompt": record["prompt"], "images": images})
+    results = pipe.generate([j["prompt"] for j in jobs], [j["images"] for j in jobs], **_sampling(args))
+    for job, result in zip(jobs, results, strict=True):
+        if args.json or args.jsonl:
+            record = {k: v for k, v in job.items() if k != "images"}
+            record.update(answer=result.text, finish_reason=result.finish_reason,
+                          prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids))
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(result.text)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    pipe = _load_pipeline(args)
+    images = list(args.image or [])
+    messages: list[dict] = []
+    print("owl2 chat: type a message; /image PATH adds an image, /reset starts over, /quit leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("USER: ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            messages, images = [], []
+            print("(conversation and images cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            path = line.removeprefix("/image").strip()
+            try:
+                from owl2.processing.image import load_image
+
+                load_image(path)
+            except (ValueError, OSError) as exc:
+                print(f"cannot use that image: {exc}", file=sys.stderr)
+                continue
+            images.append(path)
+            print(f"(image added: {path}; it goes with your next message)", file=sys.stderr)
+            continue
+        content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": line}]
+        images = []
+        messages.append({"role": "user", "content": content})
+        print("ASSISTANT: ", end="", flush=True)
+        answer = ""
+        try:
+            for delta in pipe.stream(messages, **_sampling(args)):
+                answer += delta
+                print(delta, end="", flush=True)
+        except ValueError as exc:
+            messages.pop()
+            print(f"\nerror: {exc}", file=sys.stderr)
+            continue
+        print()
+        messages.append({"role": "assistant", "content": answer})
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
+    parser.add_argument("--image", action="append", help="image file (repeat for several)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--policy", choices=["crop", "pad", "stretch"], default=None,
+                        help="how images become squares (default: the processor's)")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="owl2", description="mPLUG-Owl2 in plain PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--no-verify", action="store_true", help="skip reading every tensor back")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(handler=_convert)
+
+    ask = commands.add_parser("ask", help="answer one prompt, or every line of a JSONL file",
+                              description="One-shot answers. JSONL lines: {\"prompt\": str, \"image\": path} "
+                              "(or \"images\": [paths]); with --jsonl every line is answered, batched.")
+    _add_model_options(ask)
+    ask.add_argument("--prompt", help="the question")
+    ask.add_argument("--jsonl", help="a file of prompts, one JSON object per line")
+    ask.add_argument("--json", action="store_true", help="print a JSON object with the answer and token counts")
+    ask.set_defaults(handler=_ask)
+
+    chat = commands.add_parser("chat", help="multi-turn chat with streamed answers",
+                               description="Interactive chat. Commands: /image PATH, /reset, /quit.")
+    _add_model_options(chat)
+    chat.set_defaults(handler=_chat)
     return parser
 
 
@@ -52,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as exc:
+    except (CheckpointError, ConfigError, ValueError, OSError) as exc:
         print(f"owl2 {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

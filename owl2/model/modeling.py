@@ -76,9 +76,12 @@ class Owl2Model(nn.Module):
                 raise ValueError(
                     f"input_ids contain image positions (id {image_id}) but no pixel_values or image_embeds were given"
                 )
+            self._check_ids(input_ids, check_text)
             return self.embed_tokens(input_ids), None
         image_mask = input_ids == image_id
-        embeds = self.embed_tokens(input_ids.masked_fill(image_mask, 0))
+        text_ids = input_ids.masked_fill(image_mask, 0)
+        self._check_ids(text_ids, check_text)
+        embeds = self.embed_tokens(text_ids)
         num_positions = int(image_mask.sum())
         num_images = image_embeds.shape[0] if image_embeds is not None else pixel_values.shape[0]
         per_image = self.config.tokens_per_image
@@ -99,6 +102,12 @@ class Owl2Model(nn.Module):
             )
         embeds = embeds.masked_scatter(image_mask[..., None], image_embeds.to(embeds.dtype))
         return embeds, image_mask
+
+    def _check_ids(self, ids: torch.Tensor, check: bool) -> None:
+        vocab = self.config.vocab_size
+        if check and ids.numel() and not bool(((ids >= 0) & (ids < vocab)).all()):
+            bad = ids[(ids < 0) | (ids >= vocab)].unique()[:5].tolist()
+            raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab}): {bad}")
 
     def decode(
         self,
@@ -253,7 +262,9 @@ class Owl2ForCausalLM(nn.Module):
         """Causal and padding mask [B, 1, T, start + T] (True = attend). Every position may attend to itself, so
         padded rows stay finite (their outputs are never used)."""
         t = valid.shape[1]
-        keys_valid = torch.cat([cache.valid[:, :start], valid.to(cache.valid.device)], 1) if cache is not None else valid
+        keys_valid = valid
+        if cache is not None:
+            keys_valid = torch.cat([cache.valid[:, :start], valid.to(cache.valid.device)], 1)
         query_pos = torch.arange(start, start + t, device=valid.device)[:, None]
         key_pos = torch.arange(start + t, device=valid.device)[None, :]
         allowed = (key_pos <= query_pos) & keys_valid[:, None, :]

@@ -232,5 +232,7 @@ def test_bad_inputs_raise_clear_errors(tiny_fp32, oracle):
     cache = tiny_fp32.new_cache(1, 4)
     with pytest.raises(ValueError, match="KV cache overflow"):
         tiny_fp32(torch.tensor([[1, 2, 3, 4, 5]]), cache=cache)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 320\): \[400\]"):
+        tiny_fp32(torch.tensor([[1, 400, 3]]))
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         tiny_fp32(torch.tensor([[1, 2, 3]]), torch.ones(1, 2))

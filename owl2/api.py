@@ -1,0 +1,131 @@
+"""The Python API: ``pipe = owl2.load(path)``, then ``pipe.chat``, ``pipe.generate``, ``pipe.stream``, ``pipe.score``.
+
+A pipeline bundles the model, its tokenizer and image processor, and a generation engine (which keeps the visual
+tokens of images it has seen). Prompts are either OpenAI-style message lists or a plain question string plus
+optional images; both are rendered with the ``mplug_owl2`` template.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from owl2.checkpoint.io import load_model, parse_dtype, resolve_checkpoint
+from owl2.generation import GenerationEngine, GenerationRequest, GenerationResult, SamplingParams
+from owl2.model.modeling import Owl2ForCausalLM
+
+Messages = list[dict[str, Any]]
+Prompt = str | Messages
+
+
+class Pipeline:
+    """Chat, batched generation, streaming and answer scoring with one model."""
+
+    def __init__(
+        self,
+        model: Owl2ForCausalLM,
+        tokenizer: Any,
+        image_processor: Any,
+        *,
+        template: str = "mplug_owl2",
+        policy: str | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = template
+        self.policy = policy
+        self.engine = GenerationEngine(
+            model,
+            tokenizer.decode,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    # ------------------------------------------------------------------------------------------------ rendering
+    def messages(self, prompt: Prompt, images: Sequence[Any] = ()) -> Messages:
+        """A plain string becomes one user turn with its images first (as the official CLI does)."""
+        if isinstance(prompt, str):
+            parts: list[dict[str, Any]] = [{"type": "image", "image": image} for image in images]
+            return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
+        if images:
+            raise ValueError("pass images inside the messages (image parts), not as a separate argument")
+        return list(prompt)
+
+    def request(self, prompt: Prompt, images: Sequence[Any] = (), **sampling: Any) -> GenerationRequest:
+        from owl2.processing.conversation import extract_images, render_conversation
+
+        messages = self.messages(prompt, images)
+        text = render_conversation(messages, template=self.template)
+        pixels = self.pixels(extract_images(messages))
+        stop = tuple(sampling.pop("stop", ()) or ())
+        params = SamplingParams(stop=(*stop, "</s>"), **sampling)
+        return GenerationRequest(self.tokenizer.encode_prompt(text), pixels, params)
+
+    def pixels(self, images: Sequence[Any]) -> torch.Tensor | None:
+        if not images:
+            return None
+        return self.image_processor(list(images), policy=self.policy)
+
+    # ------------------------------------------------------------------------------------------------ interface
+    def chat(self, prompt: Prompt, images: Sequence[Any] = (), **sampling: Any) -> str:
+        """The answer to a message list, or to a question about ``images``."""
+        return self.engine.generate([self.request(prompt, images, **sampling)])[0].text
+
+    def generate(
+        self, prompts: Sequence[Prompt], images: Sequence[Sequence[Any]] | None = None, **sampling: Any
+    ) -> list[GenerationResult]:
+        """Batched: ``prompts[i]`` with ``images[i]``; rows are independent (greedy rows equal runs alone)."""
+        images = images if images is not None else [()] * len(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+        requests = [self.request(p, imgs, **dict(sampling)) for p, imgs in zip(prompts, images, strict=True)]
+        return self.engine.generate(requests)
+
+    def stream(self, prompt: Prompt, images: Sequence[Any] = (), **sampling: Any) -> Iterator[str]:
+        """Text deltas as they are decoded (never splitting a character)."""
+        return self.engine.stream(self.request(prompt, images, **sampling))
+
+    def score(self, image: Any, prompt: str, choices: Sequence[str]) -> list[float]:
+        """Probabilities (summing to 1) of each answer in ``choices`` given the image (or None) and question.
+
+        Each choice is scored by the log-likelihood of its tokens after the rendered prompt; the probabilities are
+        the softmax of those totals over the choices.
+        """
+        if not choices:
+            raise ValueError("score needs at least one choice")
+        request = self.request(prompt, [] if image is None else [image])
+        continuations = [self.continuation_ids(request.prompt_ids, choice) for choice in choices]
+        loglik = self.engine.loglikelihoods(request.prompt_ids, request.images, continuations)
+        return loglik.softmax(0).tolist()
+
+    def continuation_ids(self, prompt_ids: Sequence[int], choice: str) -> list[int]:
+        """Token ids of ``choice`` as it would follow the prompt (a leading space, as after ``ASSISTANT:``)."""
+        ids = self.tokenizer.encode(" " + choice.strip(), add_bos=False)
+        # SentencePiece gives " x" a lone "▁" piece first when the text starts with a space; drop it
+        return ids[1:] if len(ids) > 1 and self.tokenizer.decode(ids[:1]).strip() == "" else ids
+
+
+def load(
+    path_or_id: str | os.PathLike[str],
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    *,
+    policy: str | None = None,
+    show_progress: bool = True,
+) -> Pipeline:
+    """Load a checkpoint directory (or hub id) with its tokenizer and image processor into a :class:`Pipeline`.
+
+    ``device`` defaults to CUDA when available, else the CPU; ``dtype`` to bfloat16.
+    """
+    from owl2.processing.image import load_image_processor
+    from owl2.processing.tokenizer import load_tokenizer
+
+    directory = resolve_checkpoint(path_or_id)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(directory, dtype=parse_dtype(dtype) or torch.bfloat16, device=device,
+                       show_progress=show_progress)
+    return Pipeline(model, load_tokenizer(directory), load_image_processor(directory), policy=policy)
