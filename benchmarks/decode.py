@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official_style import OfficialStyleDecoder
 
 import owl2
+from owl2.generation import GenerationEngine, GenerationRequest, SamplingParams
 from owl2.model.config import AbstractorConfig, Owl2Config, VisionConfig
 from owl2.model.quantize import quantize_language_model
 
@@ -122,6 +123,37 @@ def time_official(decoder: OfficialStyleDecoder, batch, new_tokens: int) -> tupl
     return (new_tokens - 1) * b / ((t2 - t1) - (t1 - t0)), tokens
 
 
+def engine_requests(config: Owl2Config, new_tokens: int) -> list[GenerationRequest]:
+    """Four requests of different lengths and image counts (0, 1, 1, 2 images)."""
+    g = torch.Generator().manual_seed(5)
+    size = config.vision.image_size
+    requests = []
+    for n_text, n_images in ((40, 0), (12, 1), (28, 1), (20, 2)):
+        ids = [1] + [-200] * n_images + torch.randint(3, config.vocab_size, (n_text,), generator=g).tolist()
+        images = torch.randn(n_images, 3, size, size, generator=g) if n_images else None
+        requests.append(GenerationRequest(ids, images, SamplingParams(max_new_tokens=new_tokens)))
+    return requests
+
+
+def time_engine(model: owl2.Owl2ForCausalLM, new_tokens: int, runs: int) -> tuple[float, float]:
+    """Total tokens/s of the generation engine on mixed requests: one batch, then one request at a time."""
+    requests = engine_requests(model.config, new_tokens)
+    batched, single = [], []
+    for _ in range(runs):
+        engine = GenerationEngine(model, lambda ids: " ".join(map(str, ids)), eos_token_id=None)
+        engine.generate(requests[:1])  # warm-up, and fills the image cache for both timings
+        t0 = time.perf_counter()
+        results = engine.generate(requests)
+        t1 = time.perf_counter()
+        for request in requests:
+            engine.generate([request])
+        t2 = time.perf_counter()
+        tokens = sum(len(r.token_ids) for r in results)
+        batched.append(tokens / (t1 - t0))
+        single.append(tokens / (t2 - t1))
+    return statistics.median(batched), statistics.median(single)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="repetitions per case (the median is reported)")
@@ -129,6 +161,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--variant", choices=list(VARIANTS), nargs="+", default=list(VARIANTS))
     parser.add_argument("--no-baseline", action="store_true", help="skip the official-style baseline")
+    parser.add_argument("--no-engine", action="store_true", help="skip the generation-engine batching comparison")
     args = parser.parse_args()
 
     config = mid_config()
@@ -172,6 +205,18 @@ def main() -> None:
             print(f"{variant:12} {b:5d} {row['prefill_s']:9.3f} {tok_s:8.1f} {ref:9.1f} {tok_s / ref:6.2f} "
                   f"{reported:9.1f} {tok_s / reported:6.2f} {roofline:8.2f}")
     print("* official: the official code's figures on this machine class, quoted in issue 2 (not run here)")
+    if not args.no_engine:
+        print(f"generation engine, 4 mixed requests (0/1/1/2 images, 13-41 prompt tokens), {args.new_tokens} new "
+              "tokens each; total tokens/s")
+        for variant in args.variant:
+            dtype, quantize = VARIANTS[variant]
+            model = random_model(config).to(dtype)
+            if quantize is not None:
+                quantize_language_model(model, quantize)
+            batched, single = time_engine(model, args.new_tokens, args.runs)
+            results.append({"variant": variant, "engine_batched_tokens_per_s": batched,
+                            "engine_sequential_tokens_per_s": single})
+            print(f"{variant:12} batched {batched:7.1f}  one at a time {single:7.1f}  ratio {batched / single:5.2f}")
     print(json.dumps(results))
 
 
