@@ -252,14 +252,14 @@ class Owl2Config:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
+        from owl2.utils import read_json_object
+
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = read_json_object(path)
         except FileNotFoundError as exc:
             raise ConfigError(f"no config.json at {path}") from exc
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         return cls.from_dict(data)
 
     def to_json_string(self) -> str:

@@ -51,7 +51,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import os
 import urllib.parse
 import warnings
@@ -62,6 +61,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from owl2.utils import read_json_object
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -628,12 +629,7 @@ def load_image_processor(path: str | os.PathLike[str]) -> ImageProcessor:
         config_path = path
     else:
         raise FileNotFoundError(f"no checkpoint directory or preprocessor config at {str(path)!r}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    config = read_json_object(config_path)
     try:
         return ImageProcessor.from_dict(config)
     except (TypeError, ValueError) as exc:

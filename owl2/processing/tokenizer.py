@@ -45,13 +45,14 @@ The image id ``-200`` and ids at or above the vocabulary size (owl2's own image 
 from __future__ import annotations
 
 import codecs
-import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from owl2.utils import read_json_object
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
@@ -182,16 +183,6 @@ class _TokenizersBackend:
 
 
 # ---------------------------------------------------------------------------------------------------------- config
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _special_token(value: Any, *, plain_strips: bool, where: str) -> SpecialToken | None:
     """A token entry of the config files: a string, an ``AddedToken`` dict, or null.
 
@@ -536,8 +527,8 @@ def load_tokenizer(
     engine = _SentencePieceBackend(model_file) if kind == "sentencepiece" else _TokenizersBackend(model_file)
 
     config_path, map_path = directory / TOKENIZER_CONFIG_NAME, directory / SPECIAL_TOKENS_MAP_NAME
-    config = _read_json(config_path) if config_path.is_file() else {}
-    special_map = _read_json(map_path) if map_path.is_file() else {}
+    config = read_json_object(config_path) if config_path.is_file() else {}
+    special_map = read_json_object(map_path) if map_path.is_file() else {}
 
     specials: dict[str, SpecialToken | None] = {}
     for key in _SPECIAL_KEYS:
