@@ -45,6 +45,7 @@ The image id ``-200`` and ids at or above the vocabulary size (owl2's own image 
 from __future__ import annotations
 
 import codecs
+import importlib
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -107,18 +108,21 @@ class SpecialToken:
 
 
 # ---------------------------------------------------------------------------------------------------------- backends
+def _require(module: str, path: Path) -> Any:
+    """Import an optional backend library, or explain which extra provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(f"reading {path} needs the '{module}' package (pip install 'owl2[processing]')") from exc
+
+
 class _SentencePieceBackend:
     """Segmentation and vocabulary from ``tokenizer.model``."""
 
     name = "sentencepiece"
 
     def __init__(self, path: Path) -> None:
-        try:
-            import sentencepiece as spm
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                f"reading {path} needs the 'sentencepiece' package (pip install 'owl2[processing]')"
-            ) from exc
+        spm = _require("sentencepiece", path)
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.Load(str(path))
@@ -141,12 +145,7 @@ class _TokenizersBackend:
     name = "tokenizers"
 
     def __init__(self, path: Path) -> None:
-        try:
-            import tokenizers
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                f"reading {path} needs the 'tokenizers' package (pip install 'owl2[processing]')"
-            ) from exc
+        tokenizers = _require("tokenizers", path)
         try:
             full = tokenizers.Tokenizer.from_file(str(path))
         except Exception as exc:  # the library raises its own Exception subclasses for bad files
