@@ -305,18 +305,29 @@ def save_model(
     max_shard_size: int | str = "2GB",
 ) -> list[Path]:
     """Save parameters as sharded safetensors plus ``config.json`` (the owl2 layout, loadable by :func:`load_model`)."""
+    return save_state_dict(model.state_dict(), model.config, directory, dtype=dtype, max_shard_size=max_shard_size)
+
+
+def save_state_dict(
+    state: dict[str, torch.Tensor],
+    config: Owl2Config,
+    directory: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = "2GB",
+) -> list[Path]:
+    """:func:`save_model` for a full state dict (e.g. one gathered from a sharded training run)."""
     dtype = parse_dtype(dtype)
     writer = ShardWriter(directory, max_shard_size)
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    if config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     for key, tensor in state.items():
         tensor = tensor.detach().cpu()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         writer.add(key, tensor)
     files = writer.finish()
-    config = Owl2Config.from_dict(model.config.to_dict())
+    config = Owl2Config.from_dict(config.to_dict())
     if dtype is not None:
         config.extra["torch_dtype"] = str(dtype).removeprefix("torch.")
     config.save(directory)
@@ -335,5 +346,6 @@ __all__ = [
     "read_shard",
     "resolve_checkpoint",
     "save_model",
+    "save_state_dict",
     "weight_files",
 ]

@@ -138,6 +138,24 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from owl2.training.config import load_recipe
+    from owl2.training.trainer import TrainingDiverged, train
+
+    config = load_recipe(args.recipe, args.overrides)
+    resume: str | bool | None = True if args.resume == "latest" else args.resume
+    try:
+        result = train(config, resume=resume)
+    except TrainingDiverged as exc:
+        print(f"owl2 train: {exc}", file=sys.stderr)
+        return 3
+    if result.losses:
+        where = result.final_dir or result.adapter_dir
+        print(f"trained {result.steps} steps; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; "
+              f"saved {where}; metrics in {result.output_dir / 'metrics.jsonl'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="owl2", description="mPLUG-Owl2 in plain PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Interactive chat. Commands: /image PATH, /reset, /quit.")
     _add_model_options(chat)
     chat.set_defaults(handler=_chat)
+
+    train = commands.add_parser(
+        "train", help="train with a recipe (stage1, stage2, lora, or a TOML file)",
+        description="Train with a recipe: a packaged name (stage1, stage2, lora) or a TOML file, changed by "
+        "section.key=value overrides, e.g. `owl2 train stage2 model.path=./owl2-7b data.path=train.json "
+        "optim.lr=1e-5`. Under torchrun every process runs the same command.",
+    )
+    train.add_argument("recipe", help="recipe name or TOML path")
+    train.add_argument("overrides", nargs="*", help="section.key=value (TOML values)")
+    train.add_argument("--resume", nargs="?", const="latest", default=None,
+                       help="continue from the latest checkpoint in output_dir, or from the given checkpoint")
+    train.set_defaults(handler=_train)
     return parser
 
 

@@ -2,11 +2,12 @@
 
 Read top to bottom: ``config`` (one config object), ``vision`` (ViT), ``abstractor`` (visual abstractor), ``llama``
 (decoder with the Modality-Adaptive Module), ``cache`` (KV cache), ``modeling`` (everything wired together) and
-``inputs`` (official-style ids -> owl2 inputs).
+``inputs`` (official-style ids -> owl2 inputs); ``init`` (random initialisation for training from scratch).
 """
 
 from owl2.model.cache import KVCache
 from owl2.model.config import AbstractorConfig, ConfigError, Owl2Config, VisionConfig
+from owl2.model.init import init_weights
 from owl2.model.inputs import OFFICIAL_IMAGE_TOKEN, prepare_official_inputs
 from owl2.model.modeling import IGNORE_INDEX, GenerateOutput, Owl2ForCausalLM, Owl2Model, Owl2Output
 
@@ -22,5 +23,6 @@ __all__ = [
     "Owl2Model",
     "Owl2Output",
     "VisionConfig",
+    "init_weights",
     "prepare_official_inputs",
 ]

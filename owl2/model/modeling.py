@@ -228,9 +228,14 @@ class Owl2ForCausalLM(nn.Module):
 
     @staticmethod
     def loss(
-        logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, image_mask: torch.Tensor | None
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        valid: torch.Tensor,
+        image_mask: torch.Tensor | None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Next-token cross-entropy in float32, averaged over the target positions."""
+        """Next-token cross-entropy in float32, averaged over the target positions (``reduction="sum"``: summed,
+        for losses normalised over a whole accumulated or distributed batch)."""
         if labels.shape != logits.shape[:2]:
             raise ValueError(f"labels must have shape {list(logits.shape[:2])}, got {list(labels.shape)}")
         ignore = ~valid if image_mask is None else (~valid | image_mask)
@@ -239,6 +244,7 @@ class Owl2ForCausalLM(nn.Module):
             logits[:, :-1].float().reshape(-1, logits.shape[-1]),
             labels[:, 1:].reshape(-1),
             ignore_index=IGNORE_INDEX,
+            reduction=reduction,
         )
 
     @staticmethod

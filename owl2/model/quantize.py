@@ -66,7 +66,10 @@ class WeightOnlyInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.device.type == "cpu" and flat.dtype == torch.bfloat16:
+        # torch._weight_int8pack_mm has no backward; when a gradient must flow to x (LoRA adapters training over
+        # the frozen int8 base, owl2.training.lora) the dequantising matmul below is used instead.
+        needs_grad = torch.is_grad_enabled() and flat.requires_grad
+        if flat.device.type == "cpu" and flat.dtype == torch.bfloat16 and not needs_grad:
             out = torch._weight_int8pack_mm(flat, self.qweight, self.scale.to(flat.dtype))
         else:
             out = F.linear(flat, self.qweight.to(flat.dtype)) * self.scale.to(flat.dtype)

@@ -27,6 +27,12 @@ _IMAGE_BRANCH = re.compile(r"^model\.layers\.\d+\.(input_layernorm|post_attentio
 _VISUAL = ("model.vision_model.", "model.visual_abstractor.")
 _VIT_BLOCK = re.compile(r"^model\.vision_model\.encoder\.layers\.(\d+)\.")
 _NO_DECAY_NAMES = re.compile(r"(cls_token|position_embedding|query_embeds|vit_eos)$")
+_WRAPPER_PREFIX = re.compile(r"^(base_model\.model\.)")  # peft's prefix in front of the official names
+
+
+def official_name(name: str) -> str:
+    """A parameter name with wrapper prefixes removed (``base_model.model.model.x`` -> ``model.x``)."""
+    return _WRAPPER_PREFIX.sub("", name)
 
 
 def is_trainable_in(stage: str, name: str) -> bool:
@@ -81,11 +87,12 @@ def lr_scale(name: str, num_vit_layers: int, decay: float) -> float:
 def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     """Trainable parameters grouped by (learning rate, weight decay); each group records its ``lr_scale`` so the
     schedule can scale it."""
-    num_vit_layers = len(model.model.vision_model.encoder.layers)
+    num_vit_layers = _owl2_config(model).vision.num_hidden_layers
     groups: dict[tuple[float, float], dict] = {}
-    for name, param in model.named_parameters():
+    for full_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        name = official_name(full_name)
         base = config.abstractor_lr if name.startswith("model.visual_abstractor.") and config.abstractor_lr else (
             config.lr)
         lr = base * lr_scale(name, num_vit_layers, config.vit_layer_decay)
@@ -93,10 +100,19 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
         group = groups.setdefault((lr, decay), {"params": [], "names": [], "lr": lr, "weight_decay": decay,
                                                 "base_lr": lr})
         group["params"].append(param)
-        group["names"].append(name)
+        group["names"].append(full_name)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return list(groups.values())
+
+
+def _owl2_config(model: nn.Module):  # -> Owl2Config, also under a peft wrapper
+    from owl2.model.config import Owl2Config
+
+    for module in model.modules():
+        if isinstance(getattr(module, "config", None), Owl2Config):
+            return module.config
+    raise TypeError(f"{type(model).__name__} holds no owl2 model")
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:

@@ -1,0 +1,358 @@
+"""LoRA and QLoRA-style fine-tuning of :class:`~owl2.model.modeling.Owl2ForCausalLM` through ``peft``.
+
+The official recipe (``finetune_lora.sh``) puts rank-128 adapters (alpha 256, dropout 0.05, no bias) on every
+linear layer of the language model except ``lm_head`` -- Q and O, both MAM branches of K and V, and the MLP -- and
+trains the visual abstractor alongside at full rank, with the vision encoder frozen. :data:`LORA_PRESETS` names that
+set (``"both"``) and its text-only and image-only halves; ``target_pattern`` takes any regex instead.
+
+Target patterns are matched with ``re.fullmatch`` against module names such as
+``model.layers.0.self_attn.k_proj.multiway.1`` (peft's rule for a string ``target_modules``).
+
+The abstractor trains as a peft ``modules_to_save`` module: peft keeps the frozen original beside a trainable copy
+and saves the copy in the adapter, so one adapter directory restores everything that was trained.
+
+``quantize_base="int8"`` first replaces the LLM's linear layers with :class:`~owl2.model.quantize.
+WeightOnlyInt8Linear` (frozen int8 weights, per-channel scales) and puts :class:`~owl2.training._lora_int8.
+Int8LoraLinear` adapters on the targeted ones -- QLoRA's idea with our int8 kernel, since bitsandbytes is not
+required. Such an adapter is merged into the float base checkpoint.
+
+peft is an optional dependency (``pip install owl2[train]``); it is imported on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from owl2.checkpoint.io import CheckpointError, load_model, parse_dtype, resolve_checkpoint, save_model
+from owl2.model.config import Owl2Config
+from owl2.model.modeling import Owl2ForCausalLM
+from owl2.utils import atomic_output, atomic_write_text, read_json_object
+
+_LAYER = r"model\.layers\.\d+\."
+_MLP = r"mlp\.(gate_proj|up_proj|down_proj)"
+
+LORA_PRESETS: dict[str, str] = {
+    # The text path: shared Q/O and MLP plus the text branch of the MAM's K/V.
+    "text": _LAYER + r"(self_attn\.(q_proj|o_proj|[kv]_proj\.multiway\.0)|" + _MLP + ")",
+    # Only the image branch of the MAM's K/V.
+    "image": _LAYER + r"self_attn\.[kv]_proj\.multiway\.1",
+    # The official set: every LLM linear except lm_head.
+    "both": _LAYER + r"(self_attn\.(q_proj|o_proj|[kv]_proj\.multiway\.[01])|" + _MLP + ")",
+}
+
+ABSTRACTOR = "model.visual_abstractor"
+QUANTIZE_MODES = ("int8",)
+
+# Written beside peft's files: what peft's adapter_config.json cannot say (the preset, the int8 base).
+SETTINGS_FILE = "owl2_lora.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+)
+
+
+@dataclass
+class LoraSettings:
+    """What to adapt and how; the defaults are the official ``finetune_lora.sh`` values."""
+
+    preset: str = "both"
+    target_pattern: str | None = None  # a regex over module names; overrides ``preset``
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    train_abstractor: bool = True
+    quantize_base: str | None = None  # None, or "int8": frozen int8 weight-only base linears under the adapters
+
+    @property
+    def pattern(self) -> str:
+        """The regex that selects the adapted modules."""
+        if self.target_pattern is not None:
+            return self.target_pattern
+        if self.preset not in LORA_PRESETS:
+            raise ValueError(f"unknown LoRA preset {self.preset!r}; use one of {', '.join(LORA_PRESETS)}")
+        return LORA_PRESETS[self.preset]
+
+    def validate(self) -> None:
+        _ = self.pattern
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be at least 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.quantize_base is not None and self.quantize_base not in QUANTIZE_MODES:
+            raise ValueError(
+                f"unknown quantize_base {self.quantize_base!r}; use None or one of {', '.join(QUANTIZE_MODES)}"
+            )
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise ValueError(f"target_pattern {self.pattern!r} is not a valid regex: {exc}") from None
+
+
+def _require_peft() -> Any:
+    try:
+        import peft
+    except ImportError as exc:
+        raise ImportError("LoRA training needs peft: pip install owl2[train]") from exc
+    return peft
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from owl2.model.quantize import WeightOnlyInt8Linear
+
+    return isinstance(module, (nn.Linear, WeightOnlyInt8Linear))
+
+
+def target_module_names(model: nn.Module, pattern: str) -> list[str]:
+    """Names of the modules of ``model`` that ``pattern`` fully matches (in module order).
+
+    Raises ValueError when nothing matches, when a match is not a linear layer (say ``...k_proj`` itself, the
+    two-branch container, rather than ``...k_proj.multiway.0``), or when a match lies inside the abstractor, which
+    trains at full rank.
+    """
+    regex = re.compile(pattern)
+    names = [name for name, _ in model.named_modules() if name and regex.fullmatch(name)]
+    if not names:
+        raise ValueError(f"LoRA target pattern {pattern!r} matches no module of the model")
+    modules = dict(model.named_modules())
+    not_linear = [n for n in names if not _is_linear(modules[n])]
+    if not_linear:
+        raise ValueError(
+            f"LoRA target pattern {pattern!r} matches modules that are not linear layers: {', '.join(not_linear[:5])}"
+        )
+    inside = [n for n in names if n == ABSTRACTOR or n.startswith(ABSTRACTOR + ".")]
+    if inside:
+        raise ValueError(
+            f"LoRA target pattern {pattern!r} matches abstractor layers ({inside[0]}, ...); the abstractor trains at "
+            "full rank (train_abstractor)"
+        )
+    return names
+
+
+def _lora_config(settings: LoraSettings, *, for_int8: bool) -> Any:
+    peft = _require_peft()
+    config = peft.LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        bias="none",
+        target_modules=settings.pattern,
+        modules_to_save=[ABSTRACTOR] if settings.train_abstractor else None,
+    )
+    if for_int8:
+        _register_int8(config)
+    return config
+
+
+def _register_int8(config: Any) -> None:
+    from owl2.model.quantize import WeightOnlyInt8Linear
+    from owl2.training._lora_int8 import Int8LoraLinear
+
+    # peft's (experimental) hook for layer types it does not ship: adapt our int8 linear with our LoRA layer.
+    config._register_custom_module({WeightOnlyInt8Linear: Int8LoraLinear})
+
+
+def _quantize(model: Owl2ForCausalLM, mode: str) -> None:
+    from owl2.model.quantize import quantize_language_model
+
+    current = getattr(model, "quantization", None)
+    if current is None:
+        quantize_language_model(model, mode)
+    elif current != mode:
+        raise ValueError(f"the base model is already quantised ({current!r}); load it unquantised for {mode!r}")
+
+
+def _check_base(model: nn.Module) -> None:
+    if not isinstance(model, Owl2ForCausalLM):
+        what = "a peft model (already adapted?)" if hasattr(model, "peft_config") else type(model).__name__
+        raise ValueError(f"expected an owl2 Owl2ForCausalLM, got {what}")
+
+
+def apply_lora(model: Owl2ForCausalLM, settings: LoraSettings | None = None) -> nn.Module:
+    """Wrap ``model`` (modified in place) in a peft ``PeftModel`` with LoRA adapters on ``settings``' targets.
+
+    Afterwards exactly the LoRA A/B matrices, and with ``train_abstractor`` the (copied) abstractor, require grad.
+    The result is called like the base model (``model(input_ids=..., labels=...)`` -> ``Owl2Output``); its
+    ``get_base_model()`` is the adapted ``Owl2ForCausalLM`` (parameter names without peft's ``base_model.model.``
+    prefix, e.g. for :func:`owl2.training.optim.param_groups`). The training/eval mode is left as it was.
+    """
+    settings = settings or LoraSettings()
+    settings.validate()
+    _check_base(model)
+    peft = _require_peft()
+    if settings.quantize_base is not None:
+        _quantize(model, settings.quantize_base)
+    target_module_names(model, settings.pattern)  # clear errors before peft's
+    config = _lora_config(settings, for_int8=settings.quantize_base is not None)
+    was_training = model.training
+    peft_model = peft.get_peft_model(model, config)
+    # peft's new modules (dropout, the abstractor copy) start in training mode; match the base's mode throughout.
+    peft_model.train(was_training)
+    # Recorded on the wrapper so save_adapter can write it beside peft's files.
+    peft_model.owl2_lora_settings = settings
+    return peft_model
+
+
+def _settings_of(model: nn.Module) -> LoraSettings:
+    settings = getattr(model, "owl2_lora_settings", None)
+    if not isinstance(settings, LoraSettings):
+        raise ValueError("save_adapter expects the model returned by apply_lora or load_adapter")
+    return settings
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Save the adapter of ``model`` (from :func:`apply_lora`) as one peft adapter directory; returns its path.
+
+    The directory holds peft's ``adapter_config.json`` and ``adapter_model.safetensors`` (LoRA matrices and, when
+    trained, the abstractor) plus ``owl2_lora.json`` (the :class:`LoraSettings`). Everything is written to a
+    temporary directory beside ``directory`` and renamed into place, so a crash leaves either the previous adapter
+    or the new one, never a mix: an earlier adapter is first renamed aside and removed only after the new one is in
+    place.
+    """
+    settings = _settings_of(model)
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    old: Path | None = None
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        atomic_write_text(tmp / SETTINGS_FILE, json.dumps(asdict(settings), indent=2, sort_keys=True) + "\n")
+        for file in tmp.iterdir():  # peft writes plainly; make the contents durable before the rename publishes them
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+            os.replace(directory, old / directory.name)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not directory.exists() and (old / directory.name).exists():
+            os.replace(old / directory.name, directory)  # put the previous adapter back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def read_settings(directory: str | os.PathLike[str]) -> LoraSettings:
+    """The :class:`LoraSettings` recorded in an adapter directory.
+
+    An adapter saved by peft itself (no ``owl2_lora.json``) gets settings rebuilt from its ``adapter_config.json``.
+    """
+    directory = Path(directory)
+    if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{directory} is not a LoRA adapter directory: expected {ADAPTER_CONFIG} and "
+                              f"{ADAPTER_WEIGHTS}")
+    if (directory / SETTINGS_FILE).is_file():
+        data = read_json_object(directory / SETTINGS_FILE)
+        known = {k: v for k, v in data.items() if k in LoraSettings.__dataclass_fields__}
+        return LoraSettings(**known)
+    config = read_json_object(directory / ADAPTER_CONFIG)
+    targets = config.get("target_modules")
+    pattern = targets if isinstance(targets, str) else "|".join(f"(.*\\.)?{re.escape(t)}" for t in targets or [])
+    return LoraSettings(
+        target_pattern=pattern,
+        r=int(config.get("r", 8)),
+        alpha=int(config.get("lora_alpha", 8)),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        train_abstractor=bool(config.get("modules_to_save")),
+    )
+
+
+def load_adapter(
+    base_model: Owl2ForCausalLM,
+    directory: str | os.PathLike[str],
+    *,
+    is_trainable: bool = False,
+    quantize_base: bool = True,
+) -> nn.Module:
+    """Put the adapter saved in ``directory`` onto ``base_model`` (modified in place); returns the peft model.
+
+    With ``quantize_base`` (the default) an adapter trained over an int8 base gets its base quantised the same way
+    first, so outputs equal the trained model's; ``quantize_base=False`` keeps the base in floating point (what
+    merging does). ``is_trainable`` leaves the adapter trainable, to continue training.
+    """
+    _check_base(base_model)
+    peft = _require_peft()
+    directory = Path(directory)
+    settings = read_settings(directory)
+    int8 = quantize_base and settings.quantize_base is not None
+    if int8:
+        _quantize(base_model, settings.quantize_base)
+    config = peft.LoraConfig.from_pretrained(str(directory))
+    if int8:
+        _register_int8(config)
+    # Passing the config keeps peft from resolving ``directory`` as a hub id; the weights are read locally.
+    was_training = base_model.training
+    model = peft.PeftModel.from_pretrained(base_model, str(directory), config=config, is_trainable=is_trainable)
+    model.train(was_training)
+    model.owl2_lora_settings = settings if int8 else LoraSettings(**{**asdict(settings), "quantize_base": None})
+    return model
+
+
+def _copy_atomic(source: Path, destination: Path) -> None:
+    with open(source, "rb") as src, atomic_output(destination, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+
+
+def merge_adapter(
+    base_path: str | os.PathLike[str],
+    adapter_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    dtype: torch.dtype | str | None = None,
+    show_progress: bool = True,
+) -> list[Path]:
+    """Fold the adapter in ``adapter_dir`` into the base checkpoint and save a plain owl2 checkpoint.
+
+    The base is loaded in float32 (also for adapters trained over an int8 base) so the merge
+    ``W + scaling * B @ A`` is exact to float32; the result is saved in ``dtype`` (default: the base's recorded
+    ``torch_dtype``, else float32) with :func:`owl2.save_model`, and the tokenizer and image-processor files of
+    the base directory are copied. ``owl2.load_model(out_dir)`` then gives base+adapter's logits. Returns the weight
+    files written.
+    """
+    base_dir = resolve_checkpoint(base_path)
+    adapter_dir = Path(adapter_dir)
+    read_settings(adapter_dir)  # a clear error for a wrong directory before the (slow) base load
+    out_dtype = parse_dtype(dtype) if dtype is not None else _recorded_dtype(base_dir)
+    model = load_model(base_dir, dtype=torch.float32, show_progress=show_progress)
+    adapted = load_adapter(model, adapter_dir, quantize_base=False)
+    merged = adapted.merge_and_unload()
+    files = save_model(merged, out_dir, dtype=out_dtype)
+    for name in TOKENIZER_FILES:
+        if (base_dir / name).is_file():
+            _copy_atomic(base_dir / name, Path(out_dir) / name)
+    return files
+
+
+def _recorded_dtype(directory: Path) -> torch.dtype:
+    recorded = Owl2Config.from_json(directory).extra.get("torch_dtype")
+    try:
+        return parse_dtype(recorded) if isinstance(recorded, str) else torch.float32
+    except ValueError:
+        return torch.float32
+
+
+__all__ = [
+    "LORA_PRESETS",
+    "LoraSettings",
+    "apply_lora",
+    "load_adapter",
+    "merge_adapter",
+    "read_settings",
+    "save_adapter",
+    "target_module_names",
+]

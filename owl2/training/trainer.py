@@ -1,0 +1,424 @@
+"""The training loop behind ``owl2 train``: one process, DDP, FSDP2 or DeepSpeed, all from one recipe.
+
+Per optimizer step each rank takes ``grad_accum`` micro-batches. The loss is the summed token cross-entropy divided by
+the number of target tokens of the *global* step (all micro-batches of all ranks), so 1 process with batch 4 and 2
+processes with batch 2 compute the same loss and the same update. Text-only batches skip the vision tower. In stage 1
+(and with LoRA on the image branch only) text-only samples reach no trainable parameter and are left out.
+
+Outputs under ``output_dir``: ``recipe.toml``, ``metrics.jsonl`` (loss, lr, grad norm, tokens/s per logged step),
+``tensorboard/`` (when installed), ``loss.png``, ``checkpoints/step-*/`` (resumable, see
+:mod:`owl2.training.checkpointing`) and the result: ``final/`` (a safetensors checkpoint that ``owl2.load`` reads,
+with the tokenizer and image processor) or, with LoRA, ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from owl2.checkpoint.io import load_model, resolve_checkpoint, save_state_dict
+from owl2.data import IGNORE_INDEX, ModalityLengthGroupedSampler, SupervisedDataset, collate
+from owl2.model.config import Owl2Config
+from owl2.model.init import init_weights
+from owl2.model.modeling import Owl2ForCausalLM
+from owl2.processing.image import PREPROCESSOR_CONFIG_NAME, ImageProcessor, load_image_processor
+from owl2.processing.tokenizer import load_tokenizer
+from owl2.training.checkpointing import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from owl2.training.config import TrainConfig
+from owl2.training.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    resolve_strategy,
+    unwrap,
+    wrap_ddp,
+    wrap_fsdp,
+)
+from owl2.training.metrics import MetricsLogger, plot_loss_curve, read_metrics
+from owl2.training.optim import build_optimizer, build_scheduler, lr_multiplier, set_trainable
+from owl2.utils import atomic_output, atomic_write_text
+
+logger = logging.getLogger("owl2.training")
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    """Loss of every step this process logged (including the steps before a resume)."""
+    final_dir: Path | None = None
+    adapter_dir: Path | None = None
+    plot: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------------------ building
+def build_model(config: TrainConfig, env: DistEnv) -> Owl2ForCausalLM:
+    """The starting model in float32 on this rank's device, in train mode."""
+    if config.model.path is not None:
+        model = load_model(config.model.path, dtype=torch.float32, device=env.device, show_progress=env.is_main)
+    else:
+        model = init_weights(Owl2ForCausalLM(Owl2Config.from_json(config.model.init_config)), seed=config.seed)
+        model.reset_buffers()
+        model = model.to(env.device)
+    return model.train()
+
+
+def build_image_processor(config: TrainConfig, model_config: Owl2Config) -> ImageProcessor:
+    source = config.model.image_processor or config.model.path
+    if source is not None:
+        directory = resolve_checkpoint(source) if config.model.path == source else Path(source)
+        processor = load_image_processor(directory)
+    else:
+        size = model_config.vision.image_size
+        processor = ImageProcessor(size=size, crop_size=size)
+    if processor.output_size != (model_config.vision.image_size,) * 2:
+        raise ValueError(f"the image processor gives {processor.output_size} images but the model takes "
+                         f"{model_config.vision.image_size} px; set model.image_processor")
+    return processor
+
+
+def _apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+    from owl2.training.lora import LoraSettings, apply_lora
+
+    settings = LoraSettings(**dataclasses.asdict(config.lora) | {"enabled": None})
+    return apply_lora(model, settings)
+
+
+def _needs_images(config: TrainConfig) -> bool:
+    """Whether text-only samples reach no trainable parameter (so they are left out)."""
+    if config.lora.enabled:
+        return config.lora.preset == "image" and config.lora.target_pattern is None and not config.lora.train_abstractor
+    return config.stage == "stage1"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------------- the data
+class MicroBatches:
+    """This rank's micro-batches from a data position on, epoch after epoch (the order depends on the seed only)."""
+
+    def __init__(self, dataset: SupervisedDataset, sampler: ModalityLengthGroupedSampler, keep: list[int],
+                 collate_fn: Any, num_workers: int, seed: int) -> None:
+        self.dataset, self.sampler, self.keep = dataset, sampler, keep
+        self.collate_fn, self.num_workers, self.seed = collate_fn, num_workers, seed
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def iterate(self, epoch: int, batch: int) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        """Yields ``(epoch, batch index after this one, micro-batch)`` forever, starting at ``(epoch, batch)``."""
+        while True:
+            self.sampler.set_epoch(epoch)
+            batches = [[self.keep[i] for i in b] for b in self.sampler][batch:]
+            # A private generator: worker seeding must not draw from the global RNG that a resume restores.
+            loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn,
+                                num_workers=self.num_workers,
+                                generator=torch.Generator().manual_seed(self.seed + epoch))
+            for micro in loader:
+                batch += 1
+                yield epoch, batch, micro
+            epoch, batch = epoch + 1, 0
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+class Trainer:
+    """Holds a run's pieces; :meth:`run` trains to the end (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, *, resume: str | bool | None = None) -> None:
+        self.config = config
+        self.env = init_distributed(config.train.device)
+        self.strategy = resolve_strategy(config.train.distributed, self.env)
+        if self.strategy in ("ddp", "fsdp") and not self.env.distributed:
+            self.strategy = "none"  # one process: a wrapper would only add overhead
+        self.output_dir = Path(config.output_dir)
+        _seed_everything(config.seed)
+
+        tokenizer_dir = config.model.tokenizer or config.model.path
+        self.tokenizer_dir = resolve_checkpoint(tokenizer_dir)
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        model = build_model(config, self.env)
+        self.model_config = model.config
+        self.image_processor = build_image_processor(config, model.config)
+        set_trainable(model, config.stage)
+        if config.lora.enabled:
+            model = _apply_lora(model, config)
+        if config.train.gradient_checkpointing:
+            _core(model).set_gradient_checkpointing(True)
+
+        self.dataset = SupervisedDataset(
+            config.data.path, self.tokenizer, image_root=config.data.image_root, template=config.data.template,
+            max_length=config.data.max_length, tokens_per_image=model.config.tokens_per_image,
+            image_processor=self.image_processor, image_policy=config.data.image_policy,
+        )
+        keep = list(range(len(self.dataset)))
+        if _needs_images(config):
+            dropped = len(keep) - sum(self.dataset.is_multimodal)
+            keep = [i for i in keep if self.dataset.is_multimodal[i]]
+            if dropped and self.env.is_main:
+                logger.warning("%s: left out %d text-only sample(s); they train no parameter of this recipe",
+                               config.stage, dropped)
+        if not keep:
+            raise ValueError(f"{config.data.path}: no usable training sample")
+        sampler = ModalityLengthGroupedSampler(
+            [self.dataset.lengths[i] for i in keep], [self.dataset.is_multimodal[i] for i in keep],
+            config.train.batch_size, world_size=self.env.world_size, rank=self.env.rank, seed=config.seed,
+        )
+
+        def collate_fn(samples: list[dict]) -> dict[str, torch.Tensor]:
+            return collate(samples, pad_token_id=self.tokenizer.pad_token_id, config=self.model_config)
+
+        self.data = MicroBatches(self.dataset, sampler, keep, collate_fn, config.data.num_workers, config.seed)
+
+        accum = config.train.grad_accum
+        self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(self.data) / accum))
+        optim = dataclasses.replace(config.optim, total_steps=self.total_steps)
+        if config.train.warmup_ratio is not None:
+            optim.warmup_steps = round(config.train.warmup_ratio * self.total_steps)
+        self.optim_config = optim
+
+        self.model = self._wrap(model)
+        self.optimizer = build_optimizer(unwrap(self.model), optim)
+        self.scheduler = build_scheduler(self.optimizer, optim)
+        if self.strategy == "deepspeed":
+            from owl2.training.deepspeed import deepspeed_engine
+
+            self.model, self.optimizer, self.scheduler = deepspeed_engine(self.model, self.optimizer,
+                                                                          self.scheduler, config, self.env)
+
+        self.state = TrainerState()
+        checkpoint = self._resume_point(resume)
+        if checkpoint is not None:
+            self.state = load_checkpoint(checkpoint, self.env, self.model, self.optimizer, self.scheduler)
+            if self.env.is_main:
+                logger.info("resumed from %s (step %d)", checkpoint, self.state.step)
+        self.resumed_from = checkpoint
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.strategy == "ddp":
+            return wrap_ddp(model, self.env)
+        if self.strategy == "fsdp":
+            if self.config.lora.enabled:
+                raise ValueError("LoRA trains few parameters: use train.distributed='ddp' rather than fsdp")
+            return wrap_fsdp(model, self.env)
+        return model
+
+    def _resume_point(self, resume: str | bool | None) -> Path | None:
+        if not resume:
+            return None
+        if resume is True:
+            found = latest_checkpoint(self.output_dir)
+            if found is None and self.env.is_main:
+                logger.warning("no checkpoint under %s; starting from step 0", self.output_dir)
+            return found
+        return Path(resume)
+
+    # ---------------------------------------------------------------------------------------------------- steps
+    def _sync_context(self, last: bool) -> contextlib.AbstractContextManager:
+        if last or self.strategy != "ddp":
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def _micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch.pop("labels")
+        with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.config.train.bf16):
+            logits = self.model(**batch).logits
+        return Owl2ForCausalLM.loss(logits, labels, batch["attention_mask"].bool(), None, reduction="sum")
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns the step's global metrics."""
+        env = self.env
+        local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        counts = all_reduce_sum(torch.tensor([local_targets, local_tokens], dtype=torch.float64), env)
+        targets, tokens = max(1.0, float(counts[0])), float(counts[1])
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        fsdp_sync = getattr(self.model, "set_requires_gradient_sync", None)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            if fsdp_sync is not None:
+                fsdp_sync(last)
+            batch = _to_device(batch, env.device)
+            with self._sync_context(last):
+                loss = self._micro_loss(batch)
+                if not loss.requires_grad:
+                    raise RuntimeError("this batch reaches no trainable parameter; check the stage and LoRA targets")
+                # DDP and FSDP average gradients over ranks: scale by world_size to get the global token mean.
+                scaled = loss * (env.world_size / targets)
+                if self.strategy == "deepspeed":
+                    self.model.backward(scaled)
+                else:
+                    scaled.backward()
+            loss_sum += loss.detach().double().cpu()
+        loss_value = float(all_reduce_sum(loss_sum, env)) / targets
+        grad_norm = self._clip_and_step(loss_value)
+        return {"loss": loss_value, "grad_norm": grad_norm, "targets": targets, "tokens": tokens}
+
+    def _clip_and_step(self, loss_value: float) -> float:
+        clip = self.optim_config.grad_clip
+        if self.strategy == "deepspeed":
+            if not math.isfinite(loss_value):
+                self._diverged(loss_value, float("nan"))
+            self.model.step()  # clips (gradient_clipping in its config), steps, zeroes and advances the schedule
+            norm = self.model.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        norm = float(norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            self._diverged(loss_value, norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _diverged(self, loss: float, norm: float) -> None:
+        last = latest_checkpoint(self.output_dir)
+        hint = f"resume from {last} with a lower optim.lr" if last else "lower optim.lr or check the data"
+        raise TrainingDiverged(f"training diverged at step {self.state.step + 1}: loss {loss}, gradient norm {norm} "
+                               f"(lr {self.current_lr():.3g}); {hint}")
+
+    def current_lr(self) -> float:
+        """The learning rate of this step for ``optim.lr`` (groups with decay or their own rate scale it)."""
+        return self.optim_config.lr * lr_multiplier(self.state.step, self.optim_config)
+
+    # ------------------------------------------------------------------------------------------------------ run
+    def run(self) -> TrainResult:
+        config, env, state = self.config, self.env, self.state
+        metrics = None
+        if env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.output_dir / "recipe.toml", config.to_toml())
+            metrics = MetricsLogger(self.output_dir, resume_step=state.step if self.resumed_from else None,
+                                    tensorboard=config.train.tensorboard)
+        bar = _progress_bar(self.total_steps, state.step, enabled=env.is_main and config.train.progress)
+        stream = self.data.iterate(state.epoch, state.batch)
+        try:
+            while state.step < self.total_steps:
+                started = time.perf_counter()
+                micro = []
+                for _ in range(config.train.grad_accum):
+                    state.epoch, state.batch, batch = next(stream)
+                    micro.append(batch)
+                lr = self.current_lr()
+                result = self.train_step(micro)
+                state.step += 1
+                state.tokens += int(result["targets"])
+                seconds = time.perf_counter() - started
+                record = {"step": state.step, "epoch": state.epoch, "loss": result["loss"], "lr": lr,
+                          "grad_norm": result["grad_norm"], "tokens_per_s": result["tokens"] / seconds,
+                          "step_seconds": seconds}
+                if metrics is not None and (state.step % config.train.log_every == 0
+                                            or state.step == self.total_steps):
+                    metrics.log(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{lr:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                every = config.train.save_every
+                if (every and state.step % every == 0) or state.step == self.total_steps:
+                    save_checkpoint(self.output_dir, env, self.model, self.optimizer, self.scheduler, state,
+                                    config.to_dict(), config.train.keep_last)
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics is not None:
+                metrics.close()
+        return self._finish()
+
+    def _finish(self) -> TrainResult:
+        env = self.env
+        result = TrainResult(self.output_dir, self.state.step)
+        if self.config.lora.enabled:
+            from owl2.training.lora import save_adapter
+
+            if env.is_main:
+                result.adapter_dir = self.output_dir / "adapter"
+                save_adapter(unwrap(self.model), result.adapter_dir)
+        else:
+            state = self._full_state()
+            if env.is_main:
+                result.final_dir = self.output_dir / "final"
+                save_state_dict(state, self.model_config, result.final_dir, dtype=self.config.train.save_dtype)
+                self._copy_processing_files(result.final_dir)
+        if env.is_main:
+            records = read_metrics(self.output_dir)
+            result.losses = [r["loss"] for r in records]
+            if self.config.train.plot and plot_loss_curve(records, self.output_dir / "loss.png",
+                                                          title=f"owl2 {self.config.stage}"):
+                result.plot = self.output_dir / "loss.png"
+        barrier(env)
+        return result
+
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict().items()}
+
+    def _copy_processing_files(self, directory: Path) -> None:
+        """Tokenizer and image processor next to the weights, so ``owl2.load(directory)`` works."""
+        for name in TOKENIZER_FILES:
+            if (self.tokenizer_dir / name).is_file():
+                with atomic_output(directory / name) as handle:
+                    handle.write((self.tokenizer_dir / name).read_bytes())
+        atomic_write_text(directory / PREPROCESSOR_CONFIG_NAME,
+                          json.dumps(self.image_processor.to_dict(), indent=2) + "\n")
+
+
+def _core(model: nn.Module) -> Owl2ForCausalLM:
+    for module in model.modules():
+        if isinstance(module, Owl2ForCausalLM):
+            return module
+    raise TypeError(f"{type(model).__name__} holds no Owl2ForCausalLM")
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def train(config: TrainConfig, *, resume: str | bool | None = None) -> TrainResult:
+    """Run the recipe ``config`` to the end (``resume``: True for the latest checkpoint, or a checkpoint path)."""
+    return Trainer(config, resume=resume).run()
+
+
+__all__ = ["TrainResult", "Trainer", "TrainingDiverged", "build_model", "train"]
