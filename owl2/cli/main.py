@@ -200,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const="latest", default=None,
                        help="continue from the latest checkpoint in output_dir, or from the given checkpoint")
     train.set_defaults(handler=_train)
+
+    from owl2.cli.merge import register as register_merge
+
+    register_merge(commands)
     return parser
 
 

@@ -103,7 +103,7 @@ def build_image_processor(config: TrainConfig, model_config: Owl2Config) -> Imag
 def _apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     from owl2.training.lora import LoraSettings, apply_lora
 
-    settings = LoraSettings(**dataclasses.asdict(config.lora) | {"enabled": None})
+    settings = LoraSettings(**{k: v for k, v in dataclasses.asdict(config.lora).items() if k != "enabled"})
     return apply_lora(model, settings)
 
 

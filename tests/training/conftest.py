@@ -61,7 +61,8 @@ def write_dataset(directory: Path, multimodal: int = 12, text_only: int = 6) -> 
 
 
 def write_recipe(directory: Path, model_dir: Path, data: Path, **sections: dict) -> Path:
-    """A TOML recipe for the tiny model; ``sections`` override or add keys (``train={"max_steps": 4}``)."""
+    """A TOML recipe for the tiny model; ``sections`` override or add keys (``train={"max_steps": 4}``, ``top`` for
+    the top-level keys; a value of ``None`` removes the key)."""
     values = {
         "": {"stage": "stage2", "output_dir": str(directory / "run"), "seed": 0},
         "model": {"init_config": str(model_dir / "config.json"), "tokenizer": str(model_dir)},
@@ -76,7 +77,8 @@ def write_recipe(directory: Path, model_dir: Path, data: Path, **sections: dict)
     for name, table in values.items():
         if name:
             lines.append(f"[{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in table.items() if value is not None]
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "recipe.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -77,7 +77,7 @@ def lora_layers(model) -> set[str]:
 def trained_model(oracle, **settings) -> torch.nn.Module:
     torch.manual_seed(0)
     model = apply_lora(base(), LoraSettings(r=4, alpha=8, **settings))
-    train(model, oracle)
+    train(model, oracle, steps=2)
     return model.eval()
 
 
@@ -190,11 +190,8 @@ def test_merge_register_adds_the_subcommand(oracle, tmp_path, capsys):
 
 
 def test_cli_merge(oracle, tmp_path, capsys):
-    from owl2.cli.main import build_parser, main
+    from owl2.cli.main import main
 
-    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    if "merge" not in commands.choices:
-        pytest.xfail("owl2.cli.merge.register is not wired into owl2.cli.main.build_parser yet")
     adapter = save_adapter(trained_model(oracle), tmp_path / "adapter")
     assert main(["merge", str(OFFICIAL_TINY), str(adapter), str(tmp_path / "out"), "--quiet"]) == 0
     assert "merged" in capsys.readouterr().out
@@ -215,7 +212,7 @@ def test_qlora_int8_base_is_frozen_and_still_trains(oracle, tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(".lora_" in n or ".modules_to_save." in n for n in trainable)
     qweights = {n: b.clone() for n, b in inner.named_buffers() if n.endswith("qweight")}
-    losses = train(model, oracle, steps=4)
+    losses = train(model, oracle, steps=3)
     assert losses[-1] < losses[0]
     assert all(torch.equal(b, qweights[n]) for n, b in inner.named_buffers() if n.endswith("qweight"))
     # The adapter records the int8 base: loading re-quantises the fresh base and reproduces the output exactly.
