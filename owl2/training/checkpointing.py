@@ -3,7 +3,8 @@
 A checkpoint is a directory ``<output_dir>/checkpoints/step-0000123/`` holding
 
 * ``trainable.safetensors``: the trainable parameters (frozen ones come back from the starting model);
-* ``optimizer.pt``: the optimizer state (gathered to full tensors under FSDP);
+* ``optimizer.pt``: the optimizer state (gathered to full tensors under FSDP); under DeepSpeed, ``deepspeed/``
+  holds the engine's own checkpoint (partitioned optimizer state) instead;
 * ``trainer_state.pt``: step, data position (epoch and mega-batch index), scheduler state, recipe;
 * ``rng-rank<r>.pt``: each process's random-number state (torch, CUDA, numpy, Python).
 
@@ -29,6 +30,7 @@ from torch import nn
 from owl2.training.distributed import DistEnv, barrier, unwrap
 
 CHECKPOINTS_DIR = "checkpoints"
+DEEPSPEED_TAG = "deepspeed"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -135,10 +137,15 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 
 
 # ------------------------------------------------------------------------------------------------- save / load
+def _is_deepspeed(model: nn.Module) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
 def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def save_checkpoint(
@@ -160,11 +167,16 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier(env)
     weights = trainable_state(model)
-    optim = optimizer_state(model, optimizer)
+    if _is_deepspeed(model):  # ZeRO partitions the optimizer state: every rank writes its part
+        model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+        optim = None
+    else:
+        optim = optimizer_state(model, optimizer)
     torch.save(rng_state(env.device), tmp / f"rng-rank{env.rank}.pt")
     if env.is_main:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(optim, tmp / "optimizer.pt")
+        if optim is not None:
+            torch.save(optim, tmp / "optimizer.pt")
         torch.save({"state": state.to_dict(), "scheduler": scheduler.state_dict(), "recipe": recipe,
                     "world_size": env.world_size}, tmp / "trainer_state.pt")
     barrier(env)
@@ -197,8 +209,18 @@ def load_checkpoint(
         raise FileNotFoundError(f"{directory} is not a complete owl2 training checkpoint (no trainer_state.pt)")
     meta = torch.load(directory / "trainer_state.pt", weights_only=True)
     load_trainable_state(model, load_file(str(directory / "trainable.safetensors")))
-    load_optimizer_state(model, optimizer, torch.load(directory / "optimizer.pt", weights_only=True))
+    if _is_deepspeed(model):
+        if not (directory / DEEPSPEED_TAG).is_dir():
+            raise ValueError(f"{directory} was not written by a DeepSpeed run; resume with the strategy that wrote it")
+        model.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_module_strict=False)
+    else:
+        if not (directory / "optimizer.pt").is_file():
+            raise ValueError(f"{directory} was written by a DeepSpeed run; resume with train.distributed='deepspeed'")
+        load_optimizer_state(model, optimizer, torch.load(directory / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(meta["scheduler"])
+    # The scheduler sets the groups' rates only when it steps; the rates of the step being resumed come from it.
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
     rng_file = directory / f"rng-rank{env.rank}.pt"
     if rng_file.is_file() and meta["world_size"] == env.world_size:
         set_rng_state(torch.load(rng_file, weights_only=True), env.device)

@@ -276,7 +276,9 @@ class Trainer:
                 # DDP and FSDP average gradients over ranks: scale by world_size to get the global token mean.
                 scaled = loss * (env.world_size / targets)
                 if self.strategy == "deepspeed":
-                    self.model.backward(scaled)
+                    self.model.backward(scaled, scale_wrt_gas=False)  # already normalised over the global step
+                    if not last:
+                        self.model.step()  # only counts the micro-batch; the update happens at the last one
                 else:
                     scaled.backward()
             loss_sum += loss.detach().double().cpu()
@@ -289,7 +291,7 @@ class Trainer:
         if self.strategy == "deepspeed":
             if not math.isfinite(loss_value):
                 self._diverged(loss_value, float("nan"))
-            self.model.step()  # clips (gradient_clipping in its config), steps, zeroes and advances the schedule
+            self.model.step()  # clips (gradient_clipping), updates, zeroes the gradients, advances the schedule
             norm = self.model.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]

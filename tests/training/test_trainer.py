@@ -131,25 +131,40 @@ def test_resume_after_sigkill_gives_the_same_loss_curve(tmp_path, tiny_world):
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
 def test_two_processes_match_one_process(tmp_path, tiny_world, strategy):
-    """torchrun with 2 CPU processes (gloo), batch 2 each, equals 1 process with batch 4: same global batch."""
+    """torchrun with 2 CPU processes (gloo), batch 2 each, equals 1 process with batch 4 (same global batch); and a
+    2-process run resumed from its step-2 checkpoint repeats steps 3 and 4 exactly."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
     model_dir, data = tiny_world
-    recipe = write_recipe(tmp_path, model_dir, data, top={"stage": "stage1" if strategy == "fsdp" else "stage2"},
-                          train={"max_steps": 4, "grad_accum": 1, "save_every": 2})
+    # Stage 1 has no text-only batch: DeepSpeed moves parameters without a gradient by Adam's momentum (a zero
+    # gradient), where torch's AdamW leaves them alone, so only runs in which every parameter gets a gradient match.
+    recipe = write_recipe(tmp_path, model_dir, data, top={"stage": "stage2" if strategy == "ddp" else "stage1"},
+                          train={"max_steps": 4, "grad_accum": 1, "save_every": 2, "keep_last": 3})
     single = train(load_recipe(recipe, ["train.batch_size=4", f"output_dir={json.dumps(str(tmp_path / 'one'))}"]))
+
+    def torchrun(run_dir: Path, *extra: str) -> None:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "owl2", "train", str(recipe), f"output_dir={json.dumps(str(run_dir))}",
+                   f"train.distributed={json.dumps(strategy)}", *extra]
+        done = subprocess.run(command, env=run_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
     two = tmp_path / "two"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "owl2", "train", str(recipe), f"output_dir={json.dumps(str(two))}",
-               f"train.distributed={json.dumps(strategy)}"]
-    done = subprocess.run(command, env=run_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(two)
     assert losses(two) == pytest.approx(single.losses, rel=1e-5)
     a, b = final_weights(tmp_path / "one"), final_weights(two)
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert sorted(p.name for p in checkpoint_dirs(two)[-1].iterdir()) == [
-        "optimizer.pt", "rng-rank0.pt", "rng-rank1.pt", "trainable.safetensors", "trainer_state.pt"]
+    step2 = checkpoint_dirs(two)[0]
+    assert step2.name == "step-0000002" and {"rng-rank0.pt", "rng-rank1.pt", "trainable.safetensors"} <= {
+        p.name for p in step2.iterdir()}
+
+    resumed = tmp_path / "resumed"
+    torchrun(resumed, "--resume", str(step2))
+    assert [r["step"] for r in read_metrics(resumed)] == [3, 4]
+    assert losses(resumed) == pytest.approx(losses(two)[2:], rel=1e-6)
 
 
 def test_divergence_stops_with_a_clear_message(tmp_path, tiny_world, capsys):

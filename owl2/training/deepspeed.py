@@ -1,0 +1,58 @@
+"""DeepSpeed ZeRO as an alternative engine (``train.distributed = "deepspeed"``; needs ``pip install deepspeed``).
+
+The recipe's optimizer (AdamW with owl2's parameter groups) and schedule are handed to DeepSpeed as client objects,
+so the learning rates, layer-wise decay and warm-up/cosine schedule are the same as with DDP or FSDP2. The JSON
+config (``train.deepspeed_config``, default ``recipes/zero2.json``) chooses the ZeRO stage; owl2 fills in the batch
+sizes, accumulation and clipping from the recipe so the two cannot disagree. The loss is already normalised over the
+global batch, so it is passed to ``engine.backward`` without DeepSpeed's division by the accumulation steps.
+ZeRO stages 1 and 2 are supported; stage 3 partitions the parameters themselves, which owl2's checkpoints do not
+gather, and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from owl2.training.config import RECIPES_DIR, TrainConfig
+from owl2.training.distributed import DistEnv
+
+DEFAULT_CONFIG = RECIPES_DIR / "zero2.json"
+
+
+def deepspeed_config(config: TrainConfig, env: DistEnv) -> dict[str, Any]:
+    """The DeepSpeed JSON config of a recipe, with the batch layout and clipping taken from the recipe."""
+    path = Path(config.train.deepspeed_config) if config.train.deepspeed_config else DEFAULT_CONFIG
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"train.deepspeed_config {path}: cannot read a JSON config ({exc})") from None
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ValueError(f"{path}: ZeRO stage {stage} is not supported (use 1 or 2, or train.distributed='fsdp' "
+                         "to shard parameters)")
+    if ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled"):
+        raise ValueError(f"{path}: keep DeepSpeed's bf16/fp16 off; owl2 uses autocast (train.bf16) with float32 "
+                         "master weights")
+    micro, accum = config.train.batch_size, config.train.grad_accum
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
+              train_batch_size=micro * accum * env.world_size, gradient_clipping=config.optim.grad_clip)
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, config: TrainConfig,
+                     env: DistEnv) -> tuple[Any, Any, Any]:
+    """``deepspeed.initialize`` with owl2's optimizer and schedule; returns (engine, optimizer, scheduler)."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise ImportError("train.distributed='deepspeed' needs DeepSpeed: pip install deepspeed") from None
+    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, env),
+    )
+    return engine, ds_optimizer, ds_scheduler
