@@ -62,6 +62,14 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def remove_partial_checkpoints(output_dir: str | os.PathLike[str]) -> None:
+    """Delete the hidden directories a killed run left half-written (never a complete ``step-*``)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if root.is_dir():
+        for path in root.glob(".*-step-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------------------------------- RNG state
 def rng_state(device: torch.device) -> dict[str, Any]:
     np_state = np.random.get_state()

@@ -38,7 +38,13 @@ from owl2.model.init import init_weights
 from owl2.model.modeling import Owl2ForCausalLM
 from owl2.processing.image import PREPROCESSOR_CONFIG_NAME, ImageProcessor, load_image_processor
 from owl2.processing.tokenizer import load_tokenizer
-from owl2.training.checkpointing import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from owl2.training.checkpointing import (
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from owl2.training.config import TrainConfig
 from owl2.training.distributed import (
     DistEnv,
@@ -322,6 +328,7 @@ class Trainer:
         metrics = None
         if env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(self.output_dir)
             atomic_write_text(self.output_dir / "recipe.toml", config.to_toml())
             metrics = MetricsLogger(self.output_dir, resume_step=state.step if self.resumed_from else None,
                                     tensorboard=config.train.tensorboard)
@@ -408,13 +415,30 @@ def _core(model: nn.Module) -> Owl2ForCausalLM:
     raise TypeError(f"{type(model).__name__} holds no Owl2ForCausalLM")
 
 
+class _PlainProgress:
+    """A line per step on stderr, for machines without tqdm."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        self.total, self.n, self.postfix = total, initial, ""
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def set_postfix(self, **values: str) -> None:
+        fields = ", ".join(f"{k}={v}" for k, v in values.items())
+        print(f"training: step {self.n}/{self.total}, {fields}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return None
+        return _PlainProgress(total, initial)
     return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)
 
 

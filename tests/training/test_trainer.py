@@ -167,6 +167,17 @@ def test_two_processes_match_one_process(tmp_path, tiny_world, strategy):
     assert losses(resumed) == pytest.approx(losses(two)[2:], rel=1e-6)
 
 
+def test_tensorboard_events_and_plain_progress(tmp_path, tiny_world, capsys, monkeypatch):
+    pytest.importorskip("tensorboard")
+    model_dir, data = tiny_world
+    recipe = write_recipe(tmp_path, model_dir, data, train={"max_steps": 2, "tensorboard": True, "progress": True})
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as on a machine without tqdm: one line per step
+    train(load_recipe(recipe))
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("training: step")]
+    assert len(lines) == 2 and lines[-1].startswith("training: step 2/2, loss=")
+
+
 def test_divergence_stops_with_a_clear_message(tmp_path, tiny_world, capsys):
     model_dir, data = tiny_world
     recipe = write_recipe(tmp_path, model_dir, data, train={"max_steps": 10},
