@@ -176,8 +176,11 @@ class GenerationEngine:
             b, length = batch["input_ids"].shape
             cache = model.new_cache(b, length + max(caps))
             out = model(**batch, cache=cache, logits_to_keep=1)
-            for _ in range(max(caps)):
+            for step in range(max(caps)):
                 logits = out.logits[:, -1].float()
+                for i, request in enumerate(requests):
+                    if step < request.params.min_new_tokens and stop_ids[i]:
+                        logits[i, list(stop_ids[i])] = float("-inf")
                 chosen = logits.argmax(-1).tolist()
                 events = []
                 for i, request in enumerate(requests):

@@ -16,7 +16,8 @@ class SamplingParams:
     ``top_p`` 1.0 disable those filters. ``repetition_penalty`` > 1 discourages ids already in the prompt or the
     output (the CTRL / transformers rule: positive logits are divided by it, negative ones multiplied).
     Generation ends at the first of: an id in ``stop_token_ids`` (default: the tokenizer's EOS), a ``stop`` string
-    (removed from the returned text), or ``max_new_tokens``.
+    (removed from the returned text), or ``max_new_tokens``; stop ids are masked out of the first
+    ``min_new_tokens`` steps (transformers' ``min_new_tokens``).
     """
 
     max_new_tokens: int = 256
@@ -27,6 +28,8 @@ class SamplingParams:
     seed: int | None = None
     stop: Sequence[str] = field(default_factory=tuple)
     stop_token_ids: Sequence[int] | None = None
+    min_new_tokens: int = 0
+    """The stop ids cannot be chosen before this many new tokens (the official captioning uses 8)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -41,6 +44,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
 

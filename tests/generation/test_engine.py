@@ -66,6 +66,20 @@ def test_rows_stop_independently_on_eos(tiny_fp32, oracle):
     assert own.token_ids == expected[:1]
 
 
+def test_min_new_tokens_masks_the_stop_ids(tiny_fp32, oracle):
+    expected = oracle["generate_new_tokens"][0].tolist()
+    engine = make_engine(tiny_fp32, eos_token_id=expected[0])
+    assert engine.generate([image_request(oracle)])[0].token_ids == []
+    held = engine.generate([image_request(oracle, min_new_tokens=3)])[0]
+    # The first 3 steps may not pick the EOS id: the first token is the best other id, and the row goes on.
+    logits = tiny_fp32(**official(oracle["input_ids_image"], pixel_values=oracle["image"])).logits[0, -1]
+    logits[expected[0]] = float("-inf")
+    assert held.token_ids[0] == int(logits.argmax()) and len(held.token_ids) >= 3
+    assert expected[0] not in held.token_ids[:3]
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingParams(max_new_tokens=2, min_new_tokens=3)
+
+
 def test_stop_string_ends_a_row(tiny_fp32, oracle):
     engine = make_engine(tiny_fp32)
     full = engine.generate([image_request(oracle)])[0]
