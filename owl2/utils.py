@@ -52,7 +52,8 @@ def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def progress(items: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True) -> Iterable[T]:
+def progress(items: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True,
+             unit: str = "shard") -> Iterable[T]:
     """Wrap ``items`` in a tqdm bar when tqdm is installed, else print a line per item to stderr."""
     if not enabled:
         return items
@@ -60,7 +61,7 @@ def progress(items: Iterable[T], *, total: int | None = None, desc: str = "", en
         from tqdm.auto import tqdm
     except ImportError:
         return _plain_progress(items, total, desc)
-    return tqdm(items, total=total, desc=desc, unit="shard", dynamic_ncols=True)
+    return tqdm(items, total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
 
 def _plain_progress(items: Iterable[T], total: int | None, desc: str) -> Iterator[T]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from owl2.checkpoint import CheckpointError, convert_checkpoint
 from owl2.model.config import ConfigError
@@ -156,6 +157,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from owl2.evaluation import TASKS, evaluate, get_task
+
+    if args.list:
+        for name in sorted(TASKS):
+            task = get_task(name)
+            print(f"{name:14s} {task.mode:13s} {task.data_format}")
+        return 0
+    missing = [flag for flag, value in (("--model", args.model), ("--task", args.task), ("--data", args.data))
+               if value is None]
+    if missing:
+        raise ValueError(f"give {', '.join(missing)} (or --list to see the tasks)")
+    task = get_task(args.task)
+    output = args.output or str(Path("eval-results") / Path(args.model).name)
+    pipe = _load_pipeline(args)
+    result = evaluate(pipe, task, args.data, output, limit=args.limit, batch_size=args.batch_size,
+                      show_progress=not args.quiet)
+    headline = ", ".join(f"{k} {v:.2f}" for k, v in result.report.metrics.items())
+    print(f"{task.name}: {headline} ({result.ran} new predictions); report: {result.report_paths[1]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="owl2", description="mPLUG-Owl2 in plain PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Interactive chat. Commands: /image PATH, /reset, /quit.")
     _add_model_options(chat)
     chat.set_defaults(handler=_chat)
+
+    evaluation = commands.add_parser(
+        "eval", help="evaluate on a benchmark's released files (owl2 eval --list shows the tasks)",
+        description="Batched greedy evaluation with the benchmark's official prompt and metric. Predictions are "
+        "cached in OUTPUT/TASK.predictions.jsonl as they are made, so a rerun resumes; the report goes to "
+        "OUTPUT/TASK.report.{json,md} (and a per-category plot).",
+    )
+    evaluation.add_argument("--model", help="checkpoint directory or hub id")
+    evaluation.add_argument("--task", help="task name (see --list)")
+    evaluation.add_argument("--data", help="the benchmark's files on local disk")
+    evaluation.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    evaluation.add_argument("--batch-size", type=int, default=8)
+    evaluation.add_argument("--output", default=None, help="results directory (default eval-results/MODEL)")
+    evaluation.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16")
+    evaluation.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluation.add_argument("--list", action="store_true", help="list the tasks and the file layout each reads")
+    evaluation.set_defaults(handler=_eval, policy=None)
 
     train = commands.add_parser(
         "train", help="train with a recipe (stage1, stage2, lora, or a TOML file)",

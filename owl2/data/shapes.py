@@ -1,0 +1,841 @@
+"""The shapes world: a deterministic synthetic scene generator, question bank and scorer.
+
+It serves two purposes: training data for a small model trained on CPU, and an evaluation benchmark that scores
+any model end to end on one machine. Everything is a pure function of a seed, so a data set can be rebuilt instead of
+shipped.
+
+A :class:`Scene` holds 1 to 6 non-overlapping coloured shapes (:data:`SHAPES` x :data:`COLOURS` x :data:`SIZES`) on
+a plain, gradient or lightly noisy background (:data:`BACKGROUNDS`). Geometry is stored in image-relative units
+(``0..1``), so :func:`render_scene` draws the same scene at any resolution (224 by default; 64 and 112 work too).
+Object colours and background colours are far apart (more than the texture amplitude), so every pixel can be told
+apart, and objects keep a gap of :data:`MIN_GAP` so counting is never ambiguous, even at 64 px.
+
+Questions (:func:`scene_questions`) are correct by construction: each one is asked only when its answer follows
+uniquely from the scene data (a unique referent, a clear spatial separation, ...). The types, each with a canonical
+short answer, are in :data:`SCENE_QUESTION_TYPES`; text-only items (:func:`text_questions`) are in
+:data:`TEXT_QUESTION_TYPES`. :func:`score_answer` normalises free-form model output before comparing.
+
+Determinism: only :class:`random.Random` is used for sampling (its Mersenne Twister stream and string seeding via
+SHA-512 are stable across Python versions and machines); numpy only does fixed arithmetic on the background. The
+same seed gives the same scenes, questions and pixels; PNG bytes are identical for the same Pillow/zlib build.
+
+Seed convention: scene ``i`` of a split is generated from ``random.Random(f"owl2-shapes/{split}/{seed}/{i}/scene")``
+and its questions from the same string with ``/questions`` (see :func:`stream_rng`). ``split`` is ``"train"`` for
+:func:`write_training_set` and ``"eval"`` for :func:`write_eval_set`, so training and evaluation draw from separate
+streams and never share a scene seed, whatever integer seeds are used for either.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "BACKGROUNDS",
+    "CAPTION_PROMPT",
+    "COLOURS",
+    "MC_PROMPT",
+    "QUESTION_TYPES",
+    "SCENE_QUESTION_TYPES",
+    "SHAPES",
+    "SHORT_ANSWER_PROMPT",
+    "SIZES",
+    "TEXT_QUESTION_TYPES",
+    "QAItem",
+    "Scene",
+    "ShapeObject",
+    "MIN_RENDER_SIZE",
+    "PLURALS",
+    "TEXTURES",
+    "accuracy_by_type",
+    "caption",
+    "generate_scene",
+    "read_eval_set",
+    "render_scene",
+    "scene_questions",
+    "score_answer",
+    "side_of",
+    "stream_rng",
+    "text_questions",
+    "write_eval_set",
+    "write_training_set",
+]
+
+RGB = tuple[int, int, int]
+
+# ------------------------------------------------------------------------------------------------------ vocabulary
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
+"""Shapes whose silhouettes stay distinct at 64 px (a star or pentagon would blur into a circle when small)."""
+
+PLURALS: dict[str, str] = {s: s + "es" if s.endswith("s") else s + "s" for s in SHAPES}
+
+COLOURS: dict[str, RGB] = {
+    "red": (215, 25, 35),
+    "green": (40, 170, 50),
+    "blue": (40, 80, 230),
+    "yellow": (250, 225, 25),
+    "purple": (150, 50, 190),
+    "orange": (240, 120, 15),
+    "white": (250, 250, 250),
+    "black": (20, 20, 20),
+}
+"""Object colours, pairwise far apart (>= 100 in RGB distance) so no two can be confused."""
+
+BACKGROUNDS: dict[str, RGB] = {
+    "grey": (128, 128, 128),
+    "beige": (215, 200, 165),
+    "dark grey": (78, 78, 78),
+}
+"""Background colours; none is an object colour and all are > 80 away from every object colour even with texture."""
+
+TEXTURES: tuple[str, ...] = ("plain", "gradient", "noise")
+TEXTURE_AMPLITUDE = 10
+"""Largest per-channel offset a texture adds to the background colour."""
+
+SIZES: tuple[str, ...] = ("small", "large")
+SIZE_EXTENT: dict[str, float] = {"small": 0.12, "large": 0.2}
+"""Side of each size's bounding box, as a fraction of the image side (a 1.67 ratio keeps small/large obvious)."""
+
+MIN_GAP = 0.07
+"""Least distance between two objects' bounding boxes (fraction of the side): >= 2 clear pixels even at 64 px."""
+MARGIN = 0.03
+"""Least distance between an object and the image border."""
+
+MIN_RENDER_SIZE = 48
+"""Smallest rendering checked to keep every centre pixel and the gaps (below it a small cross's arms vanish)."""
+
+MAX_OBJECTS = 8
+"""Most objects :func:`generate_scene` accepts (more large objects would not reliably fit with the gap)."""
+
+SCENE_QUESTION_TYPES: tuple[str, ...] = (
+    "existence", "colour", "count", "position", "shape", "caption", "multiple_choice",
+)
+TEXT_QUESTION_TYPES: tuple[str, ...] = ("arithmetic", "spelling", "alphabetical", "letter_count", "reversal")
+QUESTION_TYPES: tuple[str, ...] = SCENE_QUESTION_TYPES + TEXT_QUESTION_TYPES
+
+# The prompts follow LLaVA-1.5 / mPLUG-Owl2 evaluation conventions, so a released model answers in the right form.
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+MC_PROMPT = "Answer with the option's letter from the given choices directly."
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+MC_LETTERS = "ABCD"
+
+SIDES: tuple[str, ...] = ("left", "right", "top", "bottom")
+SIDE_MARGIN = 0.02
+"""An object is on a side only when its whole box is at least this far past the image's midline."""
+RELATION_MARGIN = 0.02
+""""A is left of B" is asked only when A's box ends at least this far before B's begins (no borderline cases)."""
+
+WORDS: tuple[str, ...] = (
+    "apple", "anchor", "banana", "basket", "bird", "book", "bread", "button", "cactus", "candle", "cat", "chair",
+    "cloud", "dog", "dragon", "eagle", "engine", "feather", "fish", "forest", "garden", "grape", "guitar", "hammer",
+    "horse", "house", "igloo", "island", "jacket", "jungle", "kettle", "koala", "ladder", "lemon", "light", "lizard",
+    "magnet", "milk", "moon", "mouse", "music", "needle", "night", "orbit", "paper", "pencil", "pepper", "piano",
+    "quilt", "river", "robot", "rocket", "ship", "stone", "summer", "sun", "table", "tiger", "train", "tree",
+    "violin", "wagon", "water", "window", "winter", "yogurt", "zebra",
+)
+"""Plain lowercase words for the text-only items (distinct, letters only)."""
+
+
+# -------------------------------------------------------------------------------------------------- data structures
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object: ``shape``/``colour``/``size`` names and its box, in image-relative units.
+
+    ``x``/``y`` is the centre (``0..1``, ``y`` down, as in images) and ``extent`` the side of the square bounding box
+    the shape fills.
+    """
+
+    shape: str
+    colour: str
+    size: str
+    x: float
+    y: float
+    extent: float
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.x, self.y)
+
+    @property
+    def bbox(self) -> tuple[float, float, float, float]:
+        """``(x0, y0, x1, y1)`` in image-relative units."""
+        half = self.extent / 2
+        return (self.x - half, self.y - half, self.x + half, self.y + half)
+
+    def pixel_box(self, size: int) -> tuple[int, int, int, int]:
+        """Inclusive pixel box ``(x0, y0, x1, y1)`` of this object in a ``size`` x ``size`` rendering."""
+        x0, y0, x1, y1 = self.bbox
+        return (math.floor(x0 * size), math.floor(y0 * size), math.ceil(x1 * size) - 1, math.ceil(y1 * size) - 1)
+
+    @property
+    def description(self) -> str:
+        """``"large red circle"``: the full noun phrase, as captions write it."""
+        return f"{self.size} {self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A scene: its objects (in generation order), background colour name, texture and texture seed, and an id."""
+
+    objects: tuple[ShapeObject, ...]
+    background: str
+    texture: str = "plain"
+    texture_seed: int = 0
+    id: str = "scene"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "background": self.background,
+            "texture": self.texture,
+            "texture_seed": self.texture_seed,
+            "objects": [vars(o).copy() for o in self.objects],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Scene:
+        objects = tuple(ShapeObject(**o) for o in data["objects"])
+        return cls(objects, data["background"], data.get("texture", "plain"), data.get("texture_seed", 0),
+                   data.get("id", "scene"))
+
+
+@dataclass
+class QAItem:
+    """One question with its canonical answer.
+
+    ``question`` is the full text posed to the model (instruction suffix and, for multiple choice, the lettered
+    options included; no image placeholder). ``choices``: the option texts of a multiple-choice item, in letter order.
+    ``image``: the image path (relative to the data file) or ``None`` for text-only items.
+    """
+
+    id: str
+    type: str
+    question: str
+    answer: str
+    choices: list[str] | None = None
+    image: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": self.id, "image": self.image, "type": self.type, "question": self.question,
+                                "answer": self.answer}
+        if self.choices is not None:
+            data["choices"] = list(self.choices)
+        return data
+
+
+# ----------------------------------------------------------------------------------------------------------- seeds
+def stream_rng(split: str, seed: int, index: int | str, part: str) -> random.Random:
+    """The RNG of one stream: ``Random(f"owl2-shapes/{split}/{seed}/{index}/{part}")``.
+
+    String seeds go through SHA-512 in :mod:`random`, so streams are independent and identical on every machine;
+    a different ``split`` string keeps train and eval apart for any integer seeds.
+    """
+    return random.Random(f"owl2-shapes/{split}/{seed}/{index}/{part}")
+
+
+def _as_rng(rng_or_seed: random.Random | int | str) -> random.Random:
+    if isinstance(rng_or_seed, random.Random):
+        return rng_or_seed
+    return random.Random(rng_or_seed)
+
+
+# ------------------------------------------------------------------------------------------------------ generation
+def generate_scene(
+    rng_or_seed: random.Random | int | str,
+    *,
+    min_objects: int = 1,
+    max_objects: int = 6,
+    scene_id: str = "scene",
+) -> Scene:
+    """A random scene: ``min_objects..max_objects`` objects (uniform count), placed without overlap.
+
+    A :class:`random.Random` is advanced; an int or str seeds a fresh one. Positions are drawn on a 1/1000 grid
+    (clean JSON, exact comparisons) by rejection sampling; a layout that cannot be completed is redrawn, so the
+    result stays a function of the RNG state alone.
+    """
+    if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
+    rng = _as_rng(rng_or_seed)
+    count = rng.randint(min_objects, max_objects)
+    background = rng.choice(list(BACKGROUNDS))
+    texture = rng.choice(TEXTURES)
+    texture_seed = rng.getrandbits(32)
+    attributes = [(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES)) for _ in range(count)]
+    for _ in range(1000):
+        objects = _place(rng, attributes)
+        if objects is not None:
+            return Scene(tuple(objects), background, texture, texture_seed, scene_id)
+    raise RuntimeError("could not place the objects")  # pragma: no cover - never seen for <= MAX_OBJECTS
+
+
+def _place(rng: random.Random, attributes: Sequence[tuple[str, str, str]]) -> list[ShapeObject] | None:
+    """Positions for each ``(shape, colour, size)``, or ``None`` when one object found no room in 100 tries."""
+    placed: list[ShapeObject] = []
+    for shape, colour, size in attributes:
+        extent = SIZE_EXTENT[size]
+        low = math.ceil((MARGIN + extent / 2) * 1000)
+        high = math.floor((1 - MARGIN - extent / 2) * 1000)
+        for _ in range(100):
+            candidate = ShapeObject(shape, colour, size, rng.randint(low, high) / 1000, rng.randint(low, high) / 1000,
+                                    extent)
+            if all(_gap(candidate, other) >= MIN_GAP for other in placed):
+                placed.append(candidate)
+                break
+        else:
+            return None
+    return placed
+
+
+def _gap(a: ShapeObject, b: ShapeObject) -> float:
+    """Distance between two boxes along the axis where they are furthest apart (negative: they overlap)."""
+    half = (a.extent + b.extent) / 2
+    return max(abs(a.x - b.x) - half, abs(a.y - b.y) - half)
+
+
+# ------------------------------------------------------------------------------------------------------- rendering
+def render_scene(scene: Scene, size: int = 224, *, antialias: bool = False) -> Image.Image:
+    """The scene as a ``size`` x ``size`` RGB image (``size`` >= :data:`MIN_RENDER_SIZE`).
+
+    Without ``antialias`` every object pixel has exactly its palette colour (what the pixel tests rely on); with it
+    the scene is drawn at 4x and box-filtered down, which softens edges only.
+    """
+    if size < MIN_RENDER_SIZE:
+        raise ValueError(f"size must be at least {MIN_RENDER_SIZE} px, got {size}")
+    scale = 4 if antialias else 1
+    canvas = size * scale
+    image = _background(scene, canvas)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        _draw_object(draw, obj, canvas)
+    if antialias:
+        image = image.resize((size, size), Image.Resampling.BOX)
+    return image
+
+
+def _background(scene: Scene, size: int) -> Image.Image:
+    """Background colour plus texture: plain, a linear gradient, or smooth noise from a coarse random grid."""
+    base = np.asarray(BACKGROUNDS[scene.background], dtype=np.float64)
+    offset = np.zeros((size, size), dtype=np.float64)
+    rng = random.Random(scene.texture_seed)
+    if scene.texture == "gradient":
+        ramp = np.linspace(TEXTURE_AMPLITUDE, -TEXTURE_AMPLITUDE, size)
+        direction = rng.randrange(4)  # down, up, right, left
+        ramp = ramp if direction % 2 == 0 else ramp[::-1]
+        offset = np.broadcast_to(ramp[:, None] if direction < 2 else ramp[None, :], (size, size)).copy()
+    elif scene.texture == "noise":
+        cells = 6
+        grid = np.array([[rng.uniform(-TEXTURE_AMPLITUDE, TEXTURE_AMPLITUDE) for _ in range(cells)]
+                         for _ in range(cells)])
+        # Separable linear interpolation of the coarse grid: smooth, and plain arithmetic (no resampler version drift).
+        positions = np.linspace(0, cells - 1, size)
+        rows = np.stack([np.interp(positions, np.arange(cells), grid[:, c]) for c in range(cells)], axis=1)
+        offset = np.stack([np.interp(positions, np.arange(cells), rows[r]) for r in range(size)])
+    elif scene.texture != "plain":
+        raise ValueError(f"unknown texture {scene.texture!r}")
+    pixels = np.clip(np.rint(base[None, None, :] + offset[:, :, None]), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, size: int) -> None:
+    x0, y0, x1, y1 = obj.pixel_box(size)
+    fill = COLOURS[obj.colour]
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    if obj.shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    elif obj.shape == "triangle":  # pointing up, base along the bottom of the box
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif obj.shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    elif obj.shape == "cross":  # a plus sign with arms a third of the box wide
+        arm = max(1, round((x1 - x0 + 1) / 3))
+        a0 = round(cx - (arm - 1) / 2)
+        b0 = round(cy - (arm - 1) / 2)
+        draw.rectangle((x0, b0, x1, b0 + arm - 1), fill=fill)
+        draw.rectangle((a0, y0, a0 + arm - 1, y1), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {obj.shape!r}")
+
+
+# ------------------------------------------------------------------------------------------------------- questions
+# Referring expressions, shortest first: an object is named by the first attribute set that singles it out.
+_REFERENCES: tuple[tuple[str, ...], ...] = (("shape",), ("colour", "shape"), ("size", "shape"),
+                                            ("size", "colour", "shape"))
+
+
+def _refer(obj: ShapeObject, scene: Scene, orders: Sequence[tuple[str, ...]] = _REFERENCES) -> str | None:
+    """``"red circle"``-style phrase naming ``obj`` uniquely in ``scene`` (attributes in size-colour-shape order)."""
+    for attrs in orders:
+        matches = [o for o in scene.objects if all(getattr(o, a) == getattr(obj, a) for a in attrs)]
+        if len(matches) == 1:
+            return " ".join(getattr(obj, a) for a in attrs)
+    return None
+
+
+def _short(question: str) -> str:
+    return f"{question}\n{SHORT_ANSWER_PROMPT}"
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def caption(scene: Scene) -> str:
+    """The canonical caption: every object (size colour shape), left to right, then the background.
+
+    ``"A large red circle, a small blue square and a small green triangle on a grey background."``
+    """
+    ordered = sorted(scene.objects, key=lambda o: (o.x, o.y))
+    phrases = [_article(o.description) for o in ordered]
+    listing = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    text = f"{listing} on {_article(scene.background)} background."
+    return text[0].upper() + text[1:]
+
+
+def _existence(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """One "yes" and one "no" question per scene, so the type is exactly balanced over any set of scenes.
+
+    The "no" object is a near miss (shares the colour or the shape with something present) when possible, so the
+    question cannot be answered from colour or shape alone. A quarter of the scenes also name the size.
+    """
+    with_size = rng.random() < 0.25
+    keys = ("size", "colour", "shape") if with_size else ("colour", "shape")
+    present = {tuple(getattr(o, k) for k in keys) for o in scene.objects}
+    yes = rng.choice(sorted(present))
+    values = {"size": SIZES, "colour": tuple(COLOURS), "shape": SHAPES}
+    absent = [c for c in _product([values[k] for k in keys]) if c not in present]
+    near = [c for c in absent if any(sum(a == b for a, b in zip(c, p, strict=True)) == len(keys) - 1
+                                     for p in present)]
+    no = rng.choice(near if near else absent)
+    pairs = [(f"Is there {_article(' '.join(yes))}?", "yes"), (f"Is there {_article(' '.join(no))}?", "no")]
+    rng.shuffle(pairs)
+    return [(_short(q), a) for q, a in pairs]
+
+
+def _product(groups: Sequence[Sequence[str]]) -> list[tuple[str, ...]]:
+    result: list[tuple[str, ...]] = [()]
+    for group in groups:
+        result = [(*r, g) for r in result for g in group]
+    return result
+
+
+def _colour_question(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """"What colour is the square?" for an object named without its colour (so the answer is unique)."""
+    candidates = [(o, ref) for o in scene.objects if (ref := _refer(o, scene, (("shape",), ("size", "shape"))))]
+    if not candidates:
+        return []
+    obj, ref = rng.choice(candidates)
+    return [(_short(f"What colour is the {ref}?"), obj.colour)]
+
+
+def _shape_question(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """"What shape is the green object?" for an object named without its shape."""
+    candidates = [(o, ref) for o in scene.objects if (ref := _refer(o, scene, (("colour",), ("size", "colour"))))]
+    if not candidates:
+        return []
+    obj, ref = rng.choice(candidates)
+    return [(_short(f"What shape is the {ref} object?"), obj.shape)]
+
+
+def _count_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """The total count and the count of one shape or one colour (now and then one that is absent: "0").
+
+    The counted value is that of a random object, so values present several times are picked more often (uniform
+    over values, most answers would be "1"); shapes repeat more than colours, so they are counted more often.
+    """
+    items = [(_short("How many shapes are there?"), str(len(scene.objects)))]
+    by_shape = rng.random() < 0.7
+    key, vocabulary = ("shape", SHAPES) if by_shape else ("colour", tuple(COLOURS))
+    absent = [v for v in vocabulary if all(getattr(o, key) != v for o in scene.objects)]
+    value = rng.choice(absent) if absent and rng.random() < 0.15 else getattr(rng.choice(scene.objects), key)
+    number = sum(getattr(o, key) == value for o in scene.objects)
+    noun = PLURALS[value] if by_shape else f"{value} shapes"
+    items.append((_short(f"How many {noun} are there?"), str(number)))
+    return items
+
+
+_RELATIONS = {  # word -> (axis, sign): "a is left of b" means a's box ends before b's begins on x.
+    "to the left of": (0, 1), "to the right of": (0, -1), "above": (1, 1), "below": (1, -1),
+}
+
+
+def _separated(a: ShapeObject, b: ShapeObject, axis: int) -> int:
+    """+1 when ``a``'s box lies wholly before ``b``'s on ``axis``, -1 when wholly after, 0 when too close to tell."""
+    a0, a1 = a.bbox[axis], a.bbox[axis + 2]
+    b0, b1 = b.bbox[axis], b.bbox[axis + 2]
+    return 1 if a1 + RELATION_MARGIN <= b0 else -1 if b1 + RELATION_MARGIN <= a0 else 0
+
+
+def side_of(obj: ShapeObject, axis: int) -> str | None:
+    """``"left"``/``"right"`` (axis 0) or ``"top"``/``"bottom"`` (axis 1) when the whole box is in that half."""
+    low, high = obj.bbox[axis], obj.bbox[axis + 2]
+    if high <= 0.5 - SIDE_MARGIN:
+        return SIDES[2 * axis]
+    if low >= 0.5 + SIDE_MARGIN:
+        return SIDES[2 * axis + 1]
+    return None
+
+
+def _position_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """A pairwise relation (yes/no; only for boxes clearly separated on that axis) and a side question."""
+    items: list[tuple[str, str]] = []
+    refs = [(o, ref) for o in scene.objects if (ref := _refer(o, scene))]
+    pairs = [(a, b, axis) for i, a in enumerate(refs) for j, b in enumerate(refs) if i != j
+             for axis in (0, 1) if _separated(a[0], b[0], axis)]
+    if pairs:
+        (a, a_ref), (b, b_ref), axis = rng.choice(pairs)
+        # Either word of the axis: the answer is then "yes" or "no" about equally often.
+        word = rng.choice([w for w, (ax, _) in _RELATIONS.items() if ax == axis])
+        answer = "yes" if _separated(a, b, axis) == _RELATIONS[word][1] else "no"
+        items.append((_short(f"Is the {a_ref} {word} the {b_ref}?"), answer))
+    sided = [(o, ref, axis, side) for o, ref in refs for axis in (0, 1) if (side := side_of(o, axis))]
+    if sided:
+        _, ref, axis, _side = rng.choice(sided)
+        options = "left or right" if axis == 0 else "top or bottom"
+        items.append((_short(f"Which side of the image is the {ref} on, {options}?"), _side))
+    return items
+
+
+def _multiple_choice(scene: Scene, rng: random.Random) -> tuple[str, str, list[str]] | None:
+    """A shape, colour or total-count question with the answer and 3 distractors, shuffled, lettered A-D."""
+    kinds: list[tuple[str, str, Sequence[str]]] = []
+    shape_refs = [(o, r) for o in scene.objects if (r := _refer(o, scene, (("colour",), ("size", "colour"))))]
+    if shape_refs:
+        obj, ref = rng.choice(shape_refs)
+        kinds.append((f"What shape is the {ref} object?", obj.shape, SHAPES))
+    colour_refs = [(o, r) for o in scene.objects if (r := _refer(o, scene, (("shape",), ("size", "shape"))))]
+    if colour_refs:
+        obj, ref = rng.choice(colour_refs)
+        kinds.append((f"What colour is the {ref}?", obj.colour, tuple(COLOURS)))
+    kinds.append(("How many shapes are there?", str(len(scene.objects)), tuple(str(n) for n in range(1, 7))))
+    question, answer, vocabulary = rng.choice(kinds)
+    choices = [answer, *rng.sample([v for v in vocabulary if v != answer], 3)]
+    rng.shuffle(choices)
+    lines = [question] + [f"{letter}. {choice}" for letter, choice in zip(MC_LETTERS, choices, strict=True)]
+    return "\n".join([*lines, MC_PROMPT]), MC_LETTERS[choices.index(answer)], choices
+
+
+def scene_questions(scene: Scene, rng: random.Random | int | str, *, image: str | None = None) -> list[QAItem]:
+    """Every applicable question about ``scene``, in :data:`SCENE_QUESTION_TYPES` order.
+
+    Per scene: 2 ``existence`` (one yes, one no), 1 ``colour`` and 1 ``shape`` (when some object can be named
+    without the asked attribute), 2 ``count`` (total; one shape or colour), up to 2 ``position`` (a relation and a
+    side, each only when unambiguous), 1 ``caption`` and 1 ``multiple_choice``. Ids are
+    ``f"{scene.id}-{type}-{k}"``; ``image`` is stored on each item.
+    """
+    rng = _as_rng(rng)
+    generated: list[tuple[str, list[tuple[str, str]]]] = [
+        ("existence", _existence(scene, rng)),
+        ("colour", _colour_question(scene, rng)),
+        ("count", _count_questions(scene, rng)),
+        ("position", _position_questions(scene, rng)),
+        ("shape", _shape_question(scene, rng)),
+        ("caption", [(CAPTION_PROMPT, caption(scene))]),
+    ]
+    items = [QAItem(f"{scene.id}-{kind}-{k}", kind, q, a, image=image)
+             for kind, pairs in generated for k, (q, a) in enumerate(pairs)]
+    mc = _multiple_choice(scene, rng)
+    if mc is not None:
+        question, answer, choices = mc
+        items.append(QAItem(f"{scene.id}-multiple_choice-0", "multiple_choice", question, answer, choices, image))
+    return items
+
+
+# ------------------------------------------------------------------------------------------------------- text items
+def _text_item(kind: str, rng: random.Random) -> tuple[str, str]:
+    if kind == "arithmetic":
+        op = rng.choice(("plus", "minus", "times"))
+        if op == "times":
+            a, b = rng.randint(0, 12), rng.randint(0, 12)
+            return _short(f"What is {a} times {b}?"), str(a * b)
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        if op == "minus":
+            a, b = max(a, b), min(a, b)  # answers stay non-negative
+            return _short(f"What is {a} minus {b}?"), str(a - b)
+        return _short(f"What is {a} plus {b}?"), str(a + b)
+    word = rng.choice(WORDS)
+    if kind == "spelling":
+        return f"Spell the word {word}, separating the letters with spaces.", " ".join(word)
+    if kind == "letter_count":
+        return _short(f"How many letters are in the word {word}?"), str(len(word))
+    if kind == "reversal":
+        return f"Write the word {word} backwards.", word[::-1]
+    if kind == "alphabetical":
+        words = rng.sample(WORDS, rng.randint(3, 4))
+        return f"Sort these words alphabetically: {', '.join(words)}.", ", ".join(sorted(words))
+    raise ValueError(f"unknown text question type {kind!r}")
+
+
+def text_questions(rng: random.Random | int | str, n: int, *, prefix: str = "text") -> list[QAItem]:
+    """``n`` text-only items (``image=None``), types drawn uniformly from :data:`TEXT_QUESTION_TYPES`.
+
+    ``"What is 7 plus 5?"`` -> ``"12"``, ``"Spell the word cat, ..."`` -> ``"c a t"``, ``"Sort these words
+    alphabetically: pear, apple, fig."`` -> ``"apple, fig, pear"``, ``"How many letters are in the word cat?"`` ->
+    ``"3"``, ``"Write the word cat backwards."`` -> ``"tac"``. Ids are ``f"{prefix}-{k:06d}"``.
+    """
+    rng = _as_rng(rng)
+    items = []
+    for k in range(n):
+        kind = rng.choice(TEXT_QUESTION_TYPES)
+        question, answer = _text_item(kind, rng)
+        items.append(QAItem(f"{prefix}-{k:06d}", kind, question, answer))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------- writing
+def _scene_for(split: str, seed: int, index: int) -> Scene:
+    return generate_scene(stream_rng(split, seed, index, "scene"), scene_id=f"shapes-{split}-{seed}-{index:06d}")
+
+
+def _save(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")  # Pillow writes no timestamp: same pixels, same bytes
+
+
+def write_training_set(
+    directory: str | os.PathLike[str],
+    *,
+    scenes: int,
+    text_items: int,
+    seed: int,
+    size: int = 224,
+    multi_turn_fraction: float = 0.75,
+) -> Path:
+    """Write ``images/train-*.png`` and ``train.json`` (LLaVA format) under ``directory``; returns the JSON path.
+
+    Each scene gives a caption record (single turn, :data:`CAPTION_PROMPT`) and its other questions either as one
+    multi-turn record (probability ``multi_turn_fraction``; the paper merges the QAs of an image into one
+    conversation) or as one single-turn record each. The first human turn starts with ``"<|image|>\\n"``. Text items
+    are single-turn records without ``"image"``. Scenes come from the ``"train"`` stream (see :func:`stream_rng`).
+    """
+    directory = Path(directory)
+    records: list[dict[str, Any]] = []
+    for index in range(scenes):
+        scene = _scene_for("train", seed, index)
+        image = f"images/train-{seed}-{index:06d}.png"
+        _save(render_scene(scene, size), directory / image)
+        rng = stream_rng("train", seed, index, "questions")
+        items = scene_questions(scene, rng, image=image)
+        captions = [i for i in items if i.type == "caption"]
+        others = [i for i in items if i.type != "caption"]
+        rng.shuffle(others)
+        groups = [others] if rng.random() < multi_turn_fraction else [[i] for i in others]
+        for k, group in enumerate([captions, *groups]):
+            name = "caption" if k == 0 else f"qa{k - 1}"
+            records.append(_llava_record(f"{scene.id}-{name}", group, image))
+    text_rng = stream_rng("train", seed, "text", "questions")
+    for item in text_questions(text_rng, text_items, prefix=f"shapes-train-{seed}-text"):
+        records.append(_llava_record(item.id, [item], None))
+    path = directory / "train.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def _llava_record(record_id: str, items: Sequence[QAItem], image: str | None) -> dict[str, Any]:
+    conversations = []
+    for k, item in enumerate(items):
+        value = f"<|image|>\n{item.question}" if image is not None and k == 0 else item.question
+        conversations += [{"from": "human", "value": value}, {"from": "gpt", "value": item.answer}]
+    record: dict[str, Any] = {"id": record_id}
+    if image is not None:
+        record["image"] = image
+    record["conversations"] = conversations
+    return record
+
+
+def write_eval_set(
+    directory: str | os.PathLike[str],
+    *,
+    scenes: int,
+    seed: int,
+    size: int = 224,
+    text_items: int = 0,
+    types: Iterable[str] | None = None,
+) -> Path:
+    """Write ``images/eval-*.png``, ``eval.jsonl`` and ``scenes.jsonl`` under ``directory``; returns the JSONL path.
+
+    ``eval.jsonl`` holds one question per line: ``{"id", "image", "type", "question", "answer", "choices"?}``
+    (``image`` relative to the file; ``null`` for the ``text_items`` text-only items). ``types`` keeps only those
+    question types. ``scenes.jsonl`` holds each scene's data, for analysis. Scenes come from the ``"eval"`` stream, so
+    they never share a seed with a training set.
+    """
+    directory = Path(directory)
+    keep = set(types) if types is not None else None
+    lines: list[str] = []
+    scene_lines: list[str] = []
+    for index in range(scenes):
+        scene = _scene_for("eval", seed, index)
+        image = f"images/eval-{seed}-{index:06d}.png"
+        _save(render_scene(scene, size), directory / image)
+        scene_lines.append(json.dumps(scene.to_dict()))
+        for item in scene_questions(scene, stream_rng("eval", seed, index, "questions"), image=image):
+            if keep is None or item.type in keep:
+                lines.append(json.dumps(item.to_dict()))
+    text_rng = stream_rng("eval", seed, "text", "questions")
+    for item in text_questions(text_rng, text_items, prefix=f"shapes-eval-{seed}-text"):
+        if keep is None or item.type in keep:
+            lines.append(json.dumps(item.to_dict()))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "scenes.jsonl").write_text("".join(s + "\n" for s in scene_lines), encoding="utf-8")
+    path = directory / "eval.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def read_eval_set(path: str | os.PathLike[str]) -> list[QAItem]:
+    """The items of an ``eval.jsonl`` written by :func:`write_eval_set` (image paths as stored, relative)."""
+    items = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            data = json.loads(line)
+            items.append(QAItem(data["id"], data["type"], data["question"], data["answer"], data.get("choices"),
+                                data.get("image")))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------- scoring
+_NUMBER_UNITS = {w: n for n, w in enumerate((
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"))}
+_NUMBER_TENS = {w: 10 * n for n, w in enumerate(
+    ("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"), 2)}
+_SYNONYMS = {"gray": "grey", "big": "large", "little": "small", "violet": "purple", "rhombus": "diamond",
+             "plus": "cross", "color": "colour"}
+_SINGULAR = {plural: shape for shape, plural in PLURALS.items()}
+_BACKGROUND_WORDS = {w for name in BACKGROUNDS for w in name.split()}
+
+
+def _tokens(text: str) -> list[str]:
+    """Lowercase word and digit tokens, punctuation dropped, spelling variants and plurals of shapes unified."""
+    tokens = re.findall(r"[a-z]+|\d+", text.lower())
+    tokens = [_SYNONYMS.get(t, t) for t in tokens]
+    return [_SINGULAR.get(t, t) for t in tokens]
+
+
+def _first_number(text: str) -> int | None:
+    """The first number in ``text``, digits or words (``"twenty one"``, ``"a hundred"`` is not handled)."""
+    tokens = re.findall(r"[a-z]+|\d+", text.lower())
+    for i, token in enumerate(tokens):
+        if token == "none":
+            return 0
+        if token.isdigit():
+            return int(token)
+        if token in _NUMBER_UNITS or token in _NUMBER_TENS:
+            value = 0
+            for word in tokens[i:]:
+                if word in _NUMBER_TENS and value % 100 == 0:
+                    value += _NUMBER_TENS[word]
+                elif word in _NUMBER_UNITS and value % 10 == 0:
+                    value += _NUMBER_UNITS[word]
+                elif word == "hundred" and 0 < value < 10:
+                    value *= 100
+                elif word != "and":
+                    break
+            return value
+    return None
+
+
+def _vocabulary_answer(prediction: str, vocabulary: Iterable[str]) -> set[str]:
+    """The distinct vocabulary words the prediction uses."""
+    words = set(vocabulary)
+    return {t for t in _tokens(prediction) if t in words}
+
+
+def _mc_letter(prediction: str, choices: Sequence[str] | None) -> str | None:
+    """The option letter of a multiple-choice prediction: ``"B"``, ``"B."``, ``"(B)"``, ``"B) square"``,
+    ``"The answer is B"``; else, with ``choices``, the letter of the one option text the prediction names."""
+    text = prediction.strip()
+    match = re.match(r"^[(\[]?([A-Da-d])(?:[)\].:,]|$)", text)
+    if match and (match.group(1).isupper() or len(re.sub(r"[^A-Za-z]", "", text)) == 1 or text[1:2] in ").]"):
+        return match.group(1).upper()
+    match = re.search(r"\b(?:answer|option)\s*(?:is\s*)?:?\s*[(\[]?([A-D])\b", text, flags=re.IGNORECASE)
+    if match:
+        return match.group(1).upper()
+    if choices:
+        named = _vocabulary_answer(prediction, [_tokens(c)[0] for c in choices if _tokens(c)])
+        if len(named) == 1:
+            word = named.pop()
+            for letter, choice in zip(MC_LETTERS, choices, strict=False):
+                if _tokens(choice)[:1] == [word]:
+                    return letter
+    return None
+
+
+def _caption_content(text: str) -> tuple[Counter[tuple[str | None, str | None, str]], tuple[str, ...]]:
+    """Multiset of ``(size, colour, shape)`` mentioned, and the background words before "background"."""
+    objects: Counter[tuple[str | None, str | None, str]] = Counter()
+    size = colour = None
+    tokens = _tokens(text)
+    for token in tokens:
+        if token in SIZE_EXTENT:
+            size = token
+        elif token in COLOURS:
+            colour = token
+        elif token in SHAPES:
+            objects[(size, colour, token)] += 1
+            size = colour = None
+    background: list[str] = []
+    if "background" in tokens:
+        for token in reversed(tokens[: tokens.index("background")]):
+            if token not in _BACKGROUND_WORDS:
+                break
+            background.insert(0, token)
+    return objects, tuple(background)
+
+
+def score_answer(item_type: str, prediction: str, answer: str, *, choices: Sequence[str] | None = None) -> bool:
+    """Whether a model's free-form ``prediction`` gives the canonical ``answer`` of an item of ``item_type``.
+
+    Text is lowercased and stripped of punctuation first. Yes/no, side, colour and shape answers: the prediction
+    must use the answer word and no other word of the same kind ("Yes." and "It is red" pass, "red or blue" fails).
+    Counts and arithmetic: the first number, digits or words ("three" -> 3). Multiple choice: the option letter
+    ("B", "B.", "(B)", "B) square", "The answer is B"), or the text of exactly one option when ``choices`` is given.
+    Captions: the same multiset of (size, colour, shape) objects, in any order, and the same background. Spelling:
+    the letters, one per token. Alphabetical: the same words in the same order. Other types: exact match of the
+    normalised text.
+    """
+    if item_type == "multiple_choice":
+        return _mc_letter(prediction, choices) == answer.strip().upper()
+    if item_type in ("count", "arithmetic", "letter_count"):
+        number = _first_number(prediction)
+        return number is not None and str(number) == answer.strip()
+    if item_type == "caption":
+        expected_objects, expected_background = _caption_content(answer)
+        objects, background = _caption_content(prediction)
+        return objects == expected_objects and (not expected_background or background == expected_background)
+    if item_type == "spelling":
+        letters = re.findall(r"[a-z]+", prediction.lower())
+        return bool(letters) and all(len(t) == 1 for t in letters) and "".join(letters) == answer.replace(" ", "")
+    if item_type == "alphabetical":
+        return re.findall(r"[a-z]+", prediction.lower()) == re.findall(r"[a-z]+", answer.lower())
+    expected = " ".join(_tokens(answer))
+    for vocabulary in (("yes", "no"), SIDES, tuple(COLOURS), SHAPES):
+        if expected in vocabulary and item_type in ("existence", "position", "colour", "shape"):
+            return _vocabulary_answer(prediction, vocabulary) == {expected}
+    return " ".join(_tokens(prediction)) == expected
+
+
+def accuracy_by_type(items: Iterable[QAItem], predictions: Mapping[str, str]) -> dict[str, tuple[int, int]]:
+    """``{type: (correct, total)}`` plus ``"overall"``; an item without a prediction counts as wrong."""
+    totals: dict[str, list[int]] = {}
+    for item in items:
+        correct = item.id in predictions and score_answer(item.type, predictions[item.id], item.answer,
+                                                          choices=item.choices)
+        for key in (item.type, "overall"):
+            entry = totals.setdefault(key, [0, 0])
+            entry[0] += int(correct)
+            entry[1] += 1
+    return {key: (c, n) for key, (c, n) in totals.items()}

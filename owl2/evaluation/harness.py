@@ -1,0 +1,149 @@
+"""The evaluation harness: batched greedy inference with a task's exact prompts, cached predictions, a report.
+
+Predictions go to ``<output>/<task>.predictions.jsonl`` as each batch finishes (flushed and synced), one JSON object
+per sample. A rerun reads that file and only runs the samples that are missing, so a killed run loses at most the
+batch in flight and a finished run is re-scored without inference. The report is written at the end:
+``<task>.report.json`` (every metric), ``<task>.report.md`` (a table) and ``<task>.png`` (per-category bars, when
+the task has categories).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from owl2.evaluation.tasks.base import Sample, Task, TaskReport
+from owl2.generation import GenerationRequest, SamplingParams
+from owl2.utils import atomic_write_text, progress
+
+
+@dataclass
+class EvalResult:
+    task: str
+    report: TaskReport
+    predictions_path: Path
+    report_paths: list[Path] = field(default_factory=list)
+    ran: int = 0
+    """Samples inferred in this run (the rest came from the predictions file)."""
+
+
+def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
+    """Predictions by sample id; a torn last line from a killed run is dropped."""
+    found: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return found
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "id" in record:
+            found[str(record["id"])] = record
+    return found
+
+
+class _PredictionWriter:
+    """Appends records and makes each batch durable before the next one starts."""
+
+    def __init__(self, path: Path, existing: dict[str, dict[str, Any]]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Rewrite the valid lines first, so a torn line never ends up in the middle of the file.
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in existing.values()))
+        self._handle = path.open("a", encoding="utf-8")
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        for record in records:
+            self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class Evaluator:
+    """Runs tasks with one pipeline (``owl2.load(...)``); ``batch_size`` rows decode together."""
+
+    def __init__(self, pipeline: Any, *, batch_size: int = 8, show_progress: bool = True) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.pipe = pipeline
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+
+    # ---------------------------------------------------------------------------------------------- inference
+    def _pixels(self, sample: Sample, policy: str) -> torch.Tensor | None:
+        if not sample.images:
+            return None
+        return self.pipe.image_processor(list(sample.images), policy=policy)
+
+    def _generate(self, task: Task, samples: Sequence[Sample]) -> list[dict[str, Any]]:
+        params = SamplingParams(max_new_tokens=task.max_new_tokens, min_new_tokens=task.min_new_tokens)
+        requests = [GenerationRequest(self.pipe.tokenizer.encode_prompt(s.prompt), self._pixels(s, task.policy), params)
+                    for s in samples]
+        results = self.pipe.engine.generate(requests)
+        return [{"id": s.id, "prediction": r.text.strip()} for s, r in zip(samples, results, strict=True)]
+
+    def _score_choices(self, task: Task, samples: Sequence[Sample]) -> list[dict[str, Any]]:
+        records = []
+        for sample in samples:
+            prompt_ids = self.pipe.tokenizer.encode_prompt(sample.prompt)
+            continuations = [self.pipe.continuation_ids(prompt_ids, c) for c in sample.continuations]
+            logprobs = self.pipe.engine.loglikelihoods(prompt_ids, self._pixels(sample, task.policy), continuations)
+            best = int(torch.argmax(logprobs))
+            records.append({"id": sample.id, "prediction": sample.continuations[best],
+                            "logprobs": [round(float(x), 6) for x in logprobs]})
+        return records
+
+    # -------------------------------------------------------------------------------------------------- public
+    def run(self, task: Task, data: str | os.PathLike[str], output_dir: str | os.PathLike[str], *,
+            limit: int | None = None) -> EvalResult:
+        """Evaluate ``task`` on its released files at ``data``; cache and report under ``output_dir``."""
+        output_dir = Path(output_dir)
+        samples = task.load(Path(data))
+        if limit is not None:
+            samples = samples[:limit]
+        if not samples:
+            raise ValueError(f"{task.name}: no samples found in {data}")
+        ids = [s.id for s in samples]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{task.name}: sample ids are not unique in {data}")
+        path = output_dir / f"{task.name}.predictions.jsonl"
+        known = read_predictions(path)
+        done = {k: v for k, v in known.items() if k in set(ids)}
+        todo = [s for s in samples if s.id not in done]
+        writer = _PredictionWriter(path, known)
+        infer = self._score_choices if task.mode == "loglikelihood" else self._generate
+        batches = [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
+        try:
+            for batch in progress(batches, total=len(batches), desc=f"{task.name}", enabled=self.show_progress,
+                                  unit="batch"):
+                records = infer(task, batch)
+                writer.write(records)
+                done.update((r["id"], r) for r in records)
+        finally:
+            writer.close()
+        report = task.score(samples, {s.id: done[s.id] for s in samples})
+        result = EvalResult(task.name, report, path, ran=len(todo))
+        result.report_paths = write_report(task, report, output_dir, num_samples=len(samples))
+        return result
+
+
+def write_report(task: Task, report: TaskReport, output_dir: Path, *, num_samples: int) -> list[Path]:
+    """``<task>.report.json``, ``<task>.report.md`` and, with categories, ``<task>.png``."""
+    from owl2.evaluation.report import markdown_report, plot_breakdown
+
+    payload = {"task": task.name, "samples": num_samples, "metrics": report.metrics, "breakdown": report.breakdown,
+               "settings": task.settings()}
+    paths = [output_dir / f"{task.name}.report.json", output_dir / f"{task.name}.report.md"]
+    atomic_write_text(paths[0], json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(paths[1], markdown_report(task.name, report, num_samples, task.settings()))
+    if report.breakdown and plot_breakdown(task.name, report, output_dir / f"{task.name}.png"):
+        paths.append(output_dir / f"{task.name}.png")
+    return paths

@@ -1,0 +1,60 @@
+"""Benchmark metrics of the evaluation harness, in plain Python.
+
+* :mod:`.vqa`: VQA accuracy (official ``VQAEval`` normalisation, leave-one-out), GQA exact match, EvalAI processor.
+* :mod:`.caption`: BLEU-1..4, ROUGE-L, CIDEr-D equal to pycocoevalcap, and a Java-free PTB tokeniser approximation.
+* :mod:`.choice`: multiple-choice letter extraction, accuracy, MMBench CircularEval.
+* :mod:`.mme`: MME yes/no parsing, accuracy / accuracy+, perception and cognition scores.
+* :mod:`.pope`: POPE answer parsing, accuracy / precision / recall / F1 / yes-ratio per split.
+"""
+
+from .caption import PTB_DROPPED_TOKENS, bleu, caption_scores, caption_tokenize, cider_d, rouge_l
+from .choice import (
+    CIRCULAR_INDEX_OFFSET,
+    circular_eval,
+    circular_variants,
+    extract_choice,
+    multiple_choice_accuracy,
+    options_as_dict,
+)
+from .mme import COGNITION_SUBTASKS, PERCEPTION_SUBTASKS, mme_scores, parse_mme_answer
+from .pope import parse_pope_answer, pope_metrics, pope_scores
+from .vqa import (
+    VQA_VARIANTS,
+    evalai_process_answer,
+    exact_match,
+    exact_match_accuracy,
+    normalize_gqa_answer,
+    normalize_vqa_answer,
+    vqa_accuracy,
+    vqa_score,
+)
+
+__all__ = [
+    "CIRCULAR_INDEX_OFFSET",
+    "COGNITION_SUBTASKS",
+    "PERCEPTION_SUBTASKS",
+    "PTB_DROPPED_TOKENS",
+    "VQA_VARIANTS",
+    "bleu",
+    "caption_scores",
+    "caption_tokenize",
+    "cider_d",
+    "circular_eval",
+    "circular_variants",
+    "evalai_process_answer",
+    "exact_match",
+    "exact_match_accuracy",
+    "extract_choice",
+    "mme_scores",
+    "multiple_choice_accuracy",
+    "normalize_gqa_answer",
+    "normalize_vqa_answer",
+    "options_as_dict",
+    "parse_mme_answer",
+    "parse_pope_answer",
+    "pope_metrics",
+    "pope_scores",
+    "rouge_l",
+    "vqa_accuracy",
+    "vqa_score",
+]

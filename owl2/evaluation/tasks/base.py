@@ -1,0 +1,115 @@
+"""What a benchmark task is: samples with exact prompts, decoding settings, and a scoring function.
+
+A task reads the benchmark's released files from a local path (nothing is downloaded) and turns each question into a
+:class:`Sample` whose ``prompt`` is the exact text the model sees (``<|image|>`` where each image goes, the template
+applied). ``mode`` is ``"generate"`` (greedy decoding up to ``max_new_tokens``) or ``"loglikelihood"`` (the sample's
+``continuations`` are scored after the prompt and the most likely one is the prediction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+# The official evaluation prompts (``evaluate/*.py`` of the release) end with "ASSISTANT: ", trailing space included.
+USER, ASSISTANT = "USER: ", " ASSISTANT: "
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+LETTER_ANSWER = "Answer with the option\u2019s letter from the given choices directly."
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+LETTERS = "ABCDEFGHIJ"
+
+
+def chat_prompt(text: str, num_images: int = 1) -> str:
+    """``USER: <|image|>...text ASSISTANT: `` as the official evaluation scripts render it."""
+    return f"{USER}{'<|image|>' * num_images}{text}{ASSISTANT}"
+
+
+def options_block(options: Sequence[str]) -> str:
+    """``A. first\\nB. second...`` (the official MMBench layout)."""
+    return "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
+
+
+@dataclass
+class Sample:
+    id: str
+    prompt: str
+    images: list[Any] = field(default_factory=list)
+    """Image sources in prompt order: paths, bytes or PIL images."""
+    answer: Any = None
+    """What the task's metric compares the prediction with."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    continuations: list[str] | None = None
+    """For ``loglikelihood`` tasks: the candidate answers."""
+
+
+@dataclass
+class TaskReport:
+    metrics: dict[str, float]
+    """Headline numbers (``accuracy``, ``CIDEr``, ``perception`` ...)."""
+    breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per category (or subtask / question type): metric name -> value."""
+    plot_metric: str | None = None
+    """Which breakdown metric the per-category bar plot shows."""
+
+
+class Task:
+    """Base class; subclasses set the class attributes and implement :meth:`load` and :meth:`score`."""
+
+    name: ClassVar[str] = ""
+    mode: ClassVar[str] = "generate"
+    max_new_tokens: ClassVar[int] = 10
+    min_new_tokens: ClassVar[int] = 0
+    policy: ClassVar[str] = "stretch"
+    """Image preprocessing: the official evaluation scripts stretch each image to a square of its longest side."""
+    data_format: ClassVar[str] = ""
+    """The released file layout ``load`` reads (shown by ``owl2 eval --list``)."""
+
+    def load(self, data: Path) -> list[Sample]:
+        raise NotImplementedError
+
+    def score(self, samples: Sequence[Sample], predictions: dict[str, dict[str, Any]]) -> TaskReport:
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        return {"mode": self.mode, "max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
+                "image_policy": self.policy, "decoding": "greedy"}
+
+
+TASKS: dict[str, Callable[[], Task]] = {}
+
+
+def register(*names: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator: make the task available to ``owl2 eval --task NAME`` under each name."""
+
+    def add(cls: type[Task]) -> type[Task]:
+        for name in names:
+            TASKS[name] = lambda name=name, cls=cls: _named(cls, name)
+        return cls
+
+    return add
+
+
+def _named(cls: type[Task], name: str) -> Task:
+    task = cls()
+    task.name = name  # type: ignore[misc]  # one class may serve several benchmarks (vqav2, okvqa, ...)
+    return task
+
+
+def get_task(name: str) -> Task:
+    import owl2.evaluation.tasks  # noqa: F401  (registers the tasks)
+
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]()
+
+
+def resolve_image(root: Path, name: str | Path) -> Path:
+    """An image path from a data file, relative to ``root`` unless absolute; a clear error when it is missing."""
+    path = Path(name)
+    if not path.is_absolute():
+        path = root / path
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} (named in the benchmark files) does not exist")
+    return path

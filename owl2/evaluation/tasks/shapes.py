@@ -1,0 +1,71 @@
+"""The shapes world as a benchmark: held-out synthetic scenes (:mod:`owl2.data.shapes`) scored per question type.
+
+``--data`` is a directory written by :func:`owl2.data.shapes.write_eval_set` (``eval.jsonl`` plus images);
+``owl2 eval --task shapes --data DIR`` first generates the held-out set (1000 scenes of the ``eval`` seed stream, which
+never meets the training stream, plus 200 text-only items) into DIR when DIR has no ``eval.jsonl``. Short answers
+carry the VQA suffix, captions the captioning prompt and multiple-choice questions the MMBench layout; every answer
+is scored by :func:`owl2.data.shapes.score_answer` (normalised text, option letters). Captions also get CIDEr-D.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from owl2.evaluation.metrics import caption_scores
+from owl2.evaluation.tasks.base import Sample, Task, TaskReport, chat_prompt, register, resolve_image
+
+QUESTIONS_FILE = "eval.jsonl"
+DEFAULT_SCENES = 1000
+DEFAULT_TEXT_ITEMS = 200
+
+
+def shapes_prompt(item: dict[str, Any]) -> str:
+    """The generator's question text already carries the official suffix (short answer, option letter or caption
+    request); only the chat wrapper is added, with one ``<|image|>`` for scene questions."""
+    return chat_prompt(item["question"], num_images=1 if item.get("image") else 0)
+
+
+@register("shapes")
+class ShapesTask(Task):
+    max_new_tokens = 48
+    data_format = ("a directory from owl2.data.shapes.write_eval_set (eval.jsonl: {id, image, type, question, "
+                   "answer, choices?}); generated there (1000 held-out scenes, 200 text items) when missing")
+
+    def load(self, data: Path) -> list[Sample]:
+        from owl2.data.shapes import write_eval_set
+
+        questions = data / QUESTIONS_FILE if data.is_dir() or not data.exists() else data
+        if not questions.is_file():
+            write_eval_set(questions.parent, scenes=DEFAULT_SCENES, seed=0, text_items=DEFAULT_TEXT_ITEMS)
+        root = questions.parent
+        samples = []
+        for line in questions.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            images = [resolve_image(root, item["image"])] if item.get("image") else []
+            samples.append(Sample(str(item["id"]), shapes_prompt(item), images, item["answer"],
+                                  {"type": item["type"], "choices": item.get("choices")}))
+        return samples
+
+    def score(self, samples: Sequence[Sample], predictions: dict[str, dict[str, Any]]) -> TaskReport:
+        from owl2.data.shapes import score_answer
+
+        groups: dict[str, list[float]] = defaultdict(list)
+        for sample in samples:
+            prediction = predictions[sample.id]["prediction"]
+            ok = score_answer(sample.meta["type"], prediction, sample.answer, choices=sample.meta["choices"])
+            groups[sample.meta["type"]].append(float(ok))
+        everything = [x for v in groups.values() for x in v]
+        breakdown = {k: {"accuracy": 100 * sum(v) / len(v), "count": len(v)} for k, v in sorted(groups.items())}
+        metrics = {"accuracy": 100 * sum(everything) / len(everything)}
+        captions = [s for s in samples if s.meta["type"] == "caption"]
+        if captions:
+            scores = caption_scores({s.id: predictions[s.id]["prediction"] for s in captions},
+                                    {s.id: [s.answer] for s in captions})
+            metrics["caption_CIDEr"] = 100 * scores["CIDEr"]
+        return TaskReport(metrics, breakdown, "accuracy")

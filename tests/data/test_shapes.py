@@ -1,0 +1,444 @@
+"""The shapes world: determinism, rendered pixels, answers correct by construction, data files, scoring.
+
+Answers are re-derived here from the :class:`Scene` data by parsing each question, independently of the generator's
+own helpers, so a generator bug cannot hide behind itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import re
+from collections import Counter
+from collections import deque as Deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from owl2.data import SupervisedDataset, read_records
+from owl2.data.shapes import (
+    BACKGROUNDS,
+    CAPTION_PROMPT,
+    COLOURS,
+    MC_PROMPT,
+    PLURALS,
+    SCENE_QUESTION_TYPES,
+    SHAPES,
+    SIZES,
+    TEXT_QUESTION_TYPES,
+    TEXTURE_AMPLITUDE,
+    QAItem,
+    Scene,
+    ShapeObject,
+    accuracy_by_type,
+    generate_scene,
+    read_eval_set,
+    render_scene,
+    scene_questions,
+    score_answer,
+    stream_rng,
+    text_questions,
+    write_eval_set,
+    write_training_set,
+)
+from owl2.processing.image import ImageProcessor
+from owl2.processing.tokenizer import load_tokenizer
+
+TOKENIZER_DIR = Path(__file__).parents[1] / "fixtures" / "llama2-tokenizer"
+SEEDS = range(200)
+
+
+def _png(scene: Scene, size: int, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    render_scene(scene, size, **kwargs).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[Scene]:
+    return [generate_scene(seed) for seed in SEEDS]
+
+
+@pytest.fixture(scope="module")
+def items(scenes) -> list[tuple[Scene, QAItem]]:
+    return [(scene, item) for seed, scene in zip(SEEDS, scenes, strict=True)
+            for item in scene_questions(scene, random.Random(f"q{seed}"))]
+
+
+# ---------------------------------------------------------------------------------------------------- determinism
+def test_same_seed_same_scene_pixels_and_questions():
+    for seed in (0, 1, 12345, "text-seed"):
+        a, b = generate_scene(seed), generate_scene(seed)
+        assert a == b
+        assert _png(a, 64) == _png(b, 64) and _png(a, 224, antialias=True) == _png(b, 224, antialias=True)
+        assert scene_questions(a, 7) == scene_questions(b, 7)
+    assert text_questions(3, 20) == text_questions(3, 20)
+
+
+def test_different_seeds_differ():
+    assert len({generate_scene(seed) for seed in range(50)}) == 50
+    assert len({_png(generate_scene(seed), 64) for seed in range(20)}) == 20
+    assert scene_questions(generate_scene(0), 1) != scene_questions(generate_scene(1), 1)
+    assert text_questions(1, 20) != text_questions(2, 20)
+
+
+def test_rng_is_advanced_and_global_rng_untouched():
+    state = random.getstate()
+    rng = random.Random(5)
+    first, second = generate_scene(rng), generate_scene(rng)
+    assert first != second and first == generate_scene(5)
+    assert random.getstate() == state
+
+
+def test_pinned_stream():
+    # Pins the exact scene/question stream: a change here changes every data set built from a seed (on purpose only).
+    data = []
+    for i in range(20):
+        scene = generate_scene(stream_rng("eval", 0, i, "scene"))
+        questions = scene_questions(scene, stream_rng("eval", 0, i, "questions"))
+        data.append((scene.to_dict(), [q.to_dict() for q in questions]))
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    assert digest == PINNED_DIGEST
+
+
+PINNED_DIGEST = "6870b2c0cdbf2bdb2f1b322ff1e16a0de8d408e13f177691b661c603b760c611"
+
+
+def test_train_and_eval_streams_are_disjoint():
+    train = {generate_scene(stream_rng("train", 0, i, "scene")) for i in range(100)}
+    evaluation = {generate_scene(stream_rng("eval", 0, i, "scene")) for i in range(100)}
+    assert not train & evaluation
+
+
+def test_argument_checks():
+    with pytest.raises(ValueError):
+        generate_scene(0, min_objects=0)
+    with pytest.raises(ValueError):
+        generate_scene(0, min_objects=4, max_objects=3)
+    with pytest.raises(ValueError):
+        render_scene(generate_scene(0), 47)
+    counts = Counter(len(generate_scene(seed, min_objects=2, max_objects=3).objects) for seed in range(50))
+    assert set(counts) == {2, 3}
+
+
+# --------------------------------------------------------------------------------------------------------- pixels
+def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """8-connected components of a boolean mask (a small BFS: no scipy needed)."""
+    seen = np.zeros_like(mask)
+    components = []
+    height, width = mask.shape
+    for start in zip(*np.nonzero(mask), strict=True):
+        if seen[start]:
+            continue
+        seen[start] = True
+        queue, pixels = Deque([start]), []
+        while queue:
+            r, c = queue.popleft()
+            pixels.append((r, c))
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    rr, cc = r + dr, c + dc
+                    if 0 <= rr < height and 0 <= cc < width and mask[rr, cc] and not seen[rr, cc]:
+                        seen[rr, cc] = True
+                        queue.append((rr, cc))
+        components.append(pixels)
+    return components
+
+
+def test_palette_separation():
+    # Backgrounds with texture never come near an object colour; object colours are far apart from each other.
+    objects = np.array(list(COLOURS.values()), dtype=float)
+    for rgb in BACKGROUNDS.values():
+        for shift in (-TEXTURE_AMPLITUDE, 0, TEXTURE_AMPLITUDE):
+            assert np.linalg.norm(objects - (np.array(rgb) + shift), axis=1).min() > 80
+    distances = np.linalg.norm(objects[:, None] - objects[None], axis=2)
+    assert distances[~np.eye(len(objects), dtype=bool)].min() >= 100
+
+
+@pytest.mark.parametrize("size", [48, 64, 112, 224])
+def test_centre_pixels_and_connected_regions(scenes, size):
+    subset = {48: scenes[:100], 112: scenes[:40], 224: scenes[:12]}.get(size, scenes)
+    palette = np.array(list(COLOURS.values()), dtype=np.int16)
+    for scene in subset:
+        pixels = np.asarray(render_scene(scene, size)).astype(np.int16)
+        for obj in scene.objects:
+            row, col = int(obj.y * size), int(obj.x * size)
+            assert tuple(pixels[row, col]) == COLOURS[obj.colour], (scene, obj)
+        # Object pixels are exactly a palette colour (no antialiasing); the background never is.
+        is_object = (pixels[:, :, None, :] == palette[None, None]).all(-1).any(-1)
+        regions = _components(is_object)
+        assert len(regions) == len(scene.objects), scene
+        owners = []
+        for region in regions:
+            colours = {tuple(pixels[r, c]) for r, c in region}
+            assert len(colours) == 1  # one colour per region
+            # The region lies inside exactly one object's box, and has that object's colour.
+            rows, cols = [r for r, _ in region], [c for _, c in region]
+            boxes = {o: o.pixel_box(size) for o in scene.objects}
+            inside = [o for o, (x0, y0, x1, y1) in boxes.items()
+                      if x0 <= min(cols) and max(cols) <= x1 and y0 <= min(rows) and max(rows) <= y1]
+            assert len(inside) == 1 and colours == {COLOURS[inside[0].colour]}
+            owners.append(inside[0])
+        assert len(set(owners)) == len(scene.objects)
+
+
+def test_antialiased_centres(scenes):
+    for scene in scenes[:30]:
+        pixels = np.asarray(render_scene(scene, 112, antialias=True)).astype(int)
+        for obj in scene.objects:
+            centre = pixels[int(obj.y * 112), int(obj.x * 112)]
+            assert np.abs(centre - COLOURS[obj.colour]).max() <= 2
+
+
+def test_objects_keep_gap_and_margin(scenes):
+    for scene in scenes:
+        assert 1 <= len(scene.objects) <= 6
+        assert scene.background in BACKGROUNDS
+        for i, a in enumerate(scene.objects):
+            assert min(a.bbox) >= 0.03 - 1e-9 and max(a.bbox) <= 0.97 + 1e-9
+            for b in scene.objects[i + 1:]:
+                gap = max(abs(a.x - b.x), abs(a.y - b.y)) - (a.extent + b.extent) / 2
+                assert gap >= 0.07 - 1e-9
+    assert Counter(len(s.objects) for s in scenes).keys() == set(range(1, 7))
+
+
+# ------------------------------------------------------------------------------------------- answers, re-derived
+def _match(scene: Scene, phrase: str) -> list[ShapeObject]:
+    """Objects fitting a noun phrase such as "large red circle", "red object", "small triangle"."""
+    words = phrase.split()
+    wanted = {}
+    for word in words:
+        if word in SIZES:
+            wanted["size"] = word
+        elif word in COLOURS:
+            wanted["colour"] = word
+        elif word in SHAPES:
+            wanted["shape"] = word
+        else:
+            assert word == "object", phrase
+    return [o for o in scene.objects if all(getattr(o, k) == v for k, v in wanted.items())]
+
+
+def _one(scene: Scene, phrase: str) -> ShapeObject:
+    matches = _match(scene, phrase)
+    assert len(matches) == 1, (phrase, scene)
+    return matches[0]
+
+
+def _derive(scene: Scene, question: str) -> str:
+    """The answer to a scene question, worked out from the scene data alone."""
+    question = question.split("\n")[0]
+    if m := re.fullmatch(r"Is there an? (.+)\?", question):
+        return "yes" if _match(scene, m.group(1)) else "no"
+    if m := re.fullmatch(r"What colour is the (.+)\?", question):
+        assert not set(m.group(1).split()) & set(COLOURS)  # the asked attribute is not in the reference
+        return _one(scene, m.group(1)).colour
+    if m := re.fullmatch(r"What shape is the (.+) object\?", question):
+        assert not set(m.group(1).split()) & set(SHAPES)
+        return _one(scene, m.group(1)).shape
+    if question == "How many shapes are there?":
+        return str(len(scene.objects))
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return str(len(_match(scene, m.group(1))))
+    if m := re.fullmatch(r"How many (\w+) are there\?", question):
+        shape = {p: s for s, p in PLURALS.items()}[m.group(1)]
+        return str(len(_match(scene, shape)))
+    if m := re.fullmatch(r"Is the (.+?) (to the left of|to the right of|above|below) the (.+)\?", question):
+        a, b = _one(scene, m.group(1)), _one(scene, m.group(3))
+        axis = 0 if "of" in m.group(2) else 1
+        a_lo, a_hi, b_lo, b_hi = a.bbox[axis], a.bbox[axis + 2], b.bbox[axis], b.bbox[axis + 2]
+        assert a_hi + 0.02 <= b_lo + 1e-9 or b_hi + 0.02 <= a_lo + 1e-9  # asked only when clearly apart on that axis
+        before = a_hi < b_lo
+        assert before == (a.centre[axis] < b.centre[axis])  # consistent with the centres
+        return "yes" if before == (m.group(2) in ("to the left of", "above")) else "no"
+    if m := re.fullmatch(r"Which side of the image is the (.+) on, (left or right|top or bottom)\?", question):
+        obj = _one(scene, m.group(1))
+        axis = 0 if m.group(2) == "left or right" else 1
+        low, high = obj.bbox[axis], obj.bbox[axis + 2]
+        assert high < 0.5 or low > 0.5  # the whole object lies in one half
+        return ("left", "right", "top", "bottom")[2 * axis + (obj.centre[axis] > 0.5)]
+    raise AssertionError(f"unparsed question {question!r}")
+
+
+def test_every_answer_matches_the_scene(items):
+    for scene, item in items:
+        if item.type == "caption":
+            assert item.question == CAPTION_PROMPT
+            ordered = sorted(scene.objects, key=lambda o: (o.x, o.y))  # left to right, ties top first
+            listed = re.findall(r"(small|large) (\w+) (\w+)", item.answer)
+            assert listed == [(o.size, o.colour, o.shape) for o in ordered]
+            assert item.answer.endswith(f" on a {scene.background} background.") and item.answer[0] == "A"
+        elif item.type == "multiple_choice":
+            lines = item.question.split("\n")
+            assert lines[-1] == MC_PROMPT and len(item.choices) == len(set(item.choices)) == 4
+            assert lines[1:5] == [f"{letter}. {c}" for letter, c in zip("ABCD", item.choices, strict=True)]
+            assert item.choices["ABCD".index(item.answer)] == _derive(scene, lines[0])
+        else:
+            assert item.answer == _derive(scene, item.question), item
+
+
+def test_question_mix(items, scenes):
+    by_type = Counter(item.type for _, item in items)
+    assert set(by_type) == set(SCENE_QUESTION_TYPES)
+    assert by_type["existence"] == 2 * len(scenes) and by_type["caption"] == len(scenes)
+    answers = Counter(item.answer for _, item in items if item.type == "existence")
+    assert answers["yes"] == answers["no"]  # exactly balanced: one of each per scene
+    relations = Counter(i.answer for _, i in items if i.type == "position" and i.answer in ("yes", "no"))
+    assert 0.35 < relations["yes"] / sum(relations.values()) < 0.65
+    sides = Counter(i.answer for _, i in items if i.type == "position" and i.answer not in ("yes", "no"))
+    assert set(sides) == {"left", "right", "top", "bottom"}
+    letters = Counter(i.answer for _, i in items if i.type == "multiple_choice")
+    assert set(letters) == set("ABCD") and max(letters.values()) < 0.4 * len(scenes)
+    counts = Counter(i.answer for _, i in items if i.type == "count")
+    assert "0" in counts and set(counts) >= {str(n) for n in range(7)}
+
+
+def test_text_items_are_correct():
+    items = text_questions(11, 300)
+    assert Counter(i.type for i in items).keys() == set(TEXT_QUESTION_TYPES)
+    for item in items:
+        assert item.image is None
+        q = item.question.split("\n")[0]
+        if item.type == "arithmetic":
+            a, op, b = re.fullmatch(r"What is (\d+) (plus|minus|times) (\d+)\?", q).groups()
+            expected = {"plus": int(a) + int(b), "minus": int(a) - int(b), "times": int(a) * int(b)}[op]
+            assert expected >= 0 and item.answer == str(expected)
+        elif item.type == "spelling":
+            word = re.fullmatch(r"Spell the word (\w+), separating the letters with spaces\.", q).group(1)
+            assert item.answer.split(" ") == list(word)
+        elif item.type == "letter_count":
+            assert item.answer == str(len(re.fullmatch(r"How many letters are in the word (\w+)\?", q).group(1)))
+        elif item.type == "reversal":
+            assert item.answer == re.fullmatch(r"Write the word (\w+) backwards\.", q).group(1)[::-1]
+        else:
+            words = re.fullmatch(r"Sort these words alphabetically: (.+)\.", q).group(1).split(", ")
+            assert item.answer == ", ".join(sorted(words)) and len(set(words)) == len(words)
+        assert score_answer(item.type, item.answer, item.answer)
+
+
+# ----------------------------------------------------------------------------------------------------- data files
+def test_training_set_loads(tmp_path):
+    path = write_training_set(tmp_path, scenes=8, text_items=10, seed=3, size=64, multi_turn_fraction=0.5)
+    raw = json.loads(path.read_text())
+    good, skipped = read_records(path)
+    assert skipped == [] and len(good) == len(raw)
+    assert sum(1 for r in raw if "image" not in r) == 10
+    image_records = [r for r in raw if "image" in r]
+    assert all(r["conversations"][0]["value"].startswith("<|image|>\n") for r in image_records)
+    assert all(r["conversations"][1]["from"] == "gpt" for r in raw)
+    turns = Counter(len(r["conversations"]) // 2 for r in image_records)
+    assert turns[1] > 8 and max(turns) >= 8  # single-turn records (captions, split QAs) and merged multi-turn ones
+    assert sum(r["id"].endswith("-caption") for r in raw) == 8
+    assert {r["conversations"][0]["value"] for r in raw if r["id"].endswith("-caption")} == {
+        "<|image|>\n" + CAPTION_PROMPT}
+
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    dataset = SupervisedDataset(path, tokenizer, image_processor=ImageProcessor(size=16, crop_size=16),
+                                verify_tokenization=True)
+    assert dataset.skipped == [] and len(dataset) == len(raw)
+    first = dataset[0]
+    assert first["pixel_values"].shape == (1, 3, 16, 16) and first["input_ids"].count(-200) == 1
+    assert dataset[len(dataset) - 1]["pixel_values"] is None
+
+    again = write_training_set(tmp_path / "again", scenes=8, text_items=10, seed=3, size=64, multi_turn_fraction=0.5)
+    assert again.read_bytes() == path.read_bytes()
+    assert (tmp_path / "images" / "train-3-000005.png").read_bytes() == (
+        tmp_path / "again" / "images" / "train-3-000005.png").read_bytes()
+
+
+def test_eval_set(tmp_path):
+    path = write_eval_set(tmp_path, scenes=5, seed=3, size=64, text_items=4)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(set(r) <= {"id", "image", "type", "question", "answer", "choices"} for r in lines)
+    assert sum(r["image"] is None for r in lines) == 4
+    assert all((tmp_path / r["image"]).is_file() for r in lines if r["image"])
+    assert len({r["id"] for r in lines}) == len(lines)
+    items = read_eval_set(path)
+    assert [i.to_dict() for i in items] == lines
+    scenes = [Scene.from_dict(json.loads(s)) for s in (tmp_path / "scenes.jsonl").read_text().splitlines()]
+    assert scenes[2] == generate_scene(stream_rng("eval", 3, 2, "scene"), scene_id="shapes-eval-3-000002")
+    only = read_eval_set(write_eval_set(tmp_path / "mc", scenes=5, seed=3, size=64, types=["multiple_choice"]))
+    assert [i.type for i in only] == ["multiple_choice"] * 5
+
+    # Perfect predictions score 100%; "yes" for everything scores exactly half of the existence questions.
+    perfect = accuracy_by_type(items, {i.id: i.answer for i in items})
+    assert all(correct == total for correct, total in perfect.values())
+    always_yes = accuracy_by_type(items, {i.id: "Yes." for i in items})
+    assert always_yes["existence"] == (5, 10)
+    assert accuracy_by_type(items, {})["overall"] == (0, len(items))
+
+
+# -------------------------------------------------------------------------------------------------------- scoring
+@pytest.mark.parametrize(("item_type", "prediction", "answer", "expected"), [
+    ("existence", "yes", "yes", True),
+    ("existence", "Yes.", "yes", True),
+    ("existence", "YES!", "yes", True),
+    ("existence", "No, there is not.", "no", True),
+    ("existence", "yes", "no", False),
+    ("existence", "yes or no", "yes", False),
+    ("existence", "", "yes", False),
+    ("colour", "Red.", "red", True),
+    ("colour", "It is red", "red", True),
+    ("colour", "red or blue", "red", False),
+    ("colour", "Blue", "red", False),
+    ("shape", "Circle.", "circle", True),
+    ("shape", "a circle", "circle", True),
+    ("shape", "crosses", "cross", True),
+    ("shape", "square", "circle", False),
+    ("position", "Left.", "left", True),
+    ("position", "on the right side", "right", True),
+    ("position", "left", "right", False),
+    ("count", "3", "3", True),
+    ("count", "three", "3", True),
+    ("count", "There are 3 circles.", "3", True),
+    ("count", "Zero", "0", True),
+    ("count", "4", "3", False),
+    ("count", "none", "0", True),
+    ("arithmetic", "twelve", "12", True),
+    ("arithmetic", "twenty-five", "25", True),
+    ("arithmetic", "144.", "144", True),
+    ("arithmetic", "one hundred forty four", "144", True),
+    ("arithmetic", "13", "12", False),
+    ("letter_count", "5 letters", "5", True),
+    ("multiple_choice", "B", "B", True),
+    ("multiple_choice", "B.", "B", True),
+    ("multiple_choice", "(B)", "B", True),
+    ("multiple_choice", " b ", "B", True),
+    ("multiple_choice", "B) square", "B", True),
+    ("multiple_choice", "The answer is B.", "B", True),
+    ("multiple_choice", "C", "B", False),
+    ("multiple_choice", "A circle", "A", False),  # a sentence starting with the article, not the letter A
+    ("multiple_choice", "", "A", False),
+    ("spelling", "c a t", "c a t", True),
+    ("spelling", "C-A-T.", "c a t", True),
+    ("spelling", "cat", "c a t", False),
+    ("spelling", "c a r", "c a t", False),
+    ("alphabetical", "apple, fig, pear", "apple, fig, pear", True),
+    ("alphabetical", "Apple fig pear.", "apple, fig, pear", True),
+    ("alphabetical", "fig, apple, pear", "apple, fig, pear", False),
+    ("reversal", "Tac.", "tac", True),
+    ("reversal", "cat", "tac", False),
+])
+def test_score_answer(item_type, prediction, answer, expected):
+    assert score_answer(item_type, prediction, answer) is expected
+
+
+def test_score_multiple_choice_by_option_text():
+    choices = ["square", "circle", "cross", "triangle"]
+    assert score_answer("multiple_choice", "circle", "B", choices=choices)
+    assert score_answer("multiple_choice", "It is a circle.", "B", choices=choices)
+    assert not score_answer("multiple_choice", "circle or square", "B", choices=choices)
+    assert not score_answer("multiple_choice", "circle", "B")  # no choices: only letters count
+
+
+def test_score_caption():
+    answer = "A large red circle, a small blue square and a small green triangle on a dark grey background."
+    assert score_answer("caption", answer, answer)
+    assert score_answer("caption", "a small green triangle, a large red circle and a small blue square on a dark "
+                                   "gray background", answer)  # any order, US spelling
+    assert not score_answer("caption", "A large red circle and a small blue square on a dark grey background.", answer)
+    assert not score_answer("caption", answer.replace("dark grey", "beige"), answer)
+    assert not score_answer("caption", answer.replace("large red", "small red"), answer)

@@ -1,0 +1,36 @@
+"""A tiny random-init checkpoint (real LLaMA-2 tokenizer, 28 px images) for running every task end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import owl2
+from owl2.model import init_weights
+from owl2.processing.image import PREPROCESSOR_CONFIG_NAME, ImageProcessor
+from owl2.utils import atomic_write_text
+from tests.training.conftest import tiny_config, write_model_dir
+
+
+def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
+    write_model_dir(directory)
+    model = init_weights(owl2.Owl2ForCausalLM(tiny_config()), seed=seed)
+    owl2.save_model(model, directory)
+    import json
+
+    atomic_write_text(directory / PREPROCESSOR_CONFIG_NAME,
+                      json.dumps(ImageProcessor(size=28, crop_size=28).to_dict()))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("eval-model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_checkpoint):
+    torch.manual_seed(0)
+    return owl2.load(tiny_checkpoint, dtype="fp32", device="cpu", show_progress=False)
