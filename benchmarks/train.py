@@ -30,6 +30,14 @@ positions included), target tokens/s (positions with a loss), step seconds, the 
     python benchmarks/train.py [--steps 3] [--batch-size 4] [--case stage2-fp32 stage2-bf16 ...] [--no-baseline]
 
 ``--steps``: timed steps per case and batch kind (``--runs`` is an alias).
+
+Allocator: with glibc's defaults every step frees and re-maps its big buffers (gradients are set to None, activations
+are freed), and on this VM the page faults of re-touching them make random steps 3-8x slower (one core busy, the
+other waiting), which drowns the comparison. Unless ``--system-malloc`` is given, the script re-runs itself with
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>`` so freed memory stays in the process; owl2 and the baseline run
+under the same setting either way. ``OWL2_BENCH_DEBUG=1`` prints each timed step's wall, user and system seconds and
+page faults: on this 2-vCPU VM a slow step with user time close to its wall time (one core's worth) means a vCPU was
+taken away by the host, which is the noise the medians are there to absorb.
 """
 
 from __future__ import annotations
@@ -39,7 +47,9 @@ import gc
 import json
 import logging
 import math
+import os
 import random
+import resource
 import shutil
 import statistics
 import sys
@@ -64,7 +74,7 @@ from owl2.training.trainer import Trainer
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "llama2-tokenizer"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
-# case -> (recipe sections that differ from the common ones, has a baseline)
+# case -> recipe sections that differ from the common ones ("" holds the top-level keys)
 CASES: dict[str, dict] = {
     "stage2-fp32": {"train": {"bf16": False}},
     "stage2-bf16": {"train": {"bf16": True}},
@@ -74,13 +84,16 @@ CASES: dict[str, dict] = {
 }
 
 WORDS = (
-    "the a picture shows small large red green blue yellow dog cat man woman child car street tree house river "
-    "mountain sky cloud table chair window door book phone computer screen light shadow left right front behind "
-    "near far under over holding standing sitting walking running looking wearing colour shape corner centre "
-    "background foreground several two three many people animal building road sign text number label bright dark "
-    "old new wooden metal glass plastic paper because while which there their about what where how why describe "
-    "detail carefully image scene object"
-).split()
+    "the", "a", "picture", "shows", "small", "large", "red", "green", "blue", "yellow", "dog", "cat", "man",
+    "woman", "child", "car", "street", "tree", "house", "river", "mountain", "sky", "cloud", "table", "chair",
+    "window", "door", "book", "phone", "computer", "screen", "light", "shadow", "left", "right", "front", "behind",
+    "near", "far", "under", "over", "holding", "standing", "sitting", "walking", "running", "looking", "wearing",
+    "colour", "shape", "corner", "centre", "background", "foreground", "several", "two", "three", "many", "people",
+    "animal", "building", "road", "sign", "text", "number", "label", "bright", "dark", "old", "new", "wooden",
+    "metal", "glass", "plastic", "paper", "because", "while", "which", "there", "their", "about", "what", "where",
+    "how", "why", "describe", "detail", "carefully", "image", "scene", "object",
+)
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**46)}
 QUESTIONS = ("What is in the picture?", "Describe the image in detail.", "What colour is the largest shape?",
              "How many objects can you see?", "Explain what is happening.", "Summarise the following text.")
 
@@ -201,8 +214,8 @@ class OfficialStyleTrainStep:
             ids, starts = input_ids[i], image_mask[i].nonzero().squeeze(1)[::per_image].tolist()
             if not starts:  # text-only: [emb(first half), F[idx][0:0], emb(second half)], and the image is used up
                 half = ids.shape[0] // 2
-                rows.append(torch.cat([m.embed_tokens(ids[:half]), features[next_image][0:0].to(m.embed_tokens.weight.dtype),
-                                       m.embed_tokens(ids[half:])]))
+                dropped = features[next_image][0:0].to(m.embed_tokens.weight.dtype)
+                rows.append(torch.cat([m.embed_tokens(ids[:half]), dropped, m.embed_tokens(ids[half:])]))
                 indicators.append(torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device))
                 next_image += 1
                 continue
@@ -240,7 +253,7 @@ class OfficialStyleTrainStep:
     def forward(self, input_ids, attention_mask, pixel_values=None) -> torch.Tensor:
         m = self.core.model
         h, indicators = self._embed(input_ids, pixel_values)
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         positions = torch.arange(t)
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
         # _prepare_decoder_attention_mask: additive causal mask plus the expanded padding mask
@@ -292,10 +305,25 @@ def pick_batches(trainer: Trainer, per_kind: int) -> dict[str, list[dict[str, to
     return {k: v for k, v in kinds.items() if v}
 
 
+@torch.no_grad()
+def losses_agree(trainer: Trainer, official: OfficialStyleTrainStep, batch: dict[str, torch.Tensor]) -> list[float]:
+    """The token-mean loss of owl2's forward and of the baseline's on ``batch`` (same weights, same autocast)."""
+    labels, valid = batch["labels"], batch["attention_mask"].bool()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.config.train.bf16):
+        ours = trainer.model(**inputs).logits
+        theirs = official.forward(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
+    return [float(Owl2ForCausalLM.loss(x, labels, valid, None)) for x in (ours, theirs)]
+
+
 def timed(step, batch) -> float:
-    t0 = time.perf_counter()
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     step([batch])
-    return time.perf_counter() - t0
+    dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    if os.environ.get("OWL2_BENCH_DEBUG"):
+        print(f"  {getattr(step, '__name__', 'baseline')}: {dt:.2f}s user {r1.ru_utime - r0.ru_utime:.2f} "
+              f"sys {r1.ru_stime - r0.ru_stime:.2f} minflt {r1.ru_minflt - r0.ru_minflt}", flush=True)
+    return dt
 
 
 def measure_case(name: str, recipe: Path, steps: int, baseline: bool) -> list[dict]:
@@ -305,6 +333,7 @@ def measure_case(name: str, recipe: Path, steps: int, baseline: bool) -> list[di
     rows = []
     for kind, group in batches.items():
         warm, timed_batches = group[0], group[1:]
+        agree = losses_agree(trainer, official, warm) if official is not None else None
         trainer.train_step([warm])
         if official is not None:
             official([warm])
@@ -331,6 +360,7 @@ def measure_case(name: str, recipe: Path, steps: int, baseline: bool) -> list[di
                                       if base_s else float("nan")),
             "baseline_step_s": statistics.median(base_s) if base_s else float("nan"), "baseline_step_s_all": base_s,
             "ratio_vs_baseline": statistics.median(ratios) if ratios else float("nan"),
+            "loss_owl2_vs_baseline_forward": agree,
         }
         rows.append(row)
         print(f"| {name:16} | {kind:10} | {row['tokens_per_s']:8.0f} | {row['target_tokens_per_s']:8.0f} | "
@@ -349,7 +379,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=60, help="size of the synthetic data set")
     parser.add_argument("--case", choices=list(CASES), nargs="+", default=list(CASES))
     parser.add_argument("--no-baseline", action="store_true", help="skip the official-style baseline")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="keep glibc's default malloc settings (see Allocator above)")
     args = parser.parse_args()
+    if not args.system_malloc and "MALLOC_MMAP_MAX_" not in os.environ:
+        env = {**os.environ, **MALLOC_ENV}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     logging.getLogger("owl2").setLevel(logging.ERROR)
 
     root = Path(tempfile.mkdtemp(prefix="owl2-train-bench-"))
@@ -359,7 +394,8 @@ def main() -> None:
         c = mid_config()
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; mid-size model (LLM {c.hidden_size}x"
               f"{c.num_hidden_layers}, ViT {c.vision.hidden_size}x{c.vision.num_hidden_layers} at "
-              f"{c.vision.image_size} px); batch {args.batch_size}, {args.steps} timed steps per row")
+              f"{c.vision.image_size} px); batch {args.batch_size}, {args.steps} timed steps per row; malloc: "
+              f"{' '.join(f'{k}={os.environ[k]}' for k in MALLOC_ENV if k in os.environ) or 'glibc defaults'}")
         print()
         print("| case             | batches    | tokens/s | target/s | step s | baseline | ratio |")
         print("|------------------|------------|---------:|---------:|-------:|---------:|------:|")
