@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,8 +110,19 @@ class Pipeline:
         return ids[1:] if len(ids) > 1 and self.tokenizer.decode(ids[:1]).strip() == "" else ids
 
 
+def default_model() -> Path:
+    """The embedded ``owl2-tiny`` checkpoint that every entry point uses when no model is given."""
+    from owl2.experiments.tiny import default_model_dir
+
+    directory = default_model_dir()
+    if not (directory / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the embedded model is missing from {directory}; rebuild it with "
+                                "`owl2 experiment build-tiny --install` or pass a model")
+    return directory
+
+
 def load(
-    path_or_id: str | os.PathLike[str],
+    path_or_id: str | os.PathLike[str] | None = None,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     *,
@@ -119,12 +131,13 @@ def load(
 ) -> Pipeline:
     """Load a checkpoint directory (or hub id) with its tokenizer and image processor into a :class:`Pipeline`.
 
-    ``device`` defaults to CUDA when available, else the CPU; ``dtype`` to bfloat16.
+    With no path, the embedded ``owl2-tiny`` (:func:`default_model`). ``device`` defaults to CUDA when available,
+    else the CPU; ``dtype`` to bfloat16.
     """
     from owl2.processing.image import load_image_processor
     from owl2.processing.tokenizer import load_tokenizer
 
-    directory = resolve_checkpoint(path_or_id)
+    directory = default_model() if path_or_id is None else resolve_checkpoint(path_or_id)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(directory, dtype=parse_dtype(dtype) or torch.bfloat16, device=device,
                        show_progress=show_progress)

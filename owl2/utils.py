@@ -68,3 +68,26 @@ def _plain_progress(items: Iterable[T], total: int | None, desc: str) -> Iterato
     for i, item in enumerate(items, 1):
         yield item
         print(f"{desc}: {i}/{total if total is not None else '?'}", file=sys.stderr, flush=True)
+
+
+def pyplot() -> Any | None:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(figure: Any, path: str | os.PathLike[str]) -> None:
+    """Write ``figure`` as a PNG atomically and release it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with atomic_output(path, "wb") as handle:
+        figure.savefig(handle, format="png")
+    plt.close(figure)
+

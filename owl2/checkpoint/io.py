@@ -297,6 +297,23 @@ class ShardWriter:
         return [self.directory / n for n in names]
 
 
+PROCESSING_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "preprocessor_config.json")
+"""What a pipeline reads besides the weights and config (:func:`owl2.load`)."""
+
+
+def copy_processing_files(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> list[str]:
+    """Copy the tokenizer and image-processor files that ``source`` has into ``destination`` (each atomically)."""
+    source, destination = Path(source), Path(destination)
+    copied = []
+    for name in PROCESSING_FILES:
+        if (source / name).is_file():
+            with atomic_output(destination / name) as handle:
+                handle.write((source / name).read_bytes())
+            copied.append(name)
+    return copied
+
+
 def save_model(
     model: Owl2ForCausalLM,
     directory: str | os.PathLike[str],
@@ -335,11 +352,13 @@ def save_state_dict(
 
 
 __all__ = [
+    "PROCESSING_FILES",
     "CheckpointError",
     "ShardWriter",
     "atomic_output",
     "build_empty",
     "check_keys",
+    "copy_processing_files",
     "iter_checkpoint",
     "load_model",
     "parse_dtype",

@@ -40,7 +40,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, object]:
 def _load_pipeline(args: argparse.Namespace):  # -> owl2.api.Pipeline (imported lazily: torch import is slow)
     from owl2.api import load
 
-    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    print(f"loading {args.model or 'owl2-tiny (the embedded default)'} ...", file=sys.stderr, flush=True)
     return load(args.model, dtype=args.dtype, device=args.device, policy=args.policy)
 
 
@@ -127,7 +127,8 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory or Hugging Face hub id (default: the embedded owl2-tiny)")
     parser.add_argument("--image", action="append", help="image file (repeat for several)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -165,17 +166,56 @@ def _eval(args: argparse.Namespace) -> int:
             task = get_task(name)
             print(f"{name:14s} {task.mode:13s} {task.data_format}")
         return 0
-    missing = [flag for flag, value in (("--model", args.model), ("--task", args.task), ("--data", args.data))
-               if value is None]
+    missing = [flag for flag, value in (("--task", args.task), ("--data", args.data)) if value is None]
     if missing:
         raise ValueError(f"give {', '.join(missing)} (or --list to see the tasks)")
     task = get_task(args.task)
-    output = args.output or str(Path("eval-results") / Path(args.model).name)
+    output = args.output or str(Path("eval-results") / Path(args.model or "owl2-tiny").name)
     pipe = _load_pipeline(args)
     result = evaluate(pipe, task, args.data, output, limit=args.limit, batch_size=args.batch_size,
                       show_progress=not args.quiet)
     headline = ", ".join(f"{k} {v:.2f}" for k, v in result.report.metrics.items())
     print(f"{task.name}: {headline} ({result.ran} new predictions); report: {result.report_paths[1]}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import random
+
+    from owl2.data.shapes import generate_scene, render_scene, scene_questions, score_answer
+
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**9)
+    scene = generate_scene(f"demo/{seed}")
+    image = render_scene(scene, size=64)
+    image.save(args.output)
+    print(f"drew a new scene (seed {seed}) into {args.output}")
+    pipe = _load_pipeline(args)
+    items = scene_questions(scene, random.Random(seed))
+    chosen = [next(i for i in items if i.type == kind) for kind in ("caption", "count", "existence", "colour")
+              if any(i.type == kind for i in items)]
+    right = 0
+    for item in chosen:
+        answer = pipe.chat(item.question, [args.output], max_new_tokens=48)
+        ok = score_answer(item.type, answer, item.answer, choices=item.choices)
+        right += ok
+        print(f"Q: {item.question.splitlines()[0]}\nA: {answer}    [{'right' if ok else 'wrong: ' + item.answer}]")
+    print(f"{right}/{len(chosen)} right")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from owl2.experiments.tiny import TinyBuild, build_tiny
+
+    if args.name == "build-tiny":
+        build = TinyBuild(scenes=args.scenes or TinyBuild.scenes)
+        result = build_tiny(args.workdir or "runs/owl2-tiny", build, install=args.install)
+        print(f"owl2-tiny: held-out accuracy {result['report']['metrics']['accuracy']:.1f} %; checkpoint "
+              f"{result['final']}" + ("; installed as the embedded default" if args.install else ""))
+        return 0
+    from owl2.experiments.ablation import run_mam_ablation
+
+    report = run_mam_ablation(args.workdir or "runs/mam-ablation", scenes=args.scenes, steps=args.steps)
+    print(report["markdown"])
     return 0
 
 
@@ -218,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cached in OUTPUT/TASK.predictions.jsonl as they are made, so a rerun resumes; the report goes to "
         "OUTPUT/TASK.report.{json,md} (and a per-category plot).",
     )
-    evaluation.add_argument("--model", help="checkpoint directory or hub id")
+    evaluation.add_argument("--model", help="checkpoint directory or hub id (default: the embedded owl2-tiny)")
     evaluation.add_argument("--task", help="task name (see --list)")
     evaluation.add_argument("--data", help="the benchmark's files on local disk")
     evaluation.add_argument("--limit", type=int, default=None, help="only the first N samples")
@@ -229,6 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluation.add_argument("--list", action="store_true", help="list the tasks and the file layout each reads")
     evaluation.set_defaults(handler=_eval, policy=None)
+
+    demo = commands.add_parser("demo", help="draw a fresh shapes scene and ask the model about it",
+                               description="Draws a new scene of coloured shapes, saves it, and asks the model "
+                               "(default: the embedded owl2-tiny) a few questions, marking each answer.")
+    _add_model_options(demo)
+    demo.add_argument("--output", default="scene.png", help="where the scene is saved (default scene.png)")
+    demo.set_defaults(handler=_demo)
+
+    experiment = commands.add_parser(
+        "experiment", help="build-tiny (train the embedded model) or mam-ablation (the paper's Table 5, small)",
+        description="build-tiny: the shapes-world data, a tokenizer, stage 1 and stage 2 with configs/tiny/, the "
+        "held-out evaluation and the model card (--install replaces the embedded model). mam-ablation: trains the "
+        "tiny model with and without the Modality-Adaptive Module on the same data and budget and reports "
+        "multimodal and text-only accuracy side by side.",
+    )
+    experiment.add_argument("name", choices=["build-tiny", "mam-ablation"])
+    experiment.add_argument("--workdir", default=None, help="where data, runs and reports go")
+    experiment.add_argument("--scenes", type=int, default=None, help="training scenes")
+    experiment.add_argument("--steps", type=int, default=None, help="mam-ablation: stage-2 steps per variant")
+    experiment.add_argument("--install", action="store_true", help="build-tiny: replace the embedded model")
+    experiment.set_defaults(handler=_experiment)
 
     train = commands.add_parser(
         "train", help="train with a recipe (stage1, stage2, lora, or a TOML file)",
@@ -252,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (CheckpointError, ConfigError, ValueError, OSError) as exc:
+    except (CheckpointError, ConfigError, ValueError, OSError) as exc:  # FileNotFoundError is an OSError
         print(f"owl2 {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

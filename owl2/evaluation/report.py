@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from owl2.evaluation.tasks.base import TaskReport
-from owl2.utils import atomic_output
+from owl2.utils import pyplot, save_figure
 
 
 def _fmt(value: Any) -> str:
@@ -31,12 +31,8 @@ def plot_breakdown(task: str, report: TaskReport, path: Path) -> bool:
     rows = [(name, row[metric]) for name, row in report.breakdown.items() if metric and metric in row]
     if not rows:
         return False
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     names, values = zip(*rows, strict=True)
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2), dpi=100)
@@ -48,8 +44,5 @@ def plot_breakdown(task: str, report: TaskReport, path: Path) -> bool:
     for i, value in enumerate(values):
         ax.text(value, i, f" {value:.1f}", va="center", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    with atomic_output(path, "wb") as handle:
-        fig.savefig(handle, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
     return True

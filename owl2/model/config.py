@@ -128,6 +128,9 @@ class Owl2Config:
     tie_word_embeddings: bool = False
     use_cache: bool = True
     image_token_id: int | None = None
+    modality_adaptive: bool = True
+    """owl2's switch for the paper's ablation: False shares the norms and K/V projections between text and image
+    positions (one ``multiway.0`` branch, no ``multiway.1``)."""
     model_type: str = "mplug_owl2"
     architectures: list[str] = field(default_factory=lambda: ["MPLUGOwl2LlamaForCausalLM"])
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -241,6 +244,8 @@ class Owl2Config:
             out.pop(internal, None)
         if self.image_token_id is None:
             out.pop("image_token_id")
+        if self.modality_adaptive:  # the released layout; only the ablation writes the key
+            out.pop("modality_adaptive")
         visual = copy.deepcopy(self.visual_extra)
         visual["visual_model"] = _to_dict(self.vision)
         visual["visual_abstractor"] = _to_dict(self.abstractor)

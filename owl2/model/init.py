@@ -42,7 +42,7 @@ def init_weights(model: Owl2ForCausalLM, seed: int = 0) -> Owl2ForCausalLM:
             if param is not None:
                 normal_(param, std)
     for name, module in model.named_modules():
-        if name.endswith(".multiway"):
+        if name.endswith(".multiway") and len(module) == 2:
             module[1].load_state_dict(module[0].state_dict())
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -90,33 +90,37 @@ class RMSNorm(nn.Module):
 
 
 class MultiwayRMSNorm(nn.Module):
-    """Two RMSNorms (``multiway.0`` text, ``multiway.1`` image) that differ only in their gains."""
+    """Two RMSNorms (``multiway.0`` text, ``multiway.1`` image) that differ only in their gains.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    ``branches=1`` (the MAM ablation) keeps only ``multiway.0``, shared by every position."""
+
+    def __init__(self, dim: int, eps: float, branches: int = 2) -> None:
         super().__init__()
-        self.multiway = nn.ModuleList([RMSNorm(dim, eps), RMSNorm(dim, eps)])
+        self.multiway = nn.ModuleList([RMSNorm(dim, eps) for _ in range(branches)])
 
     def forward(self, x: torch.Tensor, route: ModalityRoute) -> torch.Tensor:
-        text, image = self.multiway
+        text = self.multiway[0]
         normed = text.normalize(x)
-        if route.text_only:
+        if route.text_only or len(self.multiway) == 1:
             return text.weight * normed
-        gain = torch.where(route.image_mask[..., None], image.weight, text.weight)
+        gain = torch.where(route.image_mask[..., None], self.multiway[1].weight, text.weight)
         return gain * normed
 
 
 class MultiwayLinear(nn.Module):
-    """Two linear maps (``multiway.0`` text, ``multiway.1`` image); each position goes through its own branch."""
+    """Two linear maps (``multiway.0`` text, ``multiway.1`` image); each position goes through its own branch.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    ``branches=1`` (the MAM ablation) keeps only ``multiway.0``, shared by every position."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, branches: int = 2) -> None:
         super().__init__()
         self.out_features = out_features
-        self.multiway = nn.ModuleList([Linear(in_features, out_features, bias=bias) for _ in range(2)])
+        self.multiway = nn.ModuleList([Linear(in_features, out_features, bias=bias) for _ in range(branches)])
 
     def forward(self, x: torch.Tensor, route: ModalityRoute) -> torch.Tensor:
+        if route.text_only or len(self.multiway) == 1:
+            return self.multiway[0](x)
         text, image = self.multiway
-        if route.text_only:
-            return text(x)
         flat = x.reshape(-1, x.shape[-1])
         out = flat.new_zeros(flat.shape[0], self.out_features)
         out = out.index_copy(0, route.text_index, text(flat.index_select(0, route.text_index)))
@@ -182,8 +186,9 @@ class Attention(nn.Module):
         bias = config.attention_bias
         d, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
         self.q_proj = Linear(d, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = MultiwayLinear(d, kv, bias=bias)
-        self.v_proj = MultiwayLinear(d, kv, bias=bias)
+        branches = 2 if config.modality_adaptive else 1
+        self.k_proj = MultiwayLinear(d, kv, bias=bias, branches=branches)
+        self.v_proj = MultiwayLinear(d, kv, bias=bias, branches=branches)
         self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=bias)
 
     def forward(
@@ -226,9 +231,10 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: Owl2Config) -> None:
         super().__init__()
-        self.input_layernorm = MultiwayRMSNorm(config.hidden_size, config.rms_norm_eps)
+        branches = 2 if config.modality_adaptive else 1
+        self.input_layernorm = MultiwayRMSNorm(config.hidden_size, config.rms_norm_eps, branches)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = MultiwayRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = MultiwayRMSNorm(config.hidden_size, config.rms_norm_eps, branches)
         self.mlp = MLP(config)
 
     def forward(

@@ -33,10 +33,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from owl2.checkpoint.io import CheckpointError, load_model, parse_dtype, resolve_checkpoint, save_model
+from owl2.checkpoint.io import (
+    CheckpointError,
+    copy_processing_files,
+    load_model,
+    parse_dtype,
+    resolve_checkpoint,
+    save_model,
+)
 from owl2.model.config import Owl2Config
 from owl2.model.modeling import Owl2ForCausalLM
-from owl2.utils import atomic_output, atomic_write_text, read_json_object
+from owl2.utils import atomic_write_text, read_json_object
 
 _LAYER = r"model\.layers\.\d+\."
 _MLP = r"mlp\.(gate_proj|up_proj|down_proj)"
@@ -57,13 +64,6 @@ QUANTIZE_MODES = ("int8",)
 SETTINGS_FILE = "owl2_lora.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "preprocessor_config.json",
-)
 
 
 @dataclass
@@ -304,11 +304,6 @@ def load_adapter(
     return model
 
 
-def _copy_atomic(source: Path, destination: Path) -> None:
-    with open(source, "rb") as src, atomic_output(destination, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-
-
 def merge_adapter(
     base_path: str | os.PathLike[str],
     adapter_dir: str | os.PathLike[str],
@@ -332,9 +327,7 @@ def merge_adapter(
     adapted = load_adapter(model, adapter_dir, quantize_base=False)
     merged = adapted.merge_and_unload()
     files = save_model(merged, out_dir, dtype=out_dtype)
-    for name in TOKENIZER_FILES:
-        if (base_dir / name).is_file():
-            _copy_atomic(base_dir / name, Path(out_dir) / name)
+    copy_processing_files(base_dir, out_dir)
     return files
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from owl2.utils import atomic_output, atomic_write_text
+from owl2.utils import atomic_write_text, pyplot, save_figure
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -73,12 +73,8 @@ def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike[str],
     points = [(r["step"], r["loss"]) for r in records if "loss" in r]
     if not points:
         return False
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     steps, losses = zip(*points, strict=True)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -92,8 +88,5 @@ def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike[str],
         twin = ax.twinx()
         twin.plot(*zip(*lrs, strict=True), color="tab:orange", alpha=0.6, label="learning rate")
         twin.set_ylabel("learning rate")
-    fig.tight_layout()
-    with atomic_output(path, "wb") as handle:
-        fig.savefig(handle, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
     return True

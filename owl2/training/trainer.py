@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from owl2.checkpoint.io import load_model, resolve_checkpoint, save_state_dict
+from owl2.checkpoint.io import copy_processing_files, load_model, resolve_checkpoint, save_state_dict
 from owl2.data import IGNORE_INDEX, ModalityLengthGroupedSampler, SupervisedDataset, collate
 from owl2.model.config import Owl2Config
 from owl2.model.init import init_weights
@@ -58,11 +58,9 @@ from owl2.training.distributed import (
 )
 from owl2.training.metrics import MetricsLogger, plot_loss_curve, read_metrics
 from owl2.training.optim import build_optimizer, build_scheduler, lr_multiplier, set_trainable
-from owl2.utils import atomic_output, atomic_write_text
+from owl2.utils import atomic_write_text
 
 logger = logging.getLogger("owl2.training")
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class TrainingDiverged(RuntimeError):
@@ -400,10 +398,7 @@ class Trainer:
 
     def _copy_processing_files(self, directory: Path) -> None:
         """Tokenizer and image processor next to the weights, so ``owl2.load(directory)`` works."""
-        for name in TOKENIZER_FILES:
-            if (self.tokenizer_dir / name).is_file():
-                with atomic_output(directory / name) as handle:
-                    handle.write((self.tokenizer_dir / name).read_bytes())
+        copy_processing_files(self.tokenizer_dir, directory)
         atomic_write_text(directory / PREPROCESSOR_CONFIG_NAME,
                           json.dumps(self.image_processor.to_dict(), indent=2) + "\n")
 

@@ -8,7 +8,8 @@ applied). ``mode`` is ``"generate"`` (greedy decoding up to ``max_new_tokens``) 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,6 +53,20 @@ class TaskReport:
     """Per category (or subtask / question type): metric name -> value."""
     plot_metric: str | None = None
     """Which breakdown metric the per-category bar plot shows."""
+
+
+def accuracy_report(scored: Iterable[tuple[str, float]], extra: dict[str, float] | None = None) -> TaskReport:
+    """``(group, score in [0, 1])`` per sample -> accuracy (x100) overall and per group (the breakdown is left out
+    when there is only one group). ``extra`` metrics are added to the headline ones."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for group, score in scored:
+        groups[str(group)].append(float(score))
+    everything = [x for v in groups.values() for x in v]
+    if not everything:
+        raise ValueError("no scored samples")
+    breakdown = {k: {"accuracy": 100 * sum(v) / len(v), "count": len(v)} for k, v in sorted(groups.items())}
+    metrics = {"accuracy": 100 * sum(everything) / len(everything), **(extra or {})}
+    return TaskReport(metrics, breakdown if len(groups) > 1 else {}, "accuracy")
 
 
 class Task:

@@ -19,7 +19,6 @@ import io
 import json
 import math
 import sys
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from owl2.evaluation.tasks.base import (
     Sample,
     Task,
     TaskReport,
+    accuracy_report,
     chat_prompt,
     options_block,
     register,
@@ -45,14 +45,8 @@ def choice_prompt(question: str, options: Sequence[str], context: str | None = N
 
 def _accuracy_report(samples: Sequence[Sample], predictions: dict[str, dict[str, Any]], key: str) -> TaskReport:
     """Accuracy overall and per ``sample.meta[key]`` for letter answers."""
-    groups: dict[str, list[float]] = defaultdict(list)
-    for sample in samples:
-        letter = extract_choice(predictions[sample.id]["prediction"], sample.meta["options"])
-        groups[str(sample.meta.get(key, "all"))].append(float(letter == sample.answer))
-    everything = [x for v in groups.values() for x in v]
-    breakdown = {k: {"accuracy": 100 * sum(v) / len(v), "count": len(v)} for k, v in sorted(groups.items())}
-    return TaskReport({"accuracy": 100 * sum(everything) / len(everything)}, breakdown if len(groups) > 1 else {},
-                      "accuracy")
+    return accuracy_report((s.meta.get(key, "all"), extract_choice(predictions[s.id]["prediction"],
+                                                                   s.meta["options"]) == s.answer) for s in samples)
 
 
 def _is_blank(value: Any) -> bool:
@@ -204,14 +198,10 @@ class MMLUTask(Task):
         return samples
 
     def score(self, samples: Sequence[Sample], predictions: dict[str, dict[str, Any]]) -> TaskReport:
-        groups: dict[str, list[float]] = defaultdict(list)
-        for sample in samples:
-            groups[sample.meta["subject"]].append(float(predictions[sample.id]["prediction"] == sample.answer))
-        everything = [x for v in groups.values() for x in v]
-        breakdown = {k: {"accuracy": 100 * sum(v) / len(v), "count": len(v)} for k, v in sorted(groups.items())}
-        return TaskReport({"accuracy": 100 * sum(everything) / len(everything),
-                           "subject_average": sum(b["accuracy"] for b in breakdown.values()) / len(breakdown)},
-                          breakdown, "accuracy")
+        report = accuracy_report((s.meta["subject"], predictions[s.id]["prediction"] == s.answer) for s in samples)
+        rows = report.breakdown or {"all": report.metrics}
+        report.metrics["subject_average"] = sum(r["accuracy"] for r in rows.values()) / len(rows)
+        return report
 
     def settings(self) -> dict[str, Any]:
         return {"mode": self.mode, "shots": self.shots, "scoring": "log-likelihood of ' A'..' D' after 'Answer:'"}

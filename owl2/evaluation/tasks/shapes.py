@@ -5,18 +5,19 @@
 never meets the training stream, plus 200 text-only items) into DIR when DIR has no ``eval.jsonl``. Short answers
 carry the VQA suffix, captions the captioning prompt and multiple-choice questions the MMBench layout; every answer
 is scored by :func:`owl2.data.shapes.score_answer` (normalised text, option letters). Captions also get CIDEr-D.
+Prompts use the model's chat template (:func:`shapes_prompt`).
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from owl2.evaluation.metrics import caption_scores
-from owl2.evaluation.tasks.base import Sample, Task, TaskReport, chat_prompt, register, resolve_image
+from owl2.evaluation.tasks.base import Sample, Task, TaskReport, accuracy_report, register, resolve_image
+from owl2.processing.conversation import render_conversation
 
 QUESTIONS_FILE = "eval.jsonl"
 DEFAULT_SCENES = 1000
@@ -24,9 +25,12 @@ DEFAULT_TEXT_ITEMS = 200
 
 
 def shapes_prompt(item: dict[str, Any]) -> str:
-    """The generator's question text already carries the official suffix (short answer, option letter or caption
-    request); only the chat wrapper is added, with one ``<|image|>`` for scene questions."""
-    return chat_prompt(item["question"], num_images=1 if item.get("image") else 0)
+    """The question as the ``mplug_owl2`` template renders a training sample of the shapes world
+    (``USER: <|image|>\n{question} ASSISTANT:``). The generator's question text already carries its suffix (short
+    answer, option letter or caption request). This is the model's own chat format, not the official evaluation
+    scripts' variant with a trailing space, which tokenises the first answer word differently."""
+    text = f"<|image|>\n{item['question']}" if item.get("image") else item["question"]
+    return render_conversation([{"role": "user", "content": text}], images=[None] if item.get("image") else None)
 
 
 @register("shapes")
@@ -55,17 +59,11 @@ class ShapesTask(Task):
     def score(self, samples: Sequence[Sample], predictions: dict[str, dict[str, Any]]) -> TaskReport:
         from owl2.data.shapes import score_answer
 
-        groups: dict[str, list[float]] = defaultdict(list)
-        for sample in samples:
-            prediction = predictions[sample.id]["prediction"]
-            ok = score_answer(sample.meta["type"], prediction, sample.answer, choices=sample.meta["choices"])
-            groups[sample.meta["type"]].append(float(ok))
-        everything = [x for v in groups.values() for x in v]
-        breakdown = {k: {"accuracy": 100 * sum(v) / len(v), "count": len(v)} for k, v in sorted(groups.items())}
-        metrics = {"accuracy": 100 * sum(everything) / len(everything)}
+        report = accuracy_report((s.meta["type"], score_answer(s.meta["type"], predictions[s.id]["prediction"],
+                                                               s.answer, choices=s.meta["choices"])) for s in samples)
         captions = [s for s in samples if s.meta["type"] == "caption"]
         if captions:
             scores = caption_scores({s.id: predictions[s.id]["prediction"] for s in captions},
                                     {s.id: [s.answer] for s in captions})
-            metrics["caption_CIDEr"] = 100 * scores["CIDEr"]
-        return TaskReport(metrics, breakdown, "accuracy")
+            report.metrics["caption_CIDEr"] = 100 * scores["CIDEr"]
+        return report

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from owl2.evaluation.metrics import exact_match, pope_metrics, vqa_accuracy
-from owl2.evaluation.tasks.base import SHORT_ANSWER, Sample, Task, TaskReport, chat_prompt, register, resolve_image
+from owl2.evaluation.tasks.base import (
+    SHORT_ANSWER,
+    Sample,
+    Task,
+    TaskReport,
+    accuracy_report,
+    chat_prompt,
+    register,
+    resolve_image,
+)
 
 
 def vqa_prompt(question: str) -> str:
@@ -107,15 +116,8 @@ class VQATask(Task):
                 for qid, image, question, answers, meta in load_vqa_samples(data)]
 
     def score(self, samples: Sequence[Sample], predictions: dict[str, dict[str, Any]]) -> TaskReport:
-        by_type: dict[str, list[float]] = defaultdict(list)
-        scores = []
-        for sample in samples:
-            score = vqa_accuracy(predictions[sample.id]["prediction"], sample.answer)
-            scores.append(score)
-            by_type[sample.meta.get("answer_type", "all")].append(score)
-        breakdown = {t: {"accuracy": 100 * sum(v) / len(v), "count": len(v)} for t, v in sorted(by_type.items())}
-        return TaskReport({"accuracy": 100 * sum(scores) / len(scores)}, breakdown if len(breakdown) > 1 else {},
-                          "accuracy")
+        return accuracy_report((s.meta.get("answer_type", "all"), vqa_accuracy(predictions[s.id]["prediction"],
+                                                                               s.answer)) for s in samples)
 
 
 @register("gqa")
@@ -133,14 +135,8 @@ class GQATask(Task):
                 for qid, q in questions.items()]
 
     def score(self, samples: Sequence[Sample], predictions: dict[str, dict[str, Any]]) -> TaskReport:
-        by_type: dict[str, list[float]] = defaultdict(list)
-        for sample in samples:
-            by_type[sample.meta["structural"]].append(
-                float(exact_match(predictions[sample.id]["prediction"], sample.answer)))
-        everything = [x for v in by_type.values() for x in v]
-        breakdown = {t: {"accuracy": 100 * sum(v) / len(v), "count": len(v)} for t, v in sorted(by_type.items())}
-        return TaskReport({"accuracy": 100 * sum(everything) / len(everything)},
-                          breakdown if len(breakdown) > 1 else {}, "accuracy")
+        return accuracy_report((s.meta["structural"], exact_match(predictions[s.id]["prediction"], s.answer))
+                               for s in samples)
 
 
 def _gqa_image(root: Path, image_id: str) -> Path:

@@ -1,0 +1,2 @@
+"""Experiments run with owl2's own pipeline: the embedded ``owl2-tiny`` (:mod:`owl2.experiments.tiny`), its
+tokenizer (:mod:`owl2.experiments.tokenizer`) and the MAM ablation (:mod:`owl2.experiments.ablation`)."""

@@ -1,0 +1,69 @@
+"""The embedded owl2-tiny: it ships, loads by default, answers the README's question, keeps its model-card accuracy
+on held-out scenes; and the build and ablation machinery runs end to end at toy scale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import owl2
+from owl2.cli.main import main as cli
+from owl2.data.shapes import write_eval_set
+from owl2.evaluation import evaluate
+from owl2.experiments.ablation import run_mam_ablation
+from owl2.experiments.tiny import EVAL_FILE, TinyBuild, build_tiny, default_model_dir
+
+REPO = Path(__file__).parents[2]
+EXAMPLE = REPO / "examples" / "scene.png"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return owl2.load(dtype="bf16", device="cpu", show_progress=False)
+
+
+def test_the_embedded_model_ships_small():
+    directory = default_model_dir()
+    size = sum(p.stat().st_size for p in directory.iterdir())
+    assert size <= 25 * 2**20
+    assert {"config.json", "model.safetensors", "tokenizer.model", "preprocessor_config.json", "README.md",
+            EVAL_FILE} <= {p.name for p in directory.iterdir()}
+
+
+def test_readme_command_answers_the_example(capsys):
+    expected = json.loads((REPO / "examples" / "scene.json").read_text())["answers"]["How many circles are there?"]
+    assert cli(["ask", "--image", str(EXAMPLE), "--prompt", "How many circles are there?"]) == 0
+    assert capsys.readouterr().out.strip() == expected
+
+
+def test_held_out_accuracy_matches_the_model_card(tmp_path, tiny):
+    card = json.loads((default_model_dir() / EVAL_FILE).read_text())
+    data = write_eval_set(tmp_path / "eval", scenes=200, seed=card["seed"], size=64).parent  # the card's first scenes
+    report = evaluate(tiny, "shapes", data, tmp_path / "out", batch_size=32, show_progress=False).report
+    assert report.metrics["accuracy"] >= card["metrics"]["accuracy"] - 4.0
+    for kind in ("existence", "colour"):
+        assert report.breakdown[kind]["accuracy"] >= card["breakdown"][kind]["accuracy"] - 4.0
+
+
+def test_demo_draws_and_asks(tmp_path, capsys):
+    assert cli(["demo", "--seed", "7", "--output", str(tmp_path / "scene.png")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "scene.png").is_file() and "Q: How many" in out and out.rstrip().endswith("right")
+
+
+def test_build_and_ablation_run_at_toy_scale(tmp_path):
+    build = TinyBuild(scenes=24, text_items=16, eval_scenes=3, eval_text_items=4, vocab_size=400, stage1_steps=2,
+                      stage2_steps=3)
+    result = build_tiny(tmp_path / "build", build)
+    final = result["final"]
+    assert (final / "README.md").read_text().startswith("# owl2-tiny")
+    assert json.loads((final / EVAL_FILE).read_text())["metrics"]["accuracy"] >= 0
+    owl2.load(final, dtype="fp32", show_progress=False)
+    report = run_mam_ablation(tmp_path / "ablation", build=build)
+    assert set(report["results"]) == {"MAM (modality-adaptive norms and K/V)", "no MAM (shared norms and K/V)"}
+    off = owl2.load_model(tmp_path / "ablation" / "no-mam" / "stage2" / "final", show_progress=False)
+    assert not off.config.modality_adaptive
+    assert not any(".multiway.1." in n for n, _ in off.named_parameters())
+    assert "| variant | multimodal | text-only |" in (tmp_path / "ablation" / "report.md").read_text()
