@@ -32,14 +32,14 @@ def run_mam_ablation(workdir: str | os.PathLike[str], *, scenes: int | None = No
                      build: TinyBuild | None = None, configs: Path = REPO_CONFIGS) -> dict[str, Any]:
     """Train and score both variants; writes ``report.json`` and ``report.md`` under ``workdir``.
 
-    Default budget: 8000 scenes and 3000 text items, stage 1 100 steps, stage 2 1200 steps (``steps``), scored on
-    300 held-out scenes and 200 text items."""
+    Default budget: 8000 scenes and 3000 text items, stages 0/1/2 of 300/600/1000 steps (``steps`` sets stage 2),
+    scored on 300 held-out scenes and 200 text items."""
     from owl2.data.shapes import TEXT_QUESTION_TYPES
     from owl2.model.config import Owl2Config
 
     workdir = Path(workdir)
     build = build or TinyBuild(scenes=scenes or 8000, text_items=3000, eval_scenes=300, eval_text_items=200,
-                               stage1_steps=100, stage2_steps=steps or 1200)
+                               stage0_steps=300, stage1_steps=600, stage2_steps=steps or 1000)
     shared = prepare(workdir / "shared", build, configs)
     results = {}
     for name, adaptive in VARIANTS.items():
@@ -71,9 +71,10 @@ def run_mam_ablation(workdir: str | os.PathLike[str], *, scenes: int | None = No
 def ablation_table(results: dict[str, dict[str, Any]], build: TinyBuild) -> str:
     kinds = sorted({k for r in results.values() for k in r["per_type"]})
     head = "| variant | multimodal | text-only | " + " | ".join(kinds) + " |"
-    lines = [f"Same data ({build.scenes} scenes, {build.text_items} text items), recipe, steps (stage 1 "
-             f"{build.stage1_steps}, stage 2 {build.stage2_steps}) and seed; {build.eval_scenes} held-out scenes and "
-             f"{build.eval_text_items} text items. Accuracy in %.", "", head, "|---" * (len(kinds) + 3) + "|"]
+    lines = [f"Same data ({build.scenes} scenes, {build.text_items} text items), recipe, steps (stages 0/1/2: "
+             f"{build.stage0_steps}/{build.stage1_steps}/{build.stage2_steps}) and seed; {build.eval_scenes} held-out "
+             f"scenes and {build.eval_text_items} text items. Accuracy in %.", "", head,
+             "|---" * (len(kinds) + 3) + "|"]
     for name, r in results.items():
         cells = " | ".join(f"{r['per_type'].get(k, float('nan')):.1f}" for k in kinds)
         lines.append(f"| {name} | {r['multimodal']:.1f} | {r['text_only']:.1f} | {cells} |")

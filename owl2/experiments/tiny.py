@@ -5,8 +5,10 @@
 1. the shapes world: a training set (scenes with multi-turn QA and captions, plus text-only instructions) from the
    ``train`` seed stream, and a held-out set from the ``eval`` stream (:mod:`owl2.data.shapes`);
 2. a SentencePiece tokenizer in the LLaMA-2 layout trained on the training texts (:mod:`owl2.experiments.tokenizer`);
-3. ``owl2 train`` with ``configs/tiny/stage1.toml`` (vision side, LLM frozen, captions) and then
-   ``configs/tiny/stage2.toml`` (everything, all data), from the random initialisation of ``configs/tiny/model.json``;
+3. ``owl2 train`` from the random initialisation of ``configs/tiny/model.json``: ``configs/tiny/stage0.toml`` (the
+   language model on the conversations as plain text: the pre-trained LLM the paper starts from), the MAM's image
+   branch copied from the text branch, ``stage1.toml`` (vision encoder, abstractor and image branch on the scenes,
+   LLM frozen) and ``stage2.toml`` (everything, all data);
 4. ``owl2 eval --task shapes`` on the held-out set, and a model card with the figures.
 
 :func:`default_model_dir` is where the shipped copy lives; ``owl2.load()``, ``owl2 ask`` and ``owl2 chat`` use it
@@ -31,7 +33,6 @@ REPO_CONFIGS = PACKAGE_DIR.parent / "configs" / "tiny"
 IMAGE_SIZE = 64
 EVAL_FILE = "eval_results.json"
 """The held-out figures of the model card, machine-readable (the accuracy test compares with them)."""
-CAPTION_MARK = "Provide a one-sentence caption"
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 
 
@@ -50,8 +51,9 @@ class TinyBuild:
     eval_text_items: int = 200
     seed: int = 0
     vocab_size: int = 768
+    stage0_steps: int | None = None
+    """None: the recipe's ``train.max_steps`` (likewise for the other stages)."""
     stage1_steps: int | None = None
-    """None: the recipe's ``train.max_steps``."""
     stage2_steps: int | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
     """Top-level config keys to change (``{"modality_adaptive": False}`` for the ablation)."""
@@ -86,6 +88,13 @@ def vary_prompts(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any
     return varied
 
 
+def without_image(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as plain text (stage 0): no image, no placeholder."""
+    turns = [dict(turn) for turn in record["conversations"]]
+    turns[0]["value"] = turns[0]["value"].replace("<|image|>\n", "").replace("<|image|>", "")
+    return {"id": record["id"], "conversations": turns}
+
+
 def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> dict[str, Path]:
     """Data, tokenizer and the initial model directory (config + tokenizer + image processor) under ``workdir``."""
     from owl2.data.shapes import write_eval_set, write_training_set
@@ -101,8 +110,8 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     records = json.loads(train_json.read_text(encoding="utf-8"))
     mixed = data_dir / "train-mixed.json"
     atomic_write_text(mixed, json.dumps(vary_prompts(records, build.seed)))
-    captions = data_dir / "stage1.json"
-    atomic_write_text(captions, json.dumps([r for r in records if CAPTION_MARK in r["conversations"][0]["value"]]))
+    text_view = data_dir / "text-view.json"
+    atomic_write_text(text_view, json.dumps([without_image(r) for r in records]))
     eval_dir = workdir / "eval"
     if not (eval_dir / "eval.jsonl").is_file():
         write_eval_set(eval_dir, scenes=build.eval_scenes, seed=build.seed, size=IMAGE_SIZE,
@@ -117,28 +126,38 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     Owl2Config.from_dict(data).save(init)
     processor = ImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE, default_policy="stretch")
     atomic_write_text(init / PREPROCESSOR_CONFIG_NAME, json.dumps(processor.to_dict(), indent=2) + "\n")
-    return {"train": mixed, "stage1": captions, "eval": eval_dir, "init": init}
+    return {"train": mixed, "text": text_view, "eval": eval_dir, "init": init}
 
 
 def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, configs: Path = REPO_CONFIGS) -> Path:
-    """Stage 1 then stage 2; returns the final checkpoint directory."""
+    """Stage 0 (the language model on text), the MAM's image branch copied from its text branch, stage 1 (vision
+    side, LLM frozen), stage 2 (everything); returns the final checkpoint directory."""
+    import owl2
+    from owl2.checkpoint.io import copy_processing_files
+    from owl2.model.init import copy_text_branch_to_image_branch
     from owl2.training.config import load_recipe
     from owl2.training.trainer import train
 
     def quoted(path: Path) -> str:
         return json.dumps(str(path))
 
-    stage1 = [f"output_dir={quoted(workdir / 'stage1')}", f"model.init_config={quoted(paths['init'] / 'config.json')}",
-              f"model.tokenizer={quoted(paths['init'])}", f"model.image_processor={quoted(paths['init'])}",
-              f"data.path={quoted(paths['stage1'])}"]
-    if build.stage1_steps is not None:
-        stage1.append(f"train.max_steps={build.stage1_steps}")
-    first = train(load_recipe(configs / "stage1.toml", stage1), resume=True)
-    stage2 = [f"output_dir={quoted(workdir / 'stage2')}", f"model.path={quoted(first.final_dir)}",
-              f"data.path={quoted(paths['train'])}"]
-    if build.stage2_steps is not None:
-        stage2.append(f"train.max_steps={build.stage2_steps}")
-    return train(load_recipe(configs / "stage2.toml", stage2), resume=True).final_dir
+    def run(recipe: str, output: str, start: list[str], data: Path, steps: int | None) -> Path:
+        overrides = [f"output_dir={quoted(workdir / output)}", f"data.path={quoted(data)}", *start]
+        if steps is not None:
+            overrides.append(f"train.max_steps={steps}")
+        return train(load_recipe(configs / recipe, overrides), resume=True).final_dir
+
+    language = run("stage0.toml", "stage0", [f"model.init_config={quoted(paths['init'] / 'config.json')}",
+                                              f"model.tokenizer={quoted(paths['init'])}",
+                                              f"model.image_processor={quoted(paths['init'])}"],
+                   paths["text"], build.stage0_steps)
+    start = workdir / "stage0" / "mam-init"
+    if not (start / "model.safetensors").is_file():
+        model = copy_text_branch_to_image_branch(owl2.load_model(language, show_progress=False))
+        owl2.save_model(model, start)
+        copy_processing_files(language, start)
+    vision = run("stage1.toml", "stage1", [f"model.path={quoted(start)}"], paths["train"], build.stage1_steps)
+    return run("stage2.toml", "stage2", [f"model.path={quoted(vision)}"], paths["train"], build.stage2_steps)
 
 
 def evaluate_tiny(model_dir: Path, eval_dir: Path, output: Path, *, limit: int | None = None) -> dict[str, Any]:
@@ -179,9 +198,15 @@ a caption and multi-turn questions each (existence, colour, counting, position, 
 {build.text_items} text-only instructions (arithmetic, spelling, alphabetical order, letter counts, reversal).
 
 ## Recipe
-`owl2 experiment build-tiny` runs `owl2 train configs/tiny/stage1.toml` (vision encoder, abstractor and the MAM's
-image branch on the captions, LLM frozen) and then `owl2 train configs/tiny/stage2.toml` (everything, all data).
-Training time on 2 CPU cores: stage 1 {minutes['stage1']:.1f} min, stage 2 {minutes['stage2']:.1f} min.
+`owl2 experiment build-tiny` runs `owl2 train` three times from a random initialisation:
+1. `configs/tiny/stage0.toml`: the language model on the conversations as plain text. The paper starts from
+   LLaMA-2, so a model trained from scratch needs this step first.
+2. The MAM's image branch is copied from the text branch, as in the paper.
+3. `stage1.toml`: the vision encoder, the abstractor and the image branch on the scenes, with the LLM frozen.
+4. `stage2.toml`: everything, on all data.
+
+Training time on 2 CPU cores: stage 0 {minutes['stage0']:.1f} min, stage 1 {minutes['stage1']:.1f} min, stage 2
+{minutes['stage2']:.1f} min.
 
 ## Held-out accuracy (`owl2 eval --task shapes`, {build.eval_scenes} scenes of the `eval` stream)
 Overall: **{metrics['accuracy']:.1f} %** (caption CIDEr-D {metrics.get('caption_CIDEr', float('nan')):.1f}).
@@ -202,9 +227,8 @@ def build_tiny(workdir: str | os.PathLike[str], build: TinyBuild | None = None, 
     prepared = time.perf_counter()
     final = train_stages(workdir, paths, build, configs)
     trained = time.perf_counter()
-    stage1_minutes = _stage_minutes(workdir / "stage1")
-    minutes = {"prepare": (prepared - started) / 60, "stage1": stage1_minutes,
-               "stage2": (trained - prepared) / 60 - stage1_minutes}
+    minutes = {"prepare": (prepared - started) / 60, "total": (trained - prepared) / 60,
+               **{stage: _stage_minutes(workdir / stage) for stage in ("stage0", "stage1", "stage2")}}
     report = evaluate_tiny(final, paths["eval"], workdir / "eval-results")
     config = json.loads((final / "config.json").read_text(encoding="utf-8"))
     atomic_write_text(final / "README.md", model_card(build, report, minutes, config))

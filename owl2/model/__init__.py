@@ -7,7 +7,7 @@ Read top to bottom: ``config`` (one config object), ``vision`` (ViT), ``abstract
 
 from owl2.model.cache import KVCache
 from owl2.model.config import AbstractorConfig, ConfigError, Owl2Config, VisionConfig
-from owl2.model.init import init_weights
+from owl2.model.init import copy_text_branch_to_image_branch, init_weights
 from owl2.model.inputs import OFFICIAL_IMAGE_TOKEN, prepare_official_inputs
 from owl2.model.modeling import IGNORE_INDEX, GenerateOutput, Owl2ForCausalLM, Owl2Model, Owl2Output
 
@@ -23,6 +23,7 @@ __all__ = [
     "Owl2Model",
     "Owl2Output",
     "VisionConfig",
+    "copy_text_branch_to_image_branch",
     "init_weights",
     "prepare_official_inputs",
 ]

@@ -41,9 +41,18 @@ def init_weights(model: Owl2ForCausalLM, seed: int = 0) -> Owl2ForCausalLM:
             param = module._parameters.get(token)
             if param is not None:
                 normal_(param, std)
-    for name, module in model.named_modules():
-        if name.endswith(".multiway") and len(module) == 2:
-            module[1].load_state_dict(module[0].state_dict())
+    copy_text_branch_to_image_branch(model)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
+
+
+@torch.no_grad()
+def copy_text_branch_to_image_branch(model: nn.Module) -> nn.Module:
+    """Set every MAM image branch (``multiway.1``) to a copy of its text branch (``multiway.0``): the paper's
+    initialisation of the MAM from a pre-trained language model. A model without the MAM is left as it is."""
+    for name, module in model.named_modules():
+        if name.endswith(".multiway") and len(module) == 2:
+            module[1].load_state_dict(module[0].state_dict())
+    return model
+
