@@ -113,8 +113,8 @@ def _apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
 
 def _needs_images(config: TrainConfig) -> bool:
     """Whether text-only samples reach no trainable parameter (so they are left out)."""
-    if config.lora.enabled:
-        return config.lora.preset == "image" and config.lora.target_pattern is None and not config.lora.train_abstractor
+    if config.lora.enabled:  # the image-branch preset: adapters and abstractor only see image positions
+        return config.lora.preset == "image" and config.lora.target_pattern is None
     return config.stage == "stage1"
 
 
