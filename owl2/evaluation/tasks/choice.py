@@ -21,7 +21,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from owl2.evaluation.metrics import circular_eval, extract_choice
 from owl2.evaluation.tasks.base import (
@@ -91,9 +91,18 @@ class MMBenchTask(Task):
         return TaskReport(result["metrics"], breakdown, "circular_accuracy")
 
 
-@register("seedbench")
-class SEEDBenchTask(Task):
+class LetterChoiceTask(Task):
+    """An image multiple-choice task answered with an option letter, scored per ``group_key`` of the metadata."""
+
     max_new_tokens = 10
+    group_key: ClassVar[str] = "type"
+
+    def score(self, samples: Sequence[Sample], predictions: dict[str, dict[str, Any]]) -> TaskReport:
+        return _accuracy_report(samples, predictions, self.group_key)
+
+
+@register("seedbench")
+class SEEDBenchTask(LetterChoiceTask):
     data_format = ("SEED-Bench.json ({questions: [{question_id, data_id, data_type, question, choice_a..d, answer, "
                    "question_type_id}], question_type: {name: id}}) with the images in SEED-Bench-image/; image "
                    "questions only")
@@ -114,13 +123,10 @@ class SEEDBenchTask(Task):
                                                                          str(q["question_type_id"]))}))
         return samples
 
-    def score(self, samples: Sequence[Sample], predictions: dict[str, dict[str, Any]]) -> TaskReport:
-        return _accuracy_report(samples, predictions, "type")
-
 
 @register("scienceqa_img")
-class ScienceQATask(Task):
-    max_new_tokens = 10
+class ScienceQATask(LetterChoiceTask):
+    group_key = "subject"
     data_format = ("ScienceQA's problems.json and pid_splits.json with images/test/<id>/image.png; test questions "
                    "that have an image")
 
@@ -141,13 +147,9 @@ class ScienceQATask(Task):
                                   {"options": p["choices"], "subject": p.get("subject", "all")}))
         return samples
 
-    def score(self, samples: Sequence[Sample], predictions: dict[str, dict[str, Any]]) -> TaskReport:
-        return _accuracy_report(samples, predictions, "subject")
-
 
 @register("qbench")
-class QBenchTask(Task):
-    max_new_tokens = 10
+class QBenchTask(LetterChoiceTask):
     data_format = ("Q-Bench's llvisionqa_dev.json / llvisionqa_test.json ([{img_path, question, candidates, "
                    "correct_ans, type, concern}]) with the images in images/ beside it")
 
@@ -163,9 +165,6 @@ class QBenchTask(Task):
                                   [resolve_image(root, q["img_path"])], answer,
                                   {"options": options, "type": _QBENCH_TYPES.get(q.get("type"), str(q.get("type")))}))
         return samples
-
-    def score(self, samples: Sequence[Sample], predictions: dict[str, dict[str, Any]]) -> TaskReport:
-        return _accuracy_report(samples, predictions, "type")
 
 
 _QBENCH_TYPES = {0: "yes-or-no", 1: "what", 2: "how"}
