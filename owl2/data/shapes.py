@@ -595,8 +595,9 @@ def text_questions(rng: random.Random | int | str, n: int, *, prefix: str = "tex
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
-def _scene_for(split: str, seed: int, index: int) -> Scene:
-    return generate_scene(stream_rng(split, seed, index, "scene"), scene_id=f"shapes-{split}-{seed}-{index:06d}")
+def _scene_for(split: str, seed: int, index: int, max_objects: int = 6) -> Scene:
+    return generate_scene(stream_rng(split, seed, index, "scene"), max_objects=max_objects,
+                          scene_id=f"shapes-{split}-{seed}-{index:06d}")
 
 
 def _save(image: Image.Image, path: Path) -> None:
@@ -612,18 +613,20 @@ def write_training_set(
     seed: int,
     size: int = 224,
     multi_turn_fraction: float = 0.75,
+    max_objects: int = 6,
 ) -> Path:
     """Write ``images/train-*.png`` and ``train.json`` (LLaVA format) under ``directory``; returns the JSON path.
 
     Each scene gives a caption record (single turn, :data:`CAPTION_PROMPT`) and its other questions either as one
     multi-turn record (probability ``multi_turn_fraction``; the paper merges the QAs of an image into one
     conversation) or as one single-turn record each. The first human turn starts with ``"<|image|>\\n"``. Text items
-    are single-turn records without ``"image"``. Scenes come from the ``"train"`` stream (see :func:`stream_rng`).
+    are single-turn records without ``"image"``. Scenes come from the ``"train"`` stream (see :func:`stream_rng`);
+    ``max_objects`` below 6 gives simpler scenes (a curriculum's first step).
     """
     directory = Path(directory)
     records: list[dict[str, Any]] = []
     for index in range(scenes):
-        scene = _scene_for("train", seed, index)
+        scene = _scene_for("train", seed, index, max_objects)
         image = f"images/train-{seed}-{index:06d}.png"
         _save(render_scene(scene, size), directory / image)
         rng = stream_rng("train", seed, index, "questions")

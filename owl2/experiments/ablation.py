@@ -39,7 +39,8 @@ def run_mam_ablation(workdir: str | os.PathLike[str], *, scenes: int | None = No
 
     workdir = Path(workdir)
     build = build or TinyBuild(scenes=scenes or 8000, text_items=3000, eval_scenes=300, eval_text_items=200,
-                               stage0_steps=300, stage1_steps=600, stage2_steps=steps or 1000)
+                               simple_scenes=3000, simple_steps=400, stage0_steps=300, stage1_steps=600,
+                               stage2_steps=steps or 1000)
     shared = prepare(workdir / "shared", build, configs)
     results = {}
     for name, adaptive in VARIANTS.items():

@@ -7,8 +7,8 @@
 2. a SentencePiece tokenizer in the LLaMA-2 layout trained on the training texts (:mod:`owl2.experiments.tokenizer`);
 3. ``owl2 train`` from the random initialisation of ``configs/tiny/model.json``: ``configs/tiny/stage0.toml`` (the
    language model on the conversations as plain text: the pre-trained LLM the paper starts from), the MAM's image
-   branch copied from the text branch, ``stage1.toml`` (vision encoder, abstractor and image branch on the scenes,
-   LLM frozen) and ``stage2.toml`` (everything, all data);
+   branch copied from the text branch, ``stage1.toml`` (vision encoder, abstractor and image branch, LLM frozen:
+   first on one-object scenes, then on all) and ``stage2.toml`` (everything, all data);
 4. ``owl2 eval --task shapes`` on the held-out set, and a model card with the figures.
 
 :func:`default_model_dir` is where the shipped copy lives; ``owl2.load()``, ``owl2 ask`` and ``owl2 chat`` use it
@@ -53,6 +53,9 @@ class TinyBuild:
     vocab_size: int = 768
     stage0_steps: int | None = None
     """None: the recipe's ``train.max_steps`` (likewise for the other stages)."""
+    simple_scenes: int = 5000
+    """One-object scenes for the first part of stage 1 (a curriculum: global features suffice there)."""
+    simple_steps: int = 800
     stage1_steps: int | None = None
     stage2_steps: int | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -110,6 +113,13 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     records = json.loads(train_json.read_text(encoding="utf-8"))
     mixed = data_dir / "train-mixed.json"
     atomic_write_text(mixed, json.dumps(vary_prompts(records, build.seed)))
+    simple_json = data_dir / "simple" / "train.json"
+    if not simple_json.is_file():
+        simple_json = write_training_set(data_dir / "simple", scenes=build.simple_scenes, text_items=0,
+                                         seed=build.seed + 1, size=IMAGE_SIZE, max_objects=1)
+    simple = data_dir / "simple" / "train-mixed.json"
+    atomic_write_text(simple, json.dumps(vary_prompts(json.loads(simple_json.read_text(encoding="utf-8")),
+                                                      build.seed + 1)))
     text_view = data_dir / "text-view.json"
     atomic_write_text(text_view, json.dumps([without_image(r) for r in records]))
     eval_dir = workdir / "eval"
@@ -126,12 +136,13 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     Owl2Config.from_dict(data).save(init)
     processor = ImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE, default_policy="stretch")
     atomic_write_text(init / PREPROCESSOR_CONFIG_NAME, json.dumps(processor.to_dict(), indent=2) + "\n")
-    return {"train": mixed, "text": text_view, "eval": eval_dir, "init": init}
+    return {"train": mixed, "simple": simple, "text": text_view, "eval": eval_dir, "init": init}
 
 
 def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, configs: Path = REPO_CONFIGS) -> Path:
     """Stage 0 (the language model on text), the MAM's image branch copied from its text branch, stage 1 (vision
-    side, LLM frozen), stage 2 (everything); returns the final checkpoint directory."""
+    side, LLM frozen: first on one-object scenes, then on all), stage 2 (everything); returns the final checkpoint
+    directory."""
     import owl2
     from owl2.checkpoint.io import copy_processing_files
     from owl2.model.init import copy_text_branch_to_image_branch
@@ -156,7 +167,9 @@ def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, config
         model = copy_text_branch_to_image_branch(owl2.load_model(language, show_progress=False))
         owl2.save_model(model, start)
         copy_processing_files(language, start)
-    vision = run("stage1.toml", "stage1", [f"model.path={quoted(start)}"], paths["train"], build.stage1_steps)
+    simple = run("stage1.toml", "stage1-simple", [f"model.path={quoted(start)}"], paths["simple"],
+                 build.simple_steps)
+    vision = run("stage1.toml", "stage1", [f"model.path={quoted(simple)}"], paths["train"], build.stage1_steps)
     return run("stage2.toml", "stage2", [f"model.path={quoted(vision)}"], paths["train"], build.stage2_steps)
 
 
@@ -202,11 +215,13 @@ a caption and multi-turn questions each (existence, colour, counting, position, 
 1. `configs/tiny/stage0.toml`: the language model on the conversations as plain text. The paper starts from
    LLaMA-2, so a model trained from scratch needs this step first.
 2. The MAM's image branch is copied from the text branch, as in the paper.
-3. `stage1.toml`: the vision encoder, the abstractor and the image branch on the scenes, with the LLM frozen.
+3. `stage1.toml`: the vision encoder, the abstractor and the image branch, with the LLM frozen; first on
+   one-object scenes, then on all scenes.
 4. `stage2.toml`: everything, on all data.
 
-Training time on 2 CPU cores: stage 0 {minutes['stage0']:.1f} min, stage 1 {minutes['stage1']:.1f} min, stage 2
-{minutes['stage2']:.1f} min.
+Stage 1 starts with {build.simple_steps} steps on {build.simple_scenes} one-object scenes (a curriculum), then
+continues on the full data. Training time on 2 CPU cores: stage 0 {minutes['stage0']:.1f} min, stage 1
+{minutes['stage1-simple'] + minutes['stage1']:.1f} min, stage 2 {minutes['stage2']:.1f} min.
 
 ## Held-out accuracy (`owl2 eval --task shapes`, {build.eval_scenes} scenes of the `eval` stream)
 Overall: **{metrics['accuracy']:.1f} %** (caption CIDEr-D {metrics.get('caption_CIDEr', float('nan')):.1f}).
@@ -228,7 +243,7 @@ def build_tiny(workdir: str | os.PathLike[str], build: TinyBuild | None = None, 
     final = train_stages(workdir, paths, build, configs)
     trained = time.perf_counter()
     minutes = {"prepare": (prepared - started) / 60, "total": (trained - prepared) / 60,
-               **{stage: _stage_minutes(workdir / stage) for stage in ("stage0", "stage1", "stage2")}}
+               **{stage: _stage_minutes(workdir / stage) for stage in ("stage0", "stage1-simple", "stage1", "stage2")}}
     report = evaluate_tiny(final, paths["eval"], workdir / "eval-results")
     config = json.loads((final / "config.json").read_text(encoding="utf-8"))
     atomic_write_text(final / "README.md", model_card(build, report, minutes, config))
