@@ -183,10 +183,11 @@ def _demo(args: argparse.Namespace) -> int:
     import random
 
     from owl2.data.shapes import generate_scene, render_scene, scene_questions, score_answer
+    from owl2.experiments.tiny import IMAGE_SIZE
 
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**9)
     scene = generate_scene(f"demo/{seed}")
-    image = render_scene(scene, size=64)
+    image = render_scene(scene, size=IMAGE_SIZE)  # the resolution owl2-tiny is trained at
     image.save(args.output)
     print(f"drew a new scene (seed {seed}) into {args.output}")
     pipe = _load_pipeline(args)

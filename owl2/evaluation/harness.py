@@ -111,12 +111,12 @@ class Evaluator:
             samples = samples[:limit]
         if not samples:
             raise ValueError(f"{task.name}: no samples found in {data}")
-        ids = [s.id for s in samples]
-        if len(set(ids)) != len(ids):
+        ids = {s.id for s in samples}
+        if len(ids) != len(samples):
             raise ValueError(f"{task.name}: sample ids are not unique in {data}")
         path = output_dir / f"{task.name}.predictions.jsonl"
         known = read_predictions(path)
-        done = {k: v for k, v in known.items() if k in set(ids)}
+        done = {k: v for k, v in known.items() if k in ids}
         todo = [s for s in samples if s.id not in done]
         writer = _PredictionWriter(path, known)
         infer = self._score_choices if task.mode == "loglikelihood" else self._generate

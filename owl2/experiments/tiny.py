@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,6 @@ class TinyBuild:
     simple_steps: int = 800
     stage1_steps: int | None = None
     stage2_steps: int | None = None
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    """Top-level config keys to change (``{"modality_adaptive": False}`` for the ablation)."""
 
 
 def _corpus(records: list[dict[str, Any]]) -> list[str]:
@@ -132,7 +130,7 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     if not (init / "tokenizer.model").is_file():
         train_sentencepiece(_corpus(records), init, build.vocab_size)
     data = json.loads((configs / "model.json").read_text(encoding="utf-8"))
-    data.update(build.model_overrides, vocab_size=build.vocab_size)
+    data["vocab_size"] = build.vocab_size
     Owl2Config.from_dict(data).save(init)
     processor = ImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE, default_policy="stretch")
     atomic_write_text(init / PREPROCESSOR_CONFIG_NAME, json.dumps(processor.to_dict(), indent=2) + "\n")

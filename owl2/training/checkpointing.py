@@ -98,15 +98,18 @@ def _is_sharded(model: nn.Module) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full CPU copies of the trainable parameters (a collective under FSDP: call it on every rank)."""
+def model_state(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the model's state (only its trainable parameters with ``trainable_only``), gathered from
+    the shards under FSDP (a collective there: call it on every rank; only rank 0 gets the tensors)."""
     if _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         return get_model_state_dict(model, options=options)
     inner = unwrap(model)
-    return {name: p.detach().cpu().clone() for name, p in inner.named_parameters() if p.requires_grad}
+    if trainable_only:
+        return {name: p.detach().cpu().clone() for name, p in inner.named_parameters() if p.requires_grad}
+    return {name: tensor.detach().cpu() for name, tensor in inner.state_dict().items()}
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -174,7 +177,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(env)
-    weights = trainable_state(model)
+    weights = model_state(model, trainable_only=True)
     if _is_deepspeed(model):  # ZeRO partitions the optimizer state: every rank writes its part
         model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
         optim = None

@@ -87,7 +87,7 @@ def lr_scale(name: str, num_vit_layers: int, decay: float) -> float:
 def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     """Trainable parameters grouped by (learning rate, weight decay); each group records its ``lr_scale`` so the
     schedule can scale it."""
-    num_vit_layers = _owl2_config(model).vision.num_hidden_layers
+    num_vit_layers = core_model(model).config.vision.num_hidden_layers
     groups: dict[tuple[float, float], dict] = {}
     for full_name, param in model.named_parameters():
         if not param.requires_grad:
@@ -106,13 +106,14 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     return list(groups.values())
 
 
-def _owl2_config(model: nn.Module):  # -> Owl2Config, also under a peft wrapper
-    from owl2.model.config import Owl2Config
+def core_model(model: nn.Module):  # -> Owl2ForCausalLM (imported lazily: modeling imports nothing from here)
+    """The :class:`~owl2.model.modeling.Owl2ForCausalLM` inside ``model`` (itself, or under DDP/peft wrappers)."""
+    from owl2.model.modeling import Owl2ForCausalLM
 
     for module in model.modules():
-        if isinstance(getattr(module, "config", None), Owl2Config):
-            return module.config
-    raise TypeError(f"{type(model).__name__} holds no owl2 model")
+        if isinstance(module, Owl2ForCausalLM):
+            return module
+    raise TypeError(f"{type(model).__name__} holds no Owl2ForCausalLM")
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:

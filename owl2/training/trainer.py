@@ -42,6 +42,7 @@ from owl2.training.checkpointing import (
     TrainerState,
     latest_checkpoint,
     load_checkpoint,
+    model_state,
     remove_partial_checkpoints,
     save_checkpoint,
 )
@@ -57,7 +58,7 @@ from owl2.training.distributed import (
     wrap_fsdp,
 )
 from owl2.training.metrics import MetricsLogger, plot_loss_curve, read_metrics
-from owl2.training.optim import build_optimizer, build_scheduler, lr_multiplier, set_trainable
+from owl2.training.optim import build_optimizer, build_scheduler, core_model, lr_multiplier, set_trainable
 from owl2.utils import atomic_write_text
 
 logger = logging.getLogger("owl2.training")
@@ -178,7 +179,7 @@ class Trainer:
         if config.lora.enabled:
             model = _apply_lora(model, config)
         if config.train.gradient_checkpointing:
-            _core(model).set_gradient_checkpointing(True)
+            core_model(model).set_gradient_checkpointing(True)
 
         self.dataset = SupervisedDataset(
             config.data.path, self.tokenizer, image_root=config.data.image_root, template=config.data.template,
@@ -375,7 +376,7 @@ class Trainer:
                 result.adapter_dir = self.output_dir / "adapter"
                 save_adapter(unwrap(self.model), result.adapter_dir)
         else:
-            state = self._full_state()
+            state = model_state(self.model)
             if env.is_main:
                 result.final_dir = self.output_dir / "final"
                 save_state_dict(state, self.model_config, result.final_dir, dtype=self.config.train.save_dtype)
@@ -389,25 +390,11 @@ class Trainer:
         barrier(env)
         return result
 
-    def _full_state(self) -> dict[str, torch.Tensor]:
-        if self.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict().items()}
-
     def _copy_processing_files(self, directory: Path) -> None:
         """Tokenizer and image processor next to the weights, so ``owl2.load(directory)`` works."""
         copy_processing_files(self.tokenizer_dir, directory)
         atomic_write_text(directory / PREPROCESSOR_CONFIG_NAME,
                           json.dumps(self.image_processor.to_dict(), indent=2) + "\n")
-
-
-def _core(model: nn.Module) -> Owl2ForCausalLM:
-    for module in model.modules():
-        if isinstance(module, Owl2ForCausalLM):
-            return module
-    raise TypeError(f"{type(model).__name__} holds no Owl2ForCausalLM")
 
 
 class _PlainProgress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,6 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     write_model_dir(directory)
     model = init_weights(owl2.Owl2ForCausalLM(tiny_config()), seed=seed)
     owl2.save_model(model, directory)
-    import json
-
     atomic_write_text(directory / PREPROCESSOR_CONFIG_NAME,
                       json.dumps(ImageProcessor(size=28, crop_size=28).to_dict()))
     return directory

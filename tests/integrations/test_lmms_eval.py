@@ -7,8 +7,6 @@ so prompts tokenize as with the released model and everything runs in seconds on
 from __future__ import annotations
 
 import gc
-import json
-import shutil
 import weakref
 from pathlib import Path
 from typing import Any
@@ -25,38 +23,15 @@ from lmms_eval.models import get_model
 import owl2
 from owl2.generation import GenerationRequest, SamplingParams
 from owl2.integrations.lmms_eval import Owl2LMMS
-from owl2.model.config import AbstractorConfig, Owl2Config, VisionConfig
 from owl2.processing.conversation import render_conversation
-from owl2.processing.image import ImageProcessor
+from tests.evaluation.conftest import write_tiny_checkpoint
 
-TOKENIZER_DIR = Path(__file__).parents[1] / "fixtures" / "llama2-tokenizer"
 TASK, SPLIT = "toy", "test"
-
-
-def tiny_config() -> Owl2Config:
-    """LLM 64 wide, 2 layers; ViT 32 wide at 28 px (2x2 patches); abstractor 8 queries."""
-    return Owl2Config(
-        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=512,
-        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=28, patch_size=14),
-        abstractor=AbstractorConfig(hidden_size=32, encoder_hidden_size=32, num_hidden_layers=1,
-                                    num_attention_heads=4, intermediate_size=64, num_learnable_queries=8),
-    )
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("owl2-lmms-tiny")
-    model = owl2.model.init_weights(owl2.Owl2ForCausalLM(tiny_config()), seed=0)
-    model.reset_buffers()
-    owl2.save_model(model, directory)
-    for file in TOKENIZER_DIR.iterdir():
-        if file.name != "README.md":
-            shutil.copy(file, directory / file.name)
-    processor = ImageProcessor(size=28, crop_size=28).to_dict()
-    (directory / "preprocessor_config.json").write_text(json.dumps(processor))
-    return directory
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("owl2-lmms-tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -128,3 +128,14 @@ def resolve_image(root: Path, name: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"image {path} (named in the benchmark files) does not exist")
     return path
+
+
+def first_file(candidates: Iterable[Path], what: str) -> Path:
+    """The first of ``candidates`` that is a file (releases put images in different folders); a FileNotFoundError
+    naming ``what`` and every path tried when none is."""
+    tried = list(candidates)
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{what} not found (tried {', '.join(str(p) for p in tried)})")
+

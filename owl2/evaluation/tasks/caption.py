@@ -13,17 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from owl2.evaluation.metrics import caption_scores
-from owl2.evaluation.tasks.base import CAPTION_PROMPT, Sample, Task, TaskReport, chat_prompt, register
+from owl2.evaluation.tasks.base import CAPTION_PROMPT, Sample, Task, TaskReport, chat_prompt, first_file, register
 
 
 def _karpathy_image(root: Path, entry: dict[str, Any]) -> Path:
-    candidates = [root / entry.get("filepath", "") / entry["filename"], root / "images" / entry["filename"],
-                  root / entry["filename"]]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"image {entry['filename']} not found under {root} (tried {entry.get('filepath', '')}/, "
-                            "images/ and the folder itself)")
+    name = entry["filename"]
+    return first_file((root / entry.get("filepath", "") / name, root / "images" / name, root / name),
+                      f"Karpathy-split image {name}")
 
 
 @register("coco_caption", "flickr30k")

@@ -22,6 +22,7 @@ from owl2.evaluation.tasks.base import (
     TaskReport,
     accuracy_report,
     chat_prompt,
+    first_file,
     register,
     resolve_image,
 )
@@ -93,11 +94,9 @@ def load_vqa_samples(data: Path) -> Iterable[tuple[str, Path, str, list[str], di
 
 
 def _textvqa_image(root: Path, record: dict[str, Any]) -> Path:
-    for folder in ("train_images", "images", "test_images", "."):
-        candidate = root / folder / f"{record['image_id']}.jpg"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no image {record['image_id']}.jpg under {root}/train_images or {root}/images")
+    name = f"{record['image_id']}.jpg"
+    return first_file((root / folder / name for folder in ("train_images", "images", "test_images", ".")),
+                      f"TextVQA image {name}")
 
 
 @register("vqav2", "okvqa", "textvqa", "vizwiz")
@@ -140,11 +139,8 @@ class GQATask(Task):
 
 
 def _gqa_image(root: Path, image_id: str) -> Path:
-    for folder in ("images", "."):
-        for suffix in (".jpg", ".png"):
-            if (root / folder / f"{image_id}{suffix}").is_file():
-                return root / folder / f"{image_id}{suffix}"
-    raise FileNotFoundError(f"no image {image_id}.jpg under {root}/images")
+    candidates = (root / folder / f"{image_id}{suffix}" for folder in ("images", ".") for suffix in (".jpg", ".png"))
+    return first_file(candidates, f"GQA image {image_id}")
 
 
 @register("pope")
