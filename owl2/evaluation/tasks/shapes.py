@@ -10,7 +10,6 @@ Prompts use the model's chat template (:func:`shapes_prompt`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,21 +39,16 @@ class ShapesTask(Task):
                    "answer, choices?}); generated there (1000 held-out scenes, 200 text items) when missing")
 
     def load(self, data: Path) -> list[Sample]:
-        from owl2.data.shapes import write_eval_set
+        from owl2.data.shapes import read_eval_set, write_eval_set
 
         questions = data / QUESTIONS_FILE if data.is_dir() or not data.exists() else data
         if not questions.is_file():
             write_eval_set(questions.parent, scenes=DEFAULT_SCENES, seed=0, text_items=DEFAULT_TEXT_ITEMS)
         root = questions.parent
-        samples = []
-        for line in questions.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            images = [resolve_image(root, item["image"])] if item.get("image") else []
-            samples.append(Sample(str(item["id"]), shapes_prompt(item), images, item["answer"],
-                                  {"type": item["type"], "choices": item.get("choices")}))
-        return samples
+        return [Sample(str(item.id), shapes_prompt({"question": item.question, "image": item.image}),
+                       [resolve_image(root, item.image)] if item.image else [], item.answer,
+                       {"type": item.type, "choices": item.choices})
+                for item in read_eval_set(questions)]
 
     def score(self, samples: Sequence[Sample], predictions: dict[str, dict[str, Any]]) -> TaskReport:
         from owl2.data.shapes import score_answer
