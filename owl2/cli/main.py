@@ -307,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     from owl2.cli.merge import register as register_merge
 
     register_merge(commands)
+    from owl2.cli.serve import register as register_serve
+
+    register_serve(commands)
     return parser
 
 

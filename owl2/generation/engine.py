@@ -45,6 +45,78 @@ class StepEvent:
     token_id: int | None  # the id added to the output (None when the row ended on a stop id, which is not output)
     delta: str
     finish_reason: str | None  # set on the row's last event
+    logprob: float | None = None  # log-probability of the chosen id (when the request asks for logprobs)
+    top_logprobs: list[tuple[int, float]] | None = None  # the ``params.logprobs`` most likely ids and theirs
+
+
+class RowDecoder:
+    """The decoding state of one sequence: sampling, stop conditions, output budget and text stream.
+
+    Shared by the static batches of :meth:`GenerationEngine.iterate` and the continuous batches of
+    :class:`owl2.serving.batcher.ContinuousBatcher`, so both pick the same tokens and end rows the same way.
+    """
+
+    def __init__(self, request: GenerationRequest, decode: Callable[[list[int]], str], eos_ids: Sequence[int],
+                 max_new_tokens: int, device: torch.device) -> None:
+        params = request.params
+        self.params = params
+        self.stream = TextStream(decode, params.stop)
+        self.stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else eos_ids)
+        self.generator = make_generator(params, device)
+        self.simple = params.greedy and params.repetition_penalty == 1.0
+        self.history = torch.tensor([t for t in request.prompt_ids if t >= 0], dtype=torch.long, device=device)
+        self.max_new_tokens = max_new_tokens
+        self.count = 0
+        self.finished = False
+
+    def constrain(self, logits: torch.Tensor) -> None:
+        """Mask the stop ids (in place, ``logits`` [V]) while fewer than ``min_new_tokens`` were generated."""
+        if self.count < self.params.min_new_tokens and self.stop_ids:
+            logits[list(self.stop_ids)] = float("-inf")
+
+    def pick(self, logits: torch.Tensor, argmax: int) -> int:
+        """The next id from float32 ``logits`` [V]; ``argmax`` is the batch's precomputed greedy choice."""
+        if self.simple:
+            return argmax
+        token = next_token(logits, self.params, self.history, self.generator)
+        self.history = torch.cat([self.history, self.history.new_tensor([token])])
+        return token
+
+    def advance(self, row: int, token: int, logprobs: torch.Tensor | None = None) -> StepEvent:
+        """Add ``token`` to the output; the event says what text it settled and whether the row is finished.
+        ``logprobs`` [V] (log-softmax of the step's logits) fills the event's log-probabilities."""
+        self.count += 1
+        chosen, top = None, None
+        if logprobs is not None and self.params.logprobs is not None:
+            chosen = float(logprobs[token])
+            if self.params.logprobs > 0:
+                values, ids = torch.topk(logprobs, min(self.params.logprobs, logprobs.shape[-1]))
+                top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        if token in self.stop_ids:
+            self.finished = True
+            return StepEvent(row, None, self.stream.finish(), "stop", chosen, top)
+        delta = self.stream.push(token)
+        if self.stream.stopped:
+            reason: str | None = "stop"
+        elif self.count >= self.max_new_tokens:
+            reason, delta = "length", delta + self.stream.finish()
+        else:
+            reason = None
+        self.finished = reason is not None
+        return StepEvent(row, token, delta, reason, chosen, top)
+
+
+def decode_step(rows: Sequence[RowDecoder], logits: torch.Tensor) -> list[int]:
+    """One step for every row: constrain, pick (greedy rows share one argmax) -> the chosen ids."""
+    for row, decoder in enumerate(rows):
+        decoder.constrain(logits[row])
+    greedy = logits.argmax(-1).tolist()
+    return [decoder.pick(logits[row], greedy[row]) for row, decoder in enumerate(rows)]
+
+
+def step_logprobs(rows: Sequence[RowDecoder], logits: torch.Tensor) -> torch.Tensor | None:
+    """Log-softmax [B, V] of the step's logits, computed only when some row asks for logprobs."""
+    return logits.log_softmax(-1) if any(r.params.logprobs is not None for r in rows) else None
 
 
 class ImageEmbeddingCache:
@@ -125,7 +197,7 @@ class GenerationEngine:
         self.max_batch_size = max_batch_size
 
     # ----------------------------------------------------------------------------------------------------- inputs
-    def _prepare(self, rows: Sequence[Sequence[int]], images: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    def prepare(self, rows: Sequence[Sequence[int]], images: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor]:
         for i, (row, imgs) in enumerate(zip(rows, images, strict=True)):
             placeholders = sum(1 for t in row if t == OFFICIAL_IMAGE_TOKEN)
             given = 0 if imgs is None else int(imgs.shape[0])
@@ -141,7 +213,7 @@ class GenerationEngine:
             batch["image_embeds"] = embeds
         return batch
 
-    def _check_context(self, prompt_lengths: torch.Tensor) -> None:
+    def check_context(self, prompt_lengths: torch.Tensor) -> None:
         longest = int(prompt_lengths.max())
         if longest >= self.context_length:
             raise ValueError(
@@ -157,57 +229,27 @@ class GenerationEngine:
         if len(requests) > self.max_batch_size:
             raise ValueError(f"at most {self.max_batch_size} requests per batch, got {len(requests)}")
         model, device = self.model, self.model.device
-        batch = self._prepare([r.prompt_ids for r in requests], [r.images for r in requests])
+        batch = self.prepare([r.prompt_ids for r in requests], [r.images for r in requests])
         prompt_lengths = batch["attention_mask"].sum(1).cpu()
-        self._check_context(prompt_lengths)
+        self.check_context(prompt_lengths)
         caps = [min(r.params.max_new_tokens, self.context_length - int(n))
                 for r, n in zip(requests, prompt_lengths, strict=True)]
-        streams = [TextStream(self.decode, r.params.stop) for r in requests]
-        stop_ids = [set(r.params.stop_token_ids if r.params.stop_token_ids is not None else self.eos_ids)
-                    for r in requests]
-        generators = [make_generator(r.params, device) for r in requests]
-        history = [torch.tensor([t for t in r.prompt_ids if t >= 0], dtype=torch.long, device=device)
-                   for r in requests]
-        simple = [r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests]
-        active = [True] * len(requests)
-        counts = [0] * len(requests)
+        rows = [RowDecoder(r, self.decode, self.eos_ids, cap, device) for r, cap in zip(requests, caps, strict=True)]
 
         with torch.inference_mode():
             b, length = batch["input_ids"].shape
             cache = model.new_cache(b, length + max(caps))
             out = model(**batch, cache=cache, logits_to_keep=1)
-            for step in range(max(caps)):
+            for _ in range(max(caps)):
                 logits = out.logits[:, -1].float()
-                for i, request in enumerate(requests):
-                    if step < request.params.min_new_tokens and stop_ids[i]:
-                        logits[i, list(stop_ids[i])] = float("-inf")
-                chosen = logits.argmax(-1).tolist()
-                events = []
-                for i, request in enumerate(requests):
-                    if not active[i]:
-                        continue
-                    if not simple[i]:
-                        chosen[i] = next_token(logits[i], request.params, history[i], generators[i])
-                        history[i] = torch.cat([history[i], history[i].new_tensor([chosen[i]])])
-                    token = chosen[i]
-                    counts[i] += 1
-                    if token in stop_ids[i]:
-                        events.append(StepEvent(i, None, streams[i].finish(), "stop"))
-                        active[i] = False
-                        continue
-                    delta = streams[i].push(token)
-                    if streams[i].stopped:
-                        events.append(StepEvent(i, token, delta, "stop"))
-                        active[i] = False
-                    elif counts[i] >= caps[i]:
-                        events.append(StepEvent(i, token, delta + streams[i].finish(), "length"))
-                        active[i] = False
-                    else:
-                        events.append(StepEvent(i, token, delta, None))
+                chosen = decode_step(rows, logits)
+                logprobs = step_logprobs(rows, logits)
+                events = [decoder.advance(i, chosen[i], None if logprobs is None else logprobs[i])
+                          for i, decoder in enumerate(rows) if not decoder.finished]
                 yield events
-                if not any(active):
+                if all(decoder.finished for decoder in rows):
                     break
-                feed = torch.tensor([t if a else self.pad_token_id for t, a in zip(chosen, active, strict=True)],
+                feed = torch.tensor([self.pad_token_id if d.finished else t for t, d in zip(chosen, rows, strict=True)],
                                     device=device)
                 out = model(feed[:, None], cache=cache, logits_to_keep=1)
 
@@ -255,8 +297,8 @@ class GenerationEngine:
         for start in range(0, len(continuations), self.max_batch_size):
             chunk = continuations[start:start + self.max_batch_size]
             rows = [list(prompt_ids) + list(c) for c in chunk]
-            batch = self._prepare(rows, [images] * len(rows))
-            self._check_context(batch["attention_mask"].sum(1))
+            batch = self.prepare(rows, [images] * len(rows))
+            self.check_context(batch["attention_mask"].sum(1))
             keep = max(len(c) for c in chunk) + 1
             with torch.inference_mode():
                 logits = self.model(**batch, logits_to_keep=keep).logits.float()

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_LOGPROBS = 20
+"""The most alternatives a step reports (OpenAI's ``top_logprobs`` limit)."""
+
 
 @dataclass
 class SamplingParams:
@@ -30,6 +33,9 @@ class SamplingParams:
     stop_token_ids: Sequence[int] | None = None
     min_new_tokens: int = 0
     """The stop ids cannot be chosen before this many new tokens (the official captioning uses 8)."""
+    logprobs: int | None = None
+    """Report the chosen id's log-probability and this many top alternatives per step (None: none; 0: the chosen
+    id's only). Computed from the model's distribution before temperature and filtering, as vLLM does."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -46,6 +52,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
 

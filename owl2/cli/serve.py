@@ -1,0 +1,90 @@
+"""``owl2 serve``: the OpenAI-compatible server (uvicorn), or ``--replicas N`` copies behind Ray Serve."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    from owl2.serving.app import ServerSettings
+    from owl2.serving.images import ImagePolicy
+
+    keys = list(args.api_key or [])
+    if os.environ.get("OWL2_API_KEY"):
+        keys.append(os.environ["OWL2_API_KEY"])
+    images = ImagePolicy(max_pixels=args.max_image_pixels,
+                         allowed_local_dir=None if args.allowed_local_media is None else Path(args.allowed_local_media),
+                         allow_remote=args.allow_remote_images, remote_timeout=args.remote_timeout,
+                         remote_max_bytes=int(args.remote_max_mb * 2**20))
+    return ServerSettings(
+        model_name=args.served_model_name or _default_name(args.model), api_keys=tuple(keys),
+        max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_images_per_request=args.max_images,
+        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+        max_body_bytes=int(args.max_body_mb * 2**20), images=images, lenient=args.lenient,
+        default_temperature=args.default_temperature)
+
+
+def _default_name(model: str | None) -> str:
+    return "owl2-tiny" if model is None else Path(model.rstrip("/")).name or model
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from owl2.serving.replicas import ServeOptions, build_app, run_ray
+
+    options = ServeOptions(model=args.model, dtype=args.dtype, device=args.device, policy=args.policy,
+                           settings=settings_from_args(args))
+    url = f"http://{args.host}:{args.port}"
+    if args.replicas > 1 or args.ray_address:
+        run_ray(options, replicas=args.replicas, host=args.host, port=args.port, address=args.ray_address,
+                num_cpus_per_replica=args.cpus_per_replica, num_gpus_per_replica=args.gpus_per_replica)
+        return 0
+    import uvicorn
+
+    print(f"loading {args.model or 'owl2-tiny (the embedded default)'} ...", file=sys.stderr, flush=True)
+    app = build_app(options)
+    print(f"serving {options.settings.model_name} at {url}/v1 (chat page: {url}/)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def register(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page",
+        description="Serve POST /v1/chat/completions (streaming included), GET /v1/models, /health, /metrics and "
+        "a chat page at /. Needs the serve extra (pip install owl2[serve]).")
+    serve.add_argument("--model", default=None,
+                       help="checkpoint directory or hub id (default: the embedded owl2-tiny)")
+    serve.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16")
+    serve.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    serve.add_argument("--policy", choices=["crop", "pad", "stretch"], default=None)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
+    serve.add_argument("--api-key", action="append",
+                       help="require 'Authorization: Bearer KEY' (repeat for several; also $OWL2_API_KEY)")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    serve.add_argument("--max-images", type=int, default=8, help="images per request")
+    serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="width x height per image")
+    serve.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length")
+    serve.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens a request may ask")
+    serve.add_argument("--max-body-mb", type=float, default=32.0)
+    serve.add_argument("--allowed-local-media", default=None, metavar="DIR",
+                       help="allow file:// image URLs under DIR")
+    serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    serve.add_argument("--remote-timeout", type=float, default=10.0, help="seconds per image download")
+    serve.add_argument("--remote-max-mb", type=float, default=20.0, help="size cap per downloaded image")
+    serve.add_argument("--lenient", action="store_true", help="ignore unknown request fields instead of 400")
+    serve.add_argument("--default-temperature", type=float, default=1.0,
+                       help="temperature of requests that give none (OpenAI's default: 1)")
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--replicas", type=int, default=1, help="N > 1: N copies behind one endpoint (Ray Serve)")
+    serve.add_argument("--ray-address", default=None,
+                       help="join this Ray cluster (e.g. 'auto') instead of starting a local one")
+    serve.add_argument("--cpus-per-replica", type=float, default=1.0)
+    serve.add_argument("--gpus-per-replica", type=float, default=0.0)
+    serve.set_defaults(handler=_serve)

@@ -1,0 +1,14 @@
+"""Serving: an OpenAI-compatible HTTP server with continuous batching, a chat page, and Ray Serve replicas."""
+
+from owl2.serving.batcher import ContinuousBatcher, QueueFullError
+from owl2.serving.images import ImagePolicy
+
+__all__ = ["ContinuousBatcher", "ImagePolicy", "QueueFullError", "ServerSettings", "create_app"]
+
+
+def __getattr__(name: str):  # the app needs FastAPI (the "serve" extra); the batcher does not
+    if name in ("ServerSettings", "create_app"):
+        from owl2.serving import app
+
+        return getattr(app, name)
+    raise AttributeError(name)

@@ -1,0 +1,46 @@
+"""Prometheus metrics of one server (its own registry, so several apps in one process do not collide)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, batcher: Any, image_cache: Any) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("owl2_requests", "Chat completion requests by HTTP status", ["status"],
+                                registry=self.registry)
+        self.prompt_tokens = Counter("owl2_prompt_tokens", "Prompt tokens received (images counted as their tokens)",
+                                     registry=self.registry)
+        self.generation_tokens = Counter("owl2_generation_tokens", "Tokens generated", registry=self.registry)
+        self.latency = Histogram("owl2_request_latency_seconds", "Time from arrival to the last token",
+                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("owl2_time_to_first_token_seconds", "Time from queueing to the first token",
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        Gauge("owl2_queue_depth", "Requests waiting for a batch slot", registry=self.registry).set_function(
+            lambda: batcher.queue_depth)
+        Gauge("owl2_running_requests", "Requests in the running batch", registry=self.registry).set_function(
+            lambda: batcher.stats.running)
+        Gauge("owl2_image_cache_entries", "Encoded images kept by content", registry=self.registry).set_function(
+            lambda: len(image_cache))
+        Gauge("owl2_image_cache_hits", "Images whose encoding was reused", registry=self.registry).set_function(
+            lambda: image_cache.hits)
+
+    def first_token(self, submitted: float) -> None:
+        self.ttft.observe(time.perf_counter() - submitted)
+
+    def finish(self, started: float, completion_tokens: int) -> None:
+        self.requests.labels(status="200").inc()
+        self.generation_tokens.inc(completion_tokens)
+        self.latency.observe(time.perf_counter() - started)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

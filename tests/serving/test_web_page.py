@@ -1,0 +1,179 @@
+"""The chat page at ``/`` in a real headless Chromium (Playwright) against a real ``owl2 serve`` process: upload an
+image, ask, watch the answer stream in, ask again (multi-turn), reset; the answers must equal the reference pipeline's
+greedy ones, and the page must never reach beyond the server."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.serving.conftest import ServerProcess, expected_answer, png_bytes, scene, start_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="needs Chromium at /usr/bin/chromium (Debian's chromium package)")
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install playwright)")
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+TIMEOUT_MS = 60_000
+PAGE_MAX_TOKENS = 256  # what index.html sends
+
+# Every text the page puts into an assistant answer while it streams, from a MutationObserver installed by the test
+# (the page itself exposes nothing). ``answer.textContent += delta`` replaces the span's text node, so each update is
+# one childList record whose added node holds the text as it was then; ``batch`` counts the observer callbacks, one
+# per task in which the page wrote text, so more than one batch means the deltas did not all arrive at once.
+OBSERVE = """() => {
+  window.__updates = [];
+  let batch = 0;
+  new MutationObserver((records) => {
+    batch += 1;
+    for (const r of records) {
+      if (r.target.matches && r.target.matches("div.msg.assistant > span.text")) {
+        const node = r.addedNodes[0];
+        window.__updates.push({text: node ? node.data : "", batch: batch});
+      }
+    }
+  }).observe(document.getElementById("log"), {childList: true, subtree: true, characterData: true});
+}"""
+
+# Resolves when the n-th assistant answer is done, or when an error message appears instead.
+SETTLED = """(n) => {
+  return document.querySelector("#log .msg.error") !== null
+    || (document.querySelectorAll("#log .msg.assistant")[n] || {dataset: {}}).dataset.state === "done";
+}"""
+
+
+@pytest.fixture(scope="module")
+def page_server(serving_checkpoint) -> Iterator[ServerProcess]:
+    process = start_server(serving_checkpoint)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def take_updates(page) -> list[dict]:
+    return page.evaluate("() => window.__updates.splice(0)")
+
+
+def ask(page, posted: list[dict], question: str, turn: int) -> tuple[list[dict], str, list[dict]]:
+    """Type ``question``, send it, wait for the answer; -> (the request bodies the page posted, answer, updates)."""
+    before = len(posted)
+    page.fill("#prompt", question)
+    page.click("#send")
+    page.wait_for_function(SETTLED, arg=turn, timeout=TIMEOUT_MS)
+    errors = page.locator("#log .msg.error")
+    assert errors.count() == 0, f"the page shows an error: {errors.first.text_content()!r}"
+    answer = page.locator("#log .msg.assistant").nth(turn).locator("span.text").evaluate("e => e.textContent")
+    sync_api.expect(page.locator("#send")).to_be_enabled()
+    return posted[before:], answer, take_updates(page)
+
+
+def assert_posted(bodies: list[dict], messages: list[dict]) -> None:
+    """One streamed request with max_tokens 256, or a second one without max_tokens when the context has less room
+    left than that (the page asks again when the server refuses with ``context_length_exceeded``)."""
+    assert 1 <= len(bodies) <= 2, f"expected one or two POST /v1/chat/completions for the turn, saw {len(bodies)}"
+    for body in bodies:
+        assert body["messages"] == messages
+        assert body["stream"] is True and body["temperature"] == 0
+    assert bodies[0]["max_tokens"] == PAGE_MAX_TOKENS
+    if len(bodies) == 2:
+        assert "max_tokens" not in bodies[1]
+
+
+def assert_streamed(updates: list[dict], answer: str) -> None:
+    texts = [u["text"] for u in updates]
+    assert len(texts) > 1, f"the answer appeared in {len(texts)} update(s), not streamed: {texts!r}"
+    assert texts[-1] == answer
+    for shorter, longer in itertools.pairwise(texts):  # it only grows, each text a prefix of the next
+        assert len(longer) > len(shorter) and longer.startswith(shorter)
+    assert len({u["batch"] for u in updates}) > 1, "every delta was written in one task: the stream was buffered"
+
+
+def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server, browser, reference, tmp_path):
+    image = png_bytes(scene("red"))
+    image_path = tmp_path / "red.png"
+    image_path.write_bytes(image)
+    image_url = "data:image/png;base64," + base64.b64encode(image).decode()
+
+    context = browser.new_context()
+    requests: list[str] = []
+    context.on("request", lambda request: requests.append(request.url))
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    console_errors: list[str] = []
+    page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: console_errors.append(f"uncaught: {error}"))
+    posted: list[dict] = []
+    page.on("request", lambda request: posted.append(json.loads(request.post_data))
+            if request.method == "POST" and urlsplit(request.url).path == "/v1/chat/completions" else None)
+
+    try:
+        response = page.goto(page_server.url + "/")
+        assert response is not None and response.ok
+        assert page.locator("#model-name").text_content() == "tiny"
+        assert page.locator("#temperature").input_value() == "0"
+        page.evaluate(OBSERVE)
+
+        # Turn 1: an image and a question.
+        page.set_input_files("#image", str(image_path))
+        sync_api.expect(page.locator("#preview")).to_be_visible()  # the FileReader has read the file
+        question = "What is in the picture?"
+        bodies, answer1, updates = ask(page, posted, question, turn=0)
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                 {"type": "text", "text": question}]}]
+        assert len(bodies) == 1
+        assert_posted(bodies, messages)  # the image went as a data URL of the file's very bytes
+        assert answer1 == expected_answer(reference, messages, PAGE_MAX_TOKENS)
+        assert answer1.strip(), "empty answer"
+        assert_streamed(updates, answer1)
+        user = page.locator("#log .msg.user").nth(0)
+        assert user.locator("span.text").text_content() == question
+        assert user.locator("img").get_attribute("src") == image_url
+        sync_api.expect(page.locator("#preview")).to_be_hidden()
+
+        # Turn 2: a follow-up without an image; the page sends the whole history.
+        follow_up = "And what colour is it?"
+        bodies, answer2, updates = ask(page, posted, follow_up, turn=1)
+        messages = [*messages, {"role": "assistant", "content": answer1},
+                    {"role": "user", "content": [{"type": "text", "text": follow_up}]}]
+        assert_posted(bodies, messages)
+        # the reference, like the server, caps the answer at the context's room when that is under 256 tokens
+        assert answer2 == expected_answer(reference, messages, PAGE_MAX_TOKENS)
+        assert_streamed(updates, answer2)
+        assert page.locator("#log .msg").count() == 4
+
+        # Reset: the log is empty, and the next question starts a new conversation.
+        page.click("#reset")
+        sync_api.expect(page.locator("#log > *")).to_have_count(0)
+        assert page.locator("#log").evaluate("e => e.textContent") == ""
+        sync_api.expect(page.locator("#preview")).to_be_hidden()
+        assert page.locator("#image").input_value() == ""
+        fresh = "Hello"
+        bodies, answer3, _ = ask(page, posted, fresh, turn=0)
+        messages = [{"role": "user", "content": [{"type": "text", "text": fresh}]}]
+        assert len(bodies) == 1
+        assert_posted(bodies, messages)
+        assert answer3 == expected_answer(reference, messages, PAGE_MAX_TOKENS)
+    finally:
+        context.close()
+
+    assert console_errors == []
+    server = urlsplit(page_server.url)
+    foreign = [url for url in requests if urlsplit(url).scheme not in ("data", "blob")
+               and (urlsplit(url).scheme, urlsplit(url).netloc) != (server.scheme, server.netloc)]
+    assert foreign == [], f"the page reached beyond the server: {foreign}"
+    assert any(urlsplit(url).path == "/v1/chat/completions" for url in requests)
