@@ -12,6 +12,7 @@ from typing import Any
 def settings_from_args(args: argparse.Namespace) -> Any:
     from owl2.serving.app import ServerSettings
     from owl2.serving.images import ImagePolicy
+    from owl2.serving.replicas import served_model_name
 
     keys = list(args.api_key or [])
     if os.environ.get("OWL2_API_KEY"):
@@ -21,15 +22,11 @@ def settings_from_args(args: argparse.Namespace) -> Any:
                          allow_remote=args.allow_remote_images, remote_timeout=args.remote_timeout,
                          remote_max_bytes=int(args.remote_max_mb * 2**20))
     return ServerSettings(
-        model_name=args.served_model_name or _default_name(args.model), api_keys=tuple(keys),
+        model_name=args.served_model_name or served_model_name(args.model), api_keys=tuple(keys),
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_images_per_request=args.max_images,
         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
         max_body_bytes=int(args.max_body_mb * 2**20), images=images, lenient=args.lenient,
         default_temperature=args.default_temperature)
-
-
-def _default_name(model: str | None) -> str:
-    return "owl2-tiny" if model is None else Path(model.rstrip("/")).name or model
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from owl2.serving.app import ServerSettings
@@ -30,6 +31,11 @@ class ServeOptions:
     device: str | None = None
     policy: str | None = None
     settings: ServerSettings = field(default_factory=ServerSettings)
+
+
+def served_model_name(model: str | None) -> str:
+    """The model id clients send by default: the checkpoint directory's name (``owl2-tiny`` for the default)."""
+    return "owl2-tiny" if model is None else Path(model.rstrip("/")).name or model
 
 
 def build_app(options: ServeOptions) -> Any:
@@ -51,7 +57,7 @@ def ray_application(options: ServeOptions, *, replicas: int = 2, num_cpus_per_re
         return build_app(options)
 
     replica_class = serve.ingress(build)(type("Owl2Replica", (), {"__doc__": "One owl2 server replica."}))
-    deployment = serve.deployment(replica_class, name="owl2", num_replicas=replicas,
+    deployment = serve.deployment(replica_class, name=APP_NAME, num_replicas=replicas,
                                   max_ongoing_requests=options.settings.max_batch_size + options.settings.max_queue,
                                   ray_actor_options={"num_cpus": num_cpus_per_replica,
                                                      "num_gpus": num_gpus_per_replica})
@@ -100,11 +106,20 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def app(args: dict[str, str]) -> Any:
-    """``serve run owl2.serving.replicas:app model=... replicas=N`` (Ray Serve's application builder)."""
-    settings = ServerSettings(model_name=args.get("served_model_name", "owl2"),
-                              max_batch_size=int(args.get("max_batch_size", 8)))
+    """``serve run owl2.serving.replicas:app model=... replicas=N`` (Ray Serve's application builder).
+
+    Keys (all optional, strings as ``serve run`` passes them): model, dtype, device, policy, served_model_name,
+    max_batch_size, max_queue, max_new_tokens, default_temperature, replicas, cpus_per_replica, gpus_per_replica.
+    """
+    defaults = ServerSettings()
+    settings = ServerSettings(
+        model_name=args.get("served_model_name") or served_model_name(args.get("model")),
+        max_batch_size=int(args.get("max_batch_size", defaults.max_batch_size)),
+        max_queue=int(args.get("max_queue", defaults.max_queue)),
+        max_new_tokens=int(args.get("max_new_tokens", defaults.max_new_tokens)),
+        default_temperature=float(args.get("default_temperature", defaults.default_temperature)))
     options = ServeOptions(model=args.get("model"), dtype=args.get("dtype"), device=args.get("device"),
-                           settings=settings)
+                           policy=args.get("policy"), settings=settings)
     return ray_application(options, replicas=int(args.get("replicas", 2)),
                            num_cpus_per_replica=float(args.get("cpus_per_replica", 1)),
                            num_gpus_per_replica=float(args.get("gpus_per_replica", 0)))

@@ -105,8 +105,10 @@ def test_serve_run_builder_constructs_the_application(serving_checkpoint):
     from ray.serve import Application
 
     application = app({"model": str(serving_checkpoint), "replicas": "2", "dtype": "fp32", "device": "cpu",
-                       "cpus_per_replica": "0.5", "served_model_name": "tiny"})
+                       "cpus_per_replica": "0.5", "served_model_name": "tiny", "max_batch_size": "4",
+                       "max_queue": "6", "default_temperature": "0"})
     assert isinstance(application, Application)
     deployment = application._bound_deployment
     assert deployment.name == "owl2" and deployment.num_replicas == 2
     assert deployment.ray_actor_options["num_cpus"] == 0.5
+    assert deployment.max_ongoing_requests == 4 + 6

@@ -23,7 +23,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwrig
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 TIMEOUT_MS = 60_000
-PAGE_MAX_TOKENS = 256  # what index.html sends
+PAGE_MAX_TOKENS = 40  # the test sets the page's max tokens field to this
 
 # Every text the page puts into an assistant answer while it streams, from a MutationObserver installed by the test
 # (the page itself exposes nothing). ``answer.textContent += delta`` replaces the span's text node, so each update is
@@ -31,16 +31,20 @@ PAGE_MAX_TOKENS = 256  # what index.html sends
 # per task in which the page wrote text, so more than one batch means the deltas did not all arrive at once.
 OBSERVE = """() => {
   window.__updates = [];
+  window.__states = [];
   let batch = 0;
   new MutationObserver((records) => {
     batch += 1;
     for (const r of records) {
-      if (r.target.matches && r.target.matches("div.msg.assistant > span.text")) {
+      if (r.type === "attributes" && r.target.matches("div.msg.assistant")) {
+        window.__states.push(r.target.dataset.state);
+      } else if (r.target.matches && r.target.matches("div.msg.assistant > span.text")) {
         const node = r.addedNodes[0];
         window.__updates.push({text: node ? node.data : "", batch: batch});
       }
     }
-  }).observe(document.getElementById("log"), {childList: true, subtree: true, characterData: true});
+  }).observe(document.getElementById("log"),
+             {childList: true, subtree: true, characterData: true, attributes: true, attributeFilter: ["data-state"]});
 }"""
 
 # Resolves when the n-th assistant answer is done, or when an error message appears instead.
@@ -66,6 +70,9 @@ def browser() -> Iterator[object]:
 
 
 def take_updates(page) -> list[dict]:
+    """The text updates since the last call; asserts the answer went from ``streaming`` to ``done``."""
+    states = page.evaluate("() => window.__states.splice(0)")
+    assert states == ["streaming", "done"], f"data-state of the answer changed {states}"
     return page.evaluate("() => window.__updates.splice(0)")
 
 
@@ -83,15 +90,11 @@ def ask(page, posted: list[dict], question: str, turn: int) -> tuple[list[dict],
 
 
 def assert_posted(bodies: list[dict], messages: list[dict]) -> None:
-    """One streamed request with max_tokens 256, or a second one without max_tokens when the context has less room
-    left than that (the page asks again when the server refuses with ``context_length_exceeded``)."""
-    assert 1 <= len(bodies) <= 2, f"expected one or two POST /v1/chat/completions for the turn, saw {len(bodies)}"
-    for body in bodies:
-        assert body["messages"] == messages
-        assert body["stream"] is True and body["temperature"] == 0
+    """One streamed request per turn with the page's settings (max tokens set by the test, temperature 0)."""
+    assert len(bodies) == 1, f"expected one POST /v1/chat/completions for the turn, saw {len(bodies)}"
+    assert bodies[0]["messages"] == messages
+    assert bodies[0]["stream"] is True and bodies[0]["temperature"] == 0
     assert bodies[0]["max_tokens"] == PAGE_MAX_TOKENS
-    if len(bodies) == 2:
-        assert "max_tokens" not in bodies[1]
 
 
 def assert_streamed(updates: list[dict], answer: str) -> None:
@@ -126,6 +129,7 @@ def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server,
         assert response is not None and response.ok
         assert page.locator("#model-name").text_content() == "tiny"
         assert page.locator("#temperature").input_value() == "0"
+        page.fill("#max-tokens", str(PAGE_MAX_TOKENS))  # short answers: the random model never stops by itself
         page.evaluate(OBSERVE)
 
         # Turn 1: an image and a question.
@@ -135,6 +139,7 @@ def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server,
         bodies, answer1, updates = ask(page, posted, question, turn=0)
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
                                                  {"type": "text", "text": question}]}]
+        turns = [bodies]
         assert len(bodies) == 1
         assert_posted(bodies, messages)  # the image went as a data URL of the file's very bytes
         assert answer1 == expected_answer(reference, messages, PAGE_MAX_TOKENS)
@@ -150,8 +155,8 @@ def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server,
         bodies, answer2, updates = ask(page, posted, follow_up, turn=1)
         messages = [*messages, {"role": "assistant", "content": answer1},
                     {"role": "user", "content": [{"type": "text", "text": follow_up}]}]
+        turns.append(bodies)
         assert_posted(bodies, messages)
-        # the reference, like the server, caps the answer at the context's room when that is under 256 tokens
         assert answer2 == expected_answer(reference, messages, PAGE_MAX_TOKENS)
         assert_streamed(updates, answer2)
         assert page.locator("#log .msg").count() == 4
@@ -165,6 +170,7 @@ def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server,
         fresh = "Hello"
         bodies, answer3, _ = ask(page, posted, fresh, turn=0)
         messages = [{"role": "user", "content": [{"type": "text", "text": fresh}]}]
+        turns.append(bodies)
         assert len(bodies) == 1
         assert_posted(bodies, messages)
         assert answer3 == expected_answer(reference, messages, PAGE_MAX_TOKENS)
