@@ -118,6 +118,9 @@ MIN_RENDER_SIZE = 48
 MAX_OBJECTS = 8
 """Most objects :func:`generate_scene` accepts (more large objects would not reliably fit with the gap)."""
 
+MAX_ZOOM = 4.0
+"""Largest object scale :func:`generate_scene` accepts (a large object then spans 80 % of the side)."""
+
 SCENE_QUESTION_TYPES: tuple[str, ...] = (
     "existence", "colour", "count", "position", "shape", "caption", "multiple_choice",
 )
@@ -257,8 +260,13 @@ def generate_scene(
     min_objects: int = 1,
     max_objects: int = 6,
     scene_id: str = "scene",
+    zoom: float = 1.0,
 ) -> Scene:
     """A random scene: ``min_objects..max_objects`` objects (uniform count), placed without overlap.
+
+    ``zoom`` scales every object's size (and the gap between objects): values above 1 give the large, easy
+    objects of a curriculum's first steps (one object up to zoom 4, three up to about 1.8). Small stays smaller than
+    large, so the questions keep their answers.
 
     A :class:`random.Random` is advanced; an int or str seeds a fresh one. Positions are drawn on a 1/1000 grid
     (clean JSON, exact comparisons) by rejection sampling; a layout that cannot be completed is redrawn, so the
@@ -266,6 +274,8 @@ def generate_scene(
     """
     if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
+    if not 1.0 <= zoom <= MAX_ZOOM:
+        raise ValueError(f"zoom must be in [1, {MAX_ZOOM}], got {zoom}")
     rng = _as_rng(rng_or_seed)
     count = rng.randint(min_objects, max_objects)
     background = rng.choice(list(BACKGROUNDS))
@@ -273,23 +283,24 @@ def generate_scene(
     texture_seed = rng.getrandbits(32)
     attributes = [(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES)) for _ in range(count)]
     for _ in range(1000):
-        objects = _place(rng, attributes)
+        objects = _place(rng, attributes, zoom)
         if objects is not None:
             return Scene(tuple(objects), background, texture, texture_seed, scene_id)
-    raise RuntimeError("could not place the objects")  # pragma: no cover - never seen for <= MAX_OBJECTS
+    raise RuntimeError(f"could not place {count} objects at zoom {zoom}: fewer objects fit when they are larger")
 
 
-def _place(rng: random.Random, attributes: Sequence[tuple[str, str, str]]) -> list[ShapeObject] | None:
+def _place(rng: random.Random, attributes: Sequence[tuple[str, str, str]], zoom: float = 1.0
+           ) -> list[ShapeObject] | None:
     """Positions for each ``(shape, colour, size)``, or ``None`` when one object found no room in 100 tries."""
     placed: list[ShapeObject] = []
     for shape, colour, size in attributes:
-        extent = SIZE_EXTENT[size]
+        extent = round(SIZE_EXTENT[size] * zoom, 3)
         low = math.ceil((MARGIN + extent / 2) * 1000)
         high = math.floor((1 - MARGIN - extent / 2) * 1000)
         for _ in range(100):
             candidate = ShapeObject(shape, colour, size, rng.randint(low, high) / 1000, rng.randint(low, high) / 1000,
                                     extent)
-            if all(_gap(candidate, other) >= MIN_GAP for other in placed):
+            if all(_gap(candidate, other) >= MIN_GAP * zoom for other in placed):
                 placed.append(candidate)
                 break
         else:
@@ -595,9 +606,9 @@ def text_questions(rng: random.Random | int | str, n: int, *, prefix: str = "tex
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
-def _scene_for(split: str, seed: int, index: int, max_objects: int = 6) -> Scene:
+def _scene_for(split: str, seed: int, index: int, max_objects: int = 6, zoom: float = 1.0) -> Scene:
     return generate_scene(stream_rng(split, seed, index, "scene"), max_objects=max_objects,
-                          scene_id=f"shapes-{split}-{seed}-{index:06d}")
+                          scene_id=f"shapes-{split}-{seed}-{index:06d}", zoom=zoom)
 
 
 def _save(image: Image.Image, path: Path) -> None:
@@ -614,6 +625,7 @@ def write_training_set(
     size: int = 224,
     multi_turn_fraction: float = 0.75,
     max_objects: int = 6,
+    zoom: float = 1.0,
 ) -> Path:
     """Write ``images/train-*.png`` and ``train.json`` (LLaVA format) under ``directory``; returns the JSON path.
 
@@ -621,12 +633,13 @@ def write_training_set(
     multi-turn record (probability ``multi_turn_fraction``; the paper merges the QAs of an image into one
     conversation) or as one single-turn record each. The first human turn starts with ``"<|image|>\\n"``. Text items
     are single-turn records without ``"image"``. Scenes come from the ``"train"`` stream (see :func:`stream_rng`);
-    ``max_objects`` below 6 gives simpler scenes (a curriculum's first step).
+    ``max_objects`` below 6 and ``zoom`` above 1 give simpler scenes (fewer, larger objects: a curriculum's first
+    steps).
     """
     directory = Path(directory)
     records: list[dict[str, Any]] = []
     for index in range(scenes):
-        scene = _scene_for("train", seed, index, max_objects)
+        scene = _scene_for("train", seed, index, max_objects, zoom)
         image = f"images/train-{seed}-{index:06d}.png"
         _save(render_scene(scene, size), directory / image)
         rng = stream_rng("train", seed, index, "questions")

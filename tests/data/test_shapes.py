@@ -205,6 +205,22 @@ def test_objects_keep_gap_and_margin(scenes):
     assert Counter(len(s.objects) for s in scenes).keys() == set(range(1, 7))
 
 
+
+def test_zoom_scales_objects_and_gaps():
+    for index in range(40):
+        scene = generate_scene(stream_rng("train", 0, index, "scene"), max_objects=3, zoom=1.8)
+        for i, a in enumerate(scene.objects):
+            assert a.extent == pytest.approx({"small": 0.216, "large": 0.36}[a.size])
+            assert min(a.bbox) >= 0.03 - 1e-9 and max(a.bbox) <= 0.97 + 1e-9
+            for b in scene.objects[i + 1:]:
+                assert max(abs(a.x - b.x), abs(a.y - b.y)) - (a.extent + b.extent) / 2 >= 1.8 * 0.07 - 1e-9
+        for item in scene_questions(scene, index):  # small is still smaller: every answer still holds
+            assert item.answer
+    assert generate_scene(7, zoom=1.0) == generate_scene(7)
+    with pytest.raises(ValueError, match="zoom"):
+        generate_scene(0, zoom=0.5)
+
+
 # ------------------------------------------------------------------------------------------- answers, re-derived
 def _match(scene: Scene, phrase: str) -> list[ShapeObject]:
     """Objects fitting a noun phrase such as "large red circle", "red object", "small triangle"."""
