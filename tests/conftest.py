@@ -81,3 +81,17 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             is_gain = param.ndim == 1 and ("norm" in name or "ln" in name)
             param.copy_(1.0 + 0.1 * noise if is_gain else 0.2 * noise)
     return model
+
+
+# A tiny random-init checkpoint (real LLaMA-2 tokenizer, 28 px images) for the evaluation and serving tests.
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from tests.evaluation.conftest import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("eval-model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_checkpoint):
+    torch.manual_seed(0)
+    return owl2.load(tiny_checkpoint, dtype="fp32", device="cpu", show_progress=False)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import torch
-
 import owl2
 from owl2.model import init_weights
 from owl2.processing.image import PREPROCESSOR_CONFIG_NAME, ImageProcessor
@@ -22,14 +19,3 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     atomic_write_text(directory / PREPROCESSOR_CONFIG_NAME,
                       json.dumps(ImageProcessor(size=28, crop_size=28).to_dict()))
     return directory
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("eval-model") / "tiny")
-
-
-@pytest.fixture(scope="session")
-def tiny_pipeline(tiny_checkpoint):
-    torch.manual_seed(0)
-    return owl2.load(tiny_checkpoint, dtype="fp32", device="cpu", show_progress=False)

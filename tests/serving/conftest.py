@@ -1,5 +1,6 @@
-"""A tiny random-init checkpoint served by a real ``owl2 serve`` process on loopback, and the reference pipeline
-(the same checkpoint loaded in the test process) whose greedy answers the server must reproduce."""
+"""A real ``owl2 serve`` process on loopback serving the tiny random-init checkpoint of the evaluation tests
+(``tiny_checkpoint``), and the helpers to check it against ``tiny_pipeline``, the same checkpoint loaded in the test
+process, whose greedy answers the server must reproduce."""
 
 from __future__ import annotations
 
@@ -18,11 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from PIL import Image
-
-import owl2
-from tests.evaluation.conftest import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,29 +93,17 @@ def start_server(model: Path, *extra: str, timeout: float = 90.0) -> ServerProce
     raise RuntimeError(f"owl2 serve did not come up within {timeout} s")
 
 
-@pytest.fixture(scope="session")
-def serving_checkpoint(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("serve-model") / "tiny")
-
-
-@pytest.fixture(scope="session")
-def reference(serving_checkpoint):
-    """The served checkpoint in this process: what the server's greedy answers must equal."""
-    torch.manual_seed(0)
-    return owl2.load(serving_checkpoint, dtype="fp32", device="cpu", show_progress=False)
-
-
 @pytest.fixture(scope="module")
-def server(serving_checkpoint) -> Iterator[ServerProcess]:
+def server(tiny_checkpoint) -> Iterator[ServerProcess]:
     """One server for a test module; small limits so that the bad-input corpus can reach each of them."""
-    process = start_server(serving_checkpoint, "--max-body-mb", "2", "--max-images", "4",
+    process = start_server(tiny_checkpoint, "--max-body-mb", "2", "--max-images", "4",
                            "--max-new-tokens", "64", "--max-queue", "8")
     yield process
     process.stop()
 
 
-def expected_answer(reference, messages: Sequence[dict], max_tokens: int) -> str:
-    """The reference pipeline's greedy answer to OpenAI-style ``messages`` (images as PIL, in the order given)."""
+def expected_answer(pipeline, messages: Sequence[dict], max_tokens: int) -> str:
+    """The pipeline's greedy answer to OpenAI-style ``messages`` (images as PIL, in the order given)."""
     owl2_messages = []
     for message in messages:
         content = message["content"]
@@ -133,7 +118,7 @@ def expected_answer(reference, messages: Sequence[dict], max_tokens: int) -> str
                 payload = part["image_url"]["url"].split(",", 1)[1]
                 parts.append({"type": "image", "image": Image.open(io.BytesIO(base64.b64decode(payload)))})
         owl2_messages.append({"role": message["role"], "content": parts})
-    return reference.chat(owl2_messages, max_new_tokens=max_tokens)
+    return pipeline.chat(owl2_messages, max_new_tokens=max_tokens)
 
 
 @contextlib.contextmanager

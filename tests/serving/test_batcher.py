@@ -42,18 +42,18 @@ class Collector:
         return [e.token_id for e in self.events[i] if e.token_id is not None]
 
 
-def requests(reference, n: int = 7, **sampling):
+def requests(tiny_pipeline, n: int = 7, **sampling):
     colours = ["red", "blue", "green"]
-    return [reference.request("Describe the image in detail please." if i % 2 == 0 else f"Count to {i}.",
+    return [tiny_pipeline.request("Describe the image in detail please." if i % 2 == 0 else f"Count to {i}.",
                               [scene(colours[i % 3])] if i % 2 == 0 else [], max_new_tokens=4 + 3 * i, **sampling)
             for i in range(n)]
 
 
 @pytest.mark.parametrize("max_batch_size", [1, 3, 8])
-def test_staggered_requests_match_runs_alone(reference, max_batch_size):
-    batch = requests(reference)
-    alone = [reference.engine.generate([r])[0] for r in batch]
-    batcher = ContinuousBatcher(reference.engine, max_batch_size=max_batch_size, max_queue=16).start()
+def test_staggered_requests_match_runs_alone(tiny_pipeline, max_batch_size):
+    batch = requests(tiny_pipeline)
+    alone = [tiny_pipeline.engine.generate([r])[0] for r in batch]
+    batcher = ContinuousBatcher(tiny_pipeline.engine, max_batch_size=max_batch_size, max_queue=16).start()
     collected = Collector(len(batch))
     try:
         for i, request in enumerate(batch):
@@ -71,9 +71,9 @@ def test_staggered_requests_match_runs_alone(reference, max_batch_size):
     assert batcher.stats.peak_batch <= max_batch_size
 
 
-def test_rows_share_decode_steps(reference):
-    batch = requests(reference, n=4)
-    batcher = ContinuousBatcher(reference.engine, max_batch_size=4)
+def test_rows_share_decode_steps(tiny_pipeline):
+    batch = requests(tiny_pipeline, n=4)
+    batcher = ContinuousBatcher(tiny_pipeline.engine, max_batch_size=4)
     collected = Collector(len(batch))
     for i, request in enumerate(batch):  # queued before the worker starts: one prefill, shared steps
         batcher.submit(request, collected.sink(i))
@@ -86,10 +86,10 @@ def test_rows_share_decode_steps(reference):
     assert batcher.stats.generated_tokens == sum(r.params.max_new_tokens for r in batch)
 
 
-def test_seeded_sampling_is_independent_of_the_batch(reference):
-    batch = requests(reference, n=4, temperature=0.9, top_p=0.9, seed=7)
-    alone = [reference.engine.generate([r])[0].token_ids for r in batch]
-    batcher = ContinuousBatcher(reference.engine, max_batch_size=4).start()
+def test_seeded_sampling_is_independent_of_the_batch(tiny_pipeline):
+    batch = requests(tiny_pipeline, n=4, temperature=0.9, top_p=0.9, seed=7)
+    alone = [tiny_pipeline.engine.generate([r])[0].token_ids for r in batch]
+    batcher = ContinuousBatcher(tiny_pipeline.engine, max_batch_size=4).start()
     collected = Collector(len(batch))
     for i, request in enumerate(batch):
         batcher.submit(request, collected.sink(i))
@@ -98,16 +98,16 @@ def test_seeded_sampling_is_independent_of_the_batch(reference):
     assert [collected.tokens(i) for i in range(len(batch))] == alone
 
 
-def test_cancel_frees_the_slot_and_queue_is_bounded(reference):
-    long = reference.request("Say many words.", max_new_tokens=200, min_new_tokens=200)
-    batcher = ContinuousBatcher(reference.engine, max_batch_size=1, max_queue=1).start()
+def test_cancel_frees_the_slot_and_queue_is_bounded(tiny_pipeline):
+    long = tiny_pipeline.request("Say many words.", max_new_tokens=200, min_new_tokens=200)
+    batcher = ContinuousBatcher(tiny_pipeline.engine, max_batch_size=1, max_queue=1).start()
     collected = Collector(3)
     first = batcher.submit(long, collected.sink(0))
     while not collected.events[0]:  # running: the one slot is taken
         time.sleep(0.001)
-    batcher.submit(reference.request("hi", max_new_tokens=3), collected.sink(1))  # waits: the line is now full
+    batcher.submit(tiny_pipeline.request("hi", max_new_tokens=3), collected.sink(1))  # waits: the line is now full
     with pytest.raises(QueueFullError, match="queue is full"):
-        batcher.submit(reference.request("hi", max_new_tokens=3), collected.sink(2))
+        batcher.submit(tiny_pipeline.request("hi", max_new_tokens=3), collected.sink(2))
     first.cancel()
     assert collected.done[1].wait(30), "the waiting request did not get the freed slot"
     batcher.close()
@@ -116,23 +116,23 @@ def test_cancel_frees_the_slot_and_queue_is_bounded(reference):
     assert collected.events[1][-1].finish_reason in ("stop", "length")
 
 
-def test_a_bad_newcomer_does_not_end_the_running_rows(reference):
-    good = reference.request("Describe the image.", [scene()], max_new_tokens=12)
+def test_a_bad_newcomer_does_not_end_the_running_rows(tiny_pipeline):
+    good = tiny_pipeline.request("Describe the image.", [scene()], max_new_tokens=12)
     bad = GenerationRequest(good.prompt_ids, None, SamplingParams(max_new_tokens=3))  # placeholder, no image
-    batcher = ContinuousBatcher(reference.engine, max_batch_size=4).start()
+    batcher = ContinuousBatcher(tiny_pipeline.engine, max_batch_size=4).start()
     collected = Collector(2)
     batcher.submit(good, collected.sink(0))
     batcher.submit(bad, collected.sink(1))
     collected.wait()
     batcher.close()
     assert isinstance(collected.errors[1], ValueError) and "placeholder" in str(collected.errors[1])
-    assert collected.tokens(0) == reference.engine.generate([good])[0].token_ids
+    assert collected.tokens(0) == tiny_pipeline.engine.generate([good])[0].token_ids
 
 
-def test_gather_rows_right_aligns_and_trims(reference):
-    model = reference.model
-    prompts = [reference.request("a b c d e f g h", max_new_tokens=2), reference.request("x", max_new_tokens=2)]
-    batch = reference.engine.prepare([p.prompt_ids for p in prompts], [None, None])
+def test_gather_rows_right_aligns_and_trims(tiny_pipeline):
+    model = tiny_pipeline.model
+    prompts = [tiny_pipeline.request("a b c d e f g h", max_new_tokens=2), tiny_pipeline.request("x", max_new_tokens=2)]
+    batch = tiny_pipeline.engine.prepare([p.prompt_ids for p in prompts], [None, None])
     cache = model.new_cache(*batch["input_ids"].shape)
     with torch.inference_mode():
         model(**batch, cache=cache, logits_to_keep=1)

@@ -22,39 +22,39 @@ def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
-def test_chat_with_an_image_equals_the_pipeline(client, reference):
+def test_chat_with_an_image_equals_the_pipeline(client, tiny_pipeline):
     messages = image_message("red", "What is in the picture?")
     reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
     assert reply.object == "chat.completion"
     assert reply.choices[0].message.role == "assistant"
-    assert reply.choices[0].message.content == expected_answer(reference, messages, 12)
+    assert reply.choices[0].message.content == expected_answer(tiny_pipeline, messages, 12)
     assert reply.choices[0].finish_reason in ("stop", "length")
-    request = reference.request([{"role": "user", "content": [
+    request = tiny_pipeline.request([{"role": "user", "content": [
         {"type": "image", "image": scene("red")}, {"type": "text", "text": "What is in the picture?"}]}])
     text_tokens = sum(1 for t in request.prompt_ids if t >= 0)
-    per_image = reference.model.config.tokens_per_image
+    per_image = tiny_pipeline.model.config.tokens_per_image
     assert reply.usage.prompt_tokens == text_tokens + per_image  # each image counts its visual tokens
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
-def test_streaming_concatenates_to_the_full_answer(client, reference):
+def test_streaming_concatenates_to_the_full_answer(client, tiny_pipeline):
     messages = image_message("blue", "Describe it.")
     stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == expected_answer(reference, messages, 10)
+    assert text == expected_answer(tiny_pipeline, messages, 10)
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # really streamed
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finals) == 1
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
 
 
-def test_multi_turn_text_and_stop(client, reference):
+def test_multi_turn_text_and_stop(client, tiny_pipeline):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
                 {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Name a colour."}]
     full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
-    assert full.choices[0].message.content == expected_answer(reference, messages, 16)
+    assert full.choices[0].message.content == expected_answer(tiny_pipeline, messages, 16)
     words = full.choices[0].message.content.split()
     if len(words) > 2:  # stop at the third word: the answer is cut before it
         cut = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,

@@ -24,7 +24,7 @@ LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_N
 
 
 @pytest.fixture(scope="module")
-def ray_url(serving_checkpoint) -> Iterator[str]:
+def ray_url(tiny_checkpoint) -> Iterator[str]:
     """Two replicas of the tiny checkpoint behind Ray Serve's proxy on a free loopback port."""
     saved = {key: os.environ.get(key) for key in LOCAL_ENV}
     os.environ.update(LOCAL_ENV)
@@ -33,7 +33,7 @@ def ray_url(serving_checkpoint) -> Iterator[str]:
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         port = free_port()
-        options = ServeOptions(model=str(serving_checkpoint), dtype="fp32", device="cpu",
+        options = ServeOptions(model=str(tiny_checkpoint), dtype="fp32", device="cpu",
                                settings=ServerSettings(default_temperature=0.0, model_name="tiny"))
         run_ray(options, replicas=2, host="127.0.0.1", port=port, num_cpus_per_replica=0.5, blocking=False)
         url = f"http://127.0.0.1:{port}"
@@ -79,9 +79,9 @@ def test_both_replicas_serve(ray_url):
     assert os.getpid() not in pids
 
 
-def test_greedy_answer_plain_and_streamed(ray_url, reference):
+def test_greedy_answer_plain_and_streamed(ray_url, tiny_pipeline):
     body = _question()
-    expected = expected_answer(reference, body["messages"], body["max_tokens"])
+    expected = expected_answer(tiny_pipeline, body["messages"], body["max_tokens"])
     with httpx.Client(base_url=ray_url, timeout=60) as client:
         response = client.post(CHAT, json=body)
         assert response.status_code == 200, response.text
@@ -100,11 +100,11 @@ def test_greedy_answer_plain_and_streamed(ray_url, reference):
     assert chunks[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
 
 
-def test_serve_run_builder_constructs_the_application(serving_checkpoint):
+def test_serve_run_builder_constructs_the_application(tiny_checkpoint):
     """``serve run owl2.serving.replicas:app model=DIR replicas=2``: the builder alone, nothing started."""
     from ray.serve import Application
 
-    application = app({"model": str(serving_checkpoint), "replicas": "2", "dtype": "fp32", "device": "cpu",
+    application = app({"model": str(tiny_checkpoint), "replicas": "2", "dtype": "fp32", "device": "cpu",
                        "cpus_per_replica": "0.5", "served_model_name": "tiny", "max_batch_size": "4",
                        "max_queue": "6", "default_temperature": "0"})
     assert isinstance(application, Application)

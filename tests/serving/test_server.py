@@ -26,8 +26,8 @@ def _question(url: str, text: str = "What is it?", max_tokens: int = 6) -> dict:
             "max_tokens": max_tokens, "temperature": 0}
 
 
-def test_api_keys(reference):
-    app = create_app(reference, ServerSettings(model_name="tiny", api_keys=("sekrit", "other")))
+def test_api_keys(tiny_pipeline):
+    app = create_app(tiny_pipeline, ServerSettings(model_name="tiny", api_keys=("sekrit", "other")))
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         missing = client.post(CHAT, json=body)
@@ -39,8 +39,8 @@ def test_api_keys(reference):
         assert client.post(CHAT, json=body, headers={"Authorization": "Bearer other"}).status_code == 200
 
 
-def test_full_queue_answers_429_and_recovers(reference):
-    app = create_app(reference, ServerSettings(model_name="tiny", max_batch_size=1, max_queue=1))
+def test_full_queue_answers_429_and_recovers(tiny_pipeline):
+    app = create_app(tiny_pipeline, ServerSettings(model_name="tiny", max_batch_size=1, max_queue=1))
     slow = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 300, "min_tokens": 300}
 
     async def burst(url: str) -> list[int]:
@@ -63,8 +63,8 @@ def test_full_queue_answers_429_and_recovers(reference):
             assert 'owl2_requests_total{status="429"} 1.0' in client.get("/metrics").text
 
 
-def test_a_client_that_goes_away_frees_its_slot(reference):
-    app = create_app(reference, ServerSettings(model_name="tiny", max_batch_size=1))
+def test_a_client_that_goes_away_frees_its_slot(tiny_pipeline):
+    app = create_app(tiny_pipeline, ServerSettings(model_name="tiny", max_batch_size=1))
     server = app.state.server
     endless = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 400, "min_tokens": 400}
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
@@ -86,9 +86,9 @@ def test_a_client_that_goes_away_frees_its_slot(reference):
         assert ok.status_code == 200
 
 
-def test_images_are_encoded_once_per_content(reference):
-    app = create_app(reference, ServerSettings(model_name="tiny"))
-    cache = reference.engine.image_cache
+def test_images_are_encoded_once_per_content(tiny_pipeline):
+    app = create_app(tiny_pipeline, ServerSettings(model_name="tiny"))
+    cache = tiny_pipeline.engine.image_cache
     picture = data_url(scene("purple"))
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         misses = cache.misses
@@ -96,20 +96,20 @@ def test_images_are_encoded_once_per_content(reference):
         hits = cache.hits
         second = client.post(CHAT, json=_question(picture, "And now?")).json()
         assert cache.misses == misses + 1 and cache.hits == hits + 1
-        assert first["choices"][0]["message"]["content"] == expected_answer(reference, _question(picture)["messages"],
-                                                                             6)
+        want = expected_answer(tiny_pipeline, _question(picture)["messages"], 6)
+        assert first["choices"][0]["message"]["content"] == want
         assert second["usage"]["prompt_tokens"] > 0
         metrics = client.get("/metrics").text
     assert "owl2_image_cache_hits" in metrics and "owl2_queue_depth 0.0" in metrics
 
 
-def test_local_files_only_under_the_allowed_directory(reference, tmp_path):
+def test_local_files_only_under_the_allowed_directory(tiny_pipeline, tmp_path):
     allowed = tmp_path / "media"
     allowed.mkdir()
     (allowed / "red.png").write_bytes(png_bytes(scene("red")))
     (tmp_path / "secret.png").write_bytes(png_bytes(scene("blue")))
     (allowed / "link.png").symlink_to(tmp_path / "secret.png")
-    app = create_app(reference, ServerSettings(model_name="tiny", images=ImagePolicy(allowed_local_dir=allowed)))
+    app = create_app(tiny_pipeline, ServerSettings(model_name="tiny", images=ImagePolicy(allowed_local_dir=allowed)))
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         inside = client.post(CHAT, json=_question(f"file://{allowed / 'red.png'}"))
         assert inside.status_code == 200
@@ -135,12 +135,12 @@ class _Images(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_remote_images_when_enabled_with_timeout_and_size_cap(reference):
+def test_remote_images_when_enabled_with_timeout_and_size_cap(tiny_pipeline):
     images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
     threading.Thread(target=images.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{images.server_address[1]}"
     policy = ImagePolicy(allow_remote=True, remote_timeout=0.5, remote_max_bytes=100_000)
-    app = create_app(reference, ServerSettings(model_name="tiny", images=policy))
+    app = create_app(tiny_pipeline, ServerSettings(model_name="tiny", images=policy))
     try:
         with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
             fetched = client.post(CHAT, json=_question(f"{base}/ok.png"))
@@ -155,8 +155,8 @@ def test_remote_images_when_enabled_with_timeout_and_size_cap(reference):
         images.shutdown()
 
 
-def test_chat_page_is_self_contained(reference):
-    app = create_app(reference, ServerSettings(model_name="tiny"))
+def test_chat_page_is_self_contained(tiny_pipeline):
+    app = create_app(tiny_pipeline, ServerSettings(model_name="tiny"))
     with serve_in_thread(app) as url:
         page = httpx.get(url + "/").text
     assert "<title>owl2 chat</title>" in page and "tiny" in page

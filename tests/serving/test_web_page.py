@@ -1,6 +1,6 @@
 """The chat page at ``/`` in a real headless Chromium (Playwright) against a real ``owl2 serve`` process: upload an
-image, ask, watch the answer stream in, ask again (multi-turn), reset; the answers must equal the reference pipeline's
-greedy ones, and the page must never reach beyond the server."""
+image, ask, watch the answer stream in, ask again (multi-turn), reset; the answers must equal the in-process
+pipeline's greedy ones, and the page must never reach beyond the server."""
 
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ SETTLED = """(n) => {
 
 
 @pytest.fixture(scope="module")
-def page_server(serving_checkpoint) -> Iterator[ServerProcess]:
-    process = start_server(serving_checkpoint)
+def page_server(tiny_checkpoint) -> Iterator[ServerProcess]:
+    process = start_server(tiny_checkpoint)
     yield process
     process.stop()
 
@@ -106,7 +106,7 @@ def assert_streamed(updates: list[dict], answer: str) -> None:
     assert len({u["batch"] for u in updates}) > 1, "every delta was written in one task: the stream was buffered"
 
 
-def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server, browser, reference, tmp_path):
+def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server, browser, tiny_pipeline, tmp_path):
     image = png_bytes(scene("red"))
     image_path = tmp_path / "red.png"
     image_path.write_bytes(image)
@@ -142,7 +142,7 @@ def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server,
         turns = [bodies]
         assert len(bodies) == 1
         assert_posted(bodies, messages)  # the image went as a data URL of the file's very bytes
-        assert answer1 == expected_answer(reference, messages, PAGE_MAX_TOKENS)
+        assert answer1 == expected_answer(tiny_pipeline, messages, PAGE_MAX_TOKENS)
         assert answer1.strip(), "empty answer"
         assert_streamed(updates, answer1)
         user = page.locator("#log .msg.user").nth(0)
@@ -157,7 +157,7 @@ def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server,
                     {"role": "user", "content": [{"type": "text", "text": follow_up}]}]
         turns.append(bodies)
         assert_posted(bodies, messages)
-        assert answer2 == expected_answer(reference, messages, PAGE_MAX_TOKENS)
+        assert answer2 == expected_answer(tiny_pipeline, messages, PAGE_MAX_TOKENS)
         assert_streamed(updates, answer2)
         assert page.locator("#log .msg").count() == 4
 
@@ -173,7 +173,7 @@ def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server,
         turns.append(bodies)
         assert len(bodies) == 1
         assert_posted(bodies, messages)
-        assert answer3 == expected_answer(reference, messages, PAGE_MAX_TOKENS)
+        assert answer3 == expected_answer(tiny_pipeline, messages, PAGE_MAX_TOKENS)
     finally:
         context.close()
 
