@@ -107,11 +107,14 @@ class RowDecoder:
 
 
 def decode_step(rows: Sequence[RowDecoder], logits: torch.Tensor) -> list[int]:
-    """One step for every row: constrain, pick (greedy rows share one argmax) -> the chosen ids."""
+    """One step for every row: constrain, pick (greedy rows share one argmax) -> the chosen ids. Rows that have
+    finished (a static batch keeps them until all are done) are not sampled: their id is unused."""
     for row, decoder in enumerate(rows):
-        decoder.constrain(logits[row])
+        if not decoder.finished:
+            decoder.constrain(logits[row])
     greedy = logits.argmax(-1).tolist()
-    return [decoder.pick(logits[row], greedy[row]) for row, decoder in enumerate(rows)]
+    return [greedy[row] if decoder.finished else decoder.pick(logits[row], greedy[row])
+            for row, decoder in enumerate(rows)]
 
 
 def step_logprobs(rows: Sequence[RowDecoder], logits: torch.Tensor) -> torch.Tensor | None:
