@@ -143,8 +143,9 @@ class Owl2Server:
         self.metrics = ServerMetrics(self.batcher, engine.image_cache)
 
     # --------------------------------------------------------------------------------------------- requests
-    async def build(self, body: ChatCompletionRequest) -> "list[GenerationRequest]":
-        """One generation request per choice, or :class:`APIError`."""
+    async def build(self, body: ChatCompletionRequest) -> "tuple[list[GenerationRequest], int]":
+        """One generation request per choice and the prompt's length in tokens (images counted as their visual
+        tokens), or :class:`APIError`."""
         settings = self.settings
         if body.model is not None and body.model != settings.model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
@@ -193,7 +194,7 @@ class Owl2Server:
             seed = None if body.seed is None else body.seed + choice
             requests.append(GenerationRequest(request.prompt_ids, request.images,
                                               dataclasses.replace(params, seed=seed)))
-        return requests
+        return requests, prompt_tokens
 
     def submit(self, requests: list[GenerationRequest]) -> tuple[list[Submission], list[_Sink]]:
         loop = asyncio.get_running_loop()
@@ -332,9 +333,8 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: body_model, request: Request) -> Response:  # type: ignore[valid-type]
         started = time.perf_counter()
-        requests = await server.build(body)
+        requests, prompt_tokens = await server.build(body)
         submissions, sinks = server.submit(requests)
-        prompt_tokens = pipeline.engine.prompt_tokens(requests[0])
         server.metrics.prompt_tokens.inc(prompt_tokens * len(requests))
         ident, created = completion_id(), now()
         if body.stream:
