@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("name", choices=["build-tiny", "mam-ablation"])
     experiment.add_argument("--workdir", default=None, help="where data, runs and reports go")
     experiment.add_argument("--scenes", type=int, default=None, help="training scenes")
-    experiment.add_argument("--steps", type=int, default=None, help="mam-ablation: stage-2 steps per variant")
+    experiment.add_argument("--steps", type=int, default=None, help="mam-ablation: stage-0 steps per variant")
     experiment.add_argument("--install", action="store_true", help="build-tiny: replace the embedded model")
     experiment.set_defaults(handler=_experiment)
 

@@ -68,6 +68,7 @@ __all__ = [
     "side_of",
     "stream_rng",
     "text_questions",
+    "training_scene",
     "write_eval_set",
     "write_training_set",
 ]
@@ -611,6 +612,12 @@ def _scene_for(split: str, seed: int, index: int, max_objects: int = 6, zoom: fl
                           scene_id=f"shapes-{split}-{seed}-{index:06d}", zoom=zoom)
 
 
+def training_scene(seed: int, index: int, *, max_objects: int = 6, zoom: float = 1.0) -> Scene:
+    """Scene ``index`` of :func:`write_training_set` with the same ``seed`` (and ``max_objects``/``zoom``): the
+    description behind a training image, for labels the conversations do not carry."""
+    return _scene_for("train", seed, index, max_objects, zoom)
+
+
 def _save(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")  # Pillow writes no timestamp: same pixels, same bytes
@@ -639,7 +646,7 @@ def write_training_set(
     directory = Path(directory)
     records: list[dict[str, Any]] = []
     for index in range(scenes):
-        scene = _scene_for("train", seed, index, max_objects, zoom)
+        scene = training_scene(seed, index, max_objects=max_objects, zoom=zoom)
         image = f"images/train-{seed}-{index:06d}.png"
         _save(render_scene(scene, size), directory / image)
         rng = stream_rng("train", seed, index, "questions")

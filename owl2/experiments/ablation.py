@@ -1,7 +1,8 @@
 """The paper's modality-collaboration ablation (Table 5) at small scale: owl2-tiny with and without the MAM.
 
 Both variants get the same data (one shapes-world training set with text-only instructions, one tokenizer), the
-same recipe (``configs/tiny/``), the same number of steps and the same seed; the only difference is
+same stage-V vision side (trained once: it does not involve the language model), the same recipe
+(``configs/tiny/``), the same number of steps and the same seed; the only difference is
 ``modality_adaptive`` in the model config (False: text and image positions share the norms and K/V projections).
 Both are then scored on the same held-out set: multimodal accuracy (the scene questions) and text-only accuracy
 (arithmetic, spelling, ordering, letter counts, reversal), like the paper's VQAv2/Q-Bench versus MMLU/BBH columns.
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from owl2.experiments.tiny import REPO_CONFIGS, TinyBuild, evaluate_tiny, prepare, train_stages
+from owl2.experiments.tiny import REPO_CONFIGS, TinyBuild, evaluate_tiny, prepare, pretrain_vision_side, train_stages
 from owl2.utils import atomic_write_text
 
 VARIANTS = {"MAM (modality-adaptive norms and K/V)": True, "no MAM (shared norms and K/V)": False}
@@ -32,16 +33,16 @@ def run_mam_ablation(workdir: str | os.PathLike[str], *, scenes: int | None = No
                      build: TinyBuild | None = None, configs: Path = REPO_CONFIGS) -> dict[str, Any]:
     """Train and score both variants; writes ``report.json`` and ``report.md`` under ``workdir``.
 
-    Default budget: 8000 scenes and 3000 text items, stages 0/1/2 of 300/600/1000 steps (``steps`` sets stage 2),
-    scored on 300 held-out scenes and 200 text items."""
+    Default budget: 8000 scenes and 3000 text items, stage V of 2000 steps, stages 0/1/2 of 1500/200/300 steps
+    (``steps`` sets stage 0), scored on 300 held-out scenes and 200 text items."""
     from owl2.data.shapes import TEXT_QUESTION_TYPES
     from owl2.model.config import Owl2Config
 
     workdir = Path(workdir)
     build = build or TinyBuild(scenes=scenes or 8000, text_items=3000, eval_scenes=300, eval_text_items=200,
-                               simple_scenes=3000, simple_steps=400, stage0_steps=300, stage1_steps=600,
-                               stage2_steps=steps or 1000)
+                               vision_steps=2000, stage0_steps=steps or 1500, stage1_steps=200, stage2_steps=300)
     shared = prepare(workdir / "shared", build, configs)
+    vision = pretrain_vision_side(workdir / "shared", shared, build, configs)
     results = {}
     for name, adaptive in VARIANTS.items():
         run_dir = workdir / ("mam" if adaptive else "no-mam")
@@ -52,7 +53,7 @@ def run_mam_ablation(workdir: str | os.PathLike[str], *, scenes: int | None = No
             config.modality_adaptive = adaptive
             config.save(init)
         started = time.perf_counter()
-        final = train_stages(run_dir, {**shared, "init": init}, build, configs)
+        final = train_stages(run_dir, {**shared, "init": init}, build, configs, vision=vision)
         minutes = (time.perf_counter() - started) / 60
         report = evaluate_tiny(final, shared["eval"], run_dir / "eval-results")
         breakdown = report["breakdown"]
@@ -72,8 +73,9 @@ def run_mam_ablation(workdir: str | os.PathLike[str], *, scenes: int | None = No
 def ablation_table(results: dict[str, dict[str, Any]], build: TinyBuild) -> str:
     kinds = sorted({k for r in results.values() for k in r["per_type"]})
     head = "| variant | multimodal | text-only | " + " | ".join(kinds) + " |"
-    lines = [f"Same data ({build.scenes} scenes, {build.text_items} text items), recipe, steps (stages 0/1/2: "
-             f"{build.stage0_steps}/{build.stage1_steps}/{build.stage2_steps}) and seed; {build.eval_scenes} held-out "
+    lines = [f"Same data ({build.scenes} scenes, {build.text_items} text items), stage-V vision side, recipe, steps "
+             f"(stages V/0/1/2: {build.vision_steps}/{build.stage0_steps}/{build.stage1_steps}/{build.stage2_steps}) "
+             f"and seed; {build.eval_scenes} held-out "
              f"scenes and {build.eval_text_items} text items. Accuracy in %.", "", head,
              "|---" * (len(kinds) + 3) + "|"]
     for name, r in results.items():

@@ -5,11 +5,18 @@
 1. the shapes world: a training set (scenes with multi-turn QA and captions, plus text-only instructions) from the
    ``train`` seed stream, and a held-out set from the ``eval`` stream (:mod:`owl2.data.shapes`);
 2. a SentencePiece tokenizer in the LLaMA-2 layout trained on the training texts (:mod:`owl2.experiments.tokenizer`);
-3. ``owl2 train`` from the random initialisation of ``configs/tiny/model.json``: ``configs/tiny/stage0.toml`` (the
-   language model on the conversations as plain text: the pre-trained LLM the paper starts from), the MAM's image
-   branch copied from the text branch, ``stage1.toml`` (vision encoder, abstractor and image branch, LLM frozen:
-   first on one-object scenes, then on all) and ``stage2.toml`` (everything, all data);
-4. ``owl2 eval --task shapes`` on the held-out set, and a model card with the figures.
+3. the pre-trained parts the paper starts from (CLIP ViT-L/14 and LLaMA-2), made here from the random
+   initialisation of ``configs/tiny/model.json``: stage V (``configs/tiny/vision.toml``,
+   :mod:`owl2.experiments.vision_pretrain`) trains the vision encoder and the abstractor on dense labels of the
+   scenes; stage 0 (``owl2 train configs/tiny/stage0.toml``, stage ``language``) trains the language model from
+   scratch on all the data, next to the frozen stage-V vision side;
+4. the paper's two stages with ``owl2 train``: ``stage1.toml`` (vision encoder, abstractor and the MAM's image
+   branch; language model frozen) and ``stage2.toml`` (everything, all data);
+5. ``owl2 eval --task shapes`` on the held-out set, and a model card with the figures.
+
+A language model pre-trained on the conversations as plain text, as LLaMA-2 is, did not learn to read the visual
+tokens in stages 1 and 2 (its attention had settled on text positions; ``docs/experiments.md``), so stage 0 gives it
+the images from the start.
 
 :func:`default_model_dir` is where the shipped copy lives; ``owl2.load()``, ``owl2 ask`` and ``owl2 chat`` use it
 when no model is given.
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from owl2.experiments.vision_pretrain import PROBE_FILE
 from owl2.utils import atomic_write_text
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -33,6 +41,7 @@ REPO_CONFIGS = PACKAGE_DIR.parent / "configs" / "tiny"
 IMAGE_SIZE = 64
 EVAL_FILE = "eval_results.json"
 """The held-out figures of the model card, machine-readable (the accuracy test compares with them)."""
+STAGE_DIRS = ("stage-v", "stage0", "stage1", "stage2")
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 
 
@@ -51,11 +60,9 @@ class TinyBuild:
     eval_text_items: int = 200
     seed: int = 0
     vocab_size: int = 768
+    vision_steps: int | None = None
+    """None: the recipe's step count (``configs/tiny/vision.toml``; likewise ``train.max_steps`` for the others)."""
     stage0_steps: int | None = None
-    """None: the recipe's ``train.max_steps`` (likewise for the other stages)."""
-    simple_scenes: int = 5000
-    """One-object scenes for the first part of stage 1 (a curriculum: global features suffice there)."""
-    simple_steps: int = 800
     stage1_steps: int | None = None
     stage2_steps: int | None = None
 
@@ -89,13 +96,6 @@ def vary_prompts(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any
     return varied
 
 
-def without_image(record: dict[str, Any]) -> dict[str, Any]:
-    """The record as plain text (stage 0): no image, no placeholder."""
-    turns = [dict(turn) for turn in record["conversations"]]
-    turns[0]["value"] = turns[0]["value"].replace("<|image|>\n", "").replace("<|image|>", "")
-    return {"id": record["id"], "conversations": turns}
-
-
 def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> dict[str, Path]:
     """Data, tokenizer and the initial model directory (config + tokenizer + image processor) under ``workdir``."""
     from owl2.data.shapes import write_eval_set, write_training_set
@@ -111,15 +111,6 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     records = json.loads(train_json.read_text(encoding="utf-8"))
     mixed = data_dir / "train-mixed.json"
     atomic_write_text(mixed, json.dumps(vary_prompts(records, build.seed)))
-    simple_json = data_dir / "simple" / "train.json"
-    if not simple_json.is_file():
-        simple_json = write_training_set(data_dir / "simple", scenes=build.simple_scenes, text_items=0,
-                                         seed=build.seed + 1, size=IMAGE_SIZE, max_objects=1)
-    simple = data_dir / "simple" / "train-mixed.json"
-    atomic_write_text(simple, json.dumps(vary_prompts(json.loads(simple_json.read_text(encoding="utf-8")),
-                                                      build.seed + 1)))
-    text_view = data_dir / "text-view.json"
-    atomic_write_text(text_view, json.dumps([without_image(r) for r in records]))
     eval_dir = workdir / "eval"
     if not (eval_dir / "eval.jsonl").is_file():
         write_eval_set(eval_dir, scenes=build.eval_scenes, seed=build.seed, size=IMAGE_SIZE,
@@ -134,41 +125,88 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     Owl2Config.from_dict(data).save(init)
     processor = ImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE, default_policy="stretch")
     atomic_write_text(init / PREPROCESSOR_CONFIG_NAME, json.dumps(processor.to_dict(), indent=2) + "\n")
-    return {"train": mixed, "simple": simple, "text": text_view, "eval": eval_dir, "init": init}
+    return {"train": mixed, "eval": eval_dir, "init": init}
 
 
-def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, configs: Path = REPO_CONFIGS) -> Path:
-    """Stage 0 (the language model on text), the MAM's image branch copied from its text branch, stage 1 (vision
-    side, LLM frozen: first on one-object scenes, then on all), stage 2 (everything); returns the final checkpoint
-    directory."""
+def pretrain_vision_side(workdir: Path, paths: dict[str, Path], build: TinyBuild,
+                         configs: Path = REPO_CONFIGS) -> Path:
+    """Stage V (:mod:`owl2.experiments.vision_pretrain`) on a random initialisation of ``paths["init"]``; returns
+    the model directory ``workdir/stage-v/final`` (kept when it exists)."""
     import owl2
     from owl2.checkpoint.io import copy_processing_files
-    from owl2.model.init import copy_text_branch_to_image_branch
+    from owl2.experiments.vision_pretrain import VisionPretrainConfig, pretrain_vision
+    from owl2.processing.image import load_image_processor
+
+    run_dir = workdir / "stage-v"
+    final = run_dir / "final"
+    if (final / "model.safetensors").is_file():
+        return final
+    model = random_model(paths["init"], build.seed)
+    config = VisionPretrainConfig.from_toml(configs / "vision.toml", steps=build.vision_steps, scenes=build.scenes,
+                                            seed=build.seed)
+    pretrain_vision(model, config, run_dir, image_size=IMAGE_SIZE, processor=load_image_processor(paths["init"]))
+    owl2.save_model(model, final)
+    copy_processing_files(paths["init"], final)
+    return final
+
+
+def random_model(init: Path, seed: int) -> Any:
+    """The model of ``init/config.json`` with owl2's random initialisation (the MAM's image branch a copy of the
+    text branch)."""
+    from owl2.model.config import Owl2Config
+    from owl2.model.init import init_weights
+    from owl2.model.modeling import Owl2ForCausalLM
+
+    return init_weights(Owl2ForCausalLM(Owl2Config.from_json(init)), seed=seed)
+
+
+VISION_SIDE = ("model.vision_model.", "model.visual_abstractor.encoder.", "model.visual_abstractor.query_embeds")
+"""What stage V trains, and what :func:`start_from_vision` carries over."""
+
+
+def start_from_vision(vision: Path, init: Path, destination: Path, seed: int) -> Path:
+    """A random initialisation of ``init``'s config whose vision side (:data:`VISION_SIDE`) is stage V's, saved to
+    ``destination`` (kept when it exists). The MAM ablation starts both variants from one stage-V run this way."""
+    from safetensors.torch import load_file
+
+    import owl2
+    from owl2.checkpoint.io import copy_processing_files
+
+    if (destination / "model.safetensors").is_file():
+        return destination
+    model = random_model(init, seed)
+    trained = {k: v for k, v in load_file(str(vision / "model.safetensors")).items() if k.startswith(VISION_SIDE)}
+    _, unexpected = model.load_state_dict(trained, strict=False)
+    if unexpected or not trained:
+        raise ValueError(f"{vision} holds no vision side of this model ({len(unexpected)} unexpected keys)")
+    owl2.save_model(model, destination)
+    copy_processing_files(init, destination)
+    return destination
+
+
+def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, configs: Path = REPO_CONFIGS, *,
+                 vision: Path | None = None) -> Path:
+    """Stage V (unless ``vision``, a stage-V model directory, is given), stage 0 (the language model from scratch
+    next to the frozen stage-V vision side), stage 1 (vision side and the MAM's image branch, language model frozen)
+    and stage 2 (everything); returns the final checkpoint directory."""
     from owl2.training.config import load_recipe
     from owl2.training.trainer import train
 
     def quoted(path: Path) -> str:
         return json.dumps(str(path))
 
-    def run(recipe: str, output: str, start: list[str], data: Path, steps: int | None) -> Path:
-        overrides = [f"output_dir={quoted(workdir / output)}", f"data.path={quoted(data)}", *start]
+    def run(recipe: str, output: str, start: Path, steps: int | None) -> Path:
+        overrides = [f"output_dir={quoted(workdir / output)}", f"data.path={quoted(paths['train'])}",
+                     f"model.path={quoted(start)}"]
         if steps is not None:
             overrides.append(f"train.max_steps={steps}")
         return train(load_recipe(configs / recipe, overrides), resume=True).final_dir
 
-    language = run("stage0.toml", "stage0", [f"model.init_config={quoted(paths['init'] / 'config.json')}",
-                                              f"model.tokenizer={quoted(paths['init'])}",
-                                              f"model.image_processor={quoted(paths['init'])}"],
-                   paths["text"], build.stage0_steps)
-    start = workdir / "stage0" / "mam-init"
-    if not (start / "model.safetensors").is_file():
-        model = copy_text_branch_to_image_branch(owl2.load_model(language, show_progress=False))
-        owl2.save_model(model, start)
-        copy_processing_files(language, start)
-    simple = run("stage1.toml", "stage1-simple", [f"model.path={quoted(start)}"], paths["simple"],
-                 build.simple_steps)
-    vision = run("stage1.toml", "stage1", [f"model.path={quoted(simple)}"], paths["train"], build.stage1_steps)
-    return run("stage2.toml", "stage2", [f"model.path={quoted(vision)}"], paths["train"], build.stage2_steps)
+    vision = vision or pretrain_vision_side(workdir, paths, build, configs)
+    start = start_from_vision(vision, paths["init"], workdir / "stage0-init", build.seed)
+    language = run("stage0.toml", "stage0", start, build.stage0_steps)
+    aligned = run("stage1.toml", "stage1", language, build.stage1_steps)
+    return run("stage2.toml", "stage2", aligned, build.stage2_steps)
 
 
 def evaluate_tiny(model_dir: Path, eval_dir: Path, output: Path, *, limit: int | None = None) -> dict[str, Any]:
@@ -181,7 +219,8 @@ def evaluate_tiny(model_dir: Path, eval_dir: Path, output: Path, *, limit: int |
     return {"metrics": result.report.metrics, "breakdown": result.report.breakdown}
 
 
-def model_card(build: TinyBuild, report: dict[str, Any], minutes: dict[str, float], config: dict[str, Any]) -> str:
+def model_card(build: TinyBuild, report: dict[str, Any], minutes: dict[str, float], config: dict[str, Any],
+               probe: dict[str, float]) -> str:
     rows = "\n".join(f"| {kind} | {row['accuracy']:.1f} | {int(row['count'])} |"
                      for kind, row in report["breakdown"].items())
     metrics = report["metrics"]
@@ -209,17 +248,20 @@ a caption and multi-turn questions each (existence, colour, counting, position, 
 {build.text_items} text-only instructions (arithmetic, spelling, alphabetical order, letter counts, reversal).
 
 ## Recipe
-`owl2 experiment build-tiny` runs `owl2 train` three times from a random initialisation:
-1. `configs/tiny/stage0.toml`: the language model on the conversations as plain text. The paper starts from
-   LLaMA-2, so a model trained from scratch needs this step first.
-2. The MAM's image branch is copied from the text branch, as in the paper.
-3. `stage1.toml`: the vision encoder, the abstractor and the image branch, with the LLM frozen; first on
-   one-object scenes, then on all scenes.
-4. `stage2.toml`: everything, on all data.
+`owl2 experiment build-tiny` builds it from a random initialisation. The paper starts from two pre-trained parts,
+CLIP ViT-L/14 and LLaMA-2; owl2-tiny makes its own first.
+1. Stage V, `configs/tiny/vision.toml`: the vision encoder and the abstractor learn dense labels of the training
+   scenes. Each abstractor query predicts what is centred in its cell of a grid over the image.
+   Held-out read-out accuracy: presence {probe.get('presence', float('nan')) * 100:.1f} %, shape
+   {probe.get('shape', float('nan')) * 100:.1f} %, colour {probe.get('colour', float('nan')) * 100:.1f} %.
+2. Stage 0, `owl2 train configs/tiny/stage0.toml` (stage `language`): the language model, trained from scratch on
+   all the data next to the frozen stage-V vision side.
+3. The paper's stage 1, `stage1.toml`: the vision encoder, the abstractor and the MAM's image branch, with the
+   language model frozen.
+4. The paper's stage 2, `stage2.toml`: everything, on all the data.
 
-Stage 1 starts with {build.simple_steps} steps on {build.simple_scenes} one-object scenes (a curriculum), then
-continues on the full data. Training time on 2 CPU cores: stage 0 {minutes['stage0']:.1f} min, stage 1
-{minutes['stage1-simple'] + minutes['stage1']:.1f} min, stage 2 {minutes['stage2']:.1f} min.
+Training time on 2 CPU cores: stage V {minutes['stage-v']:.1f} min, stage 0 {minutes['stage0']:.1f} min, stage 1
+{minutes['stage1']:.1f} min, stage 2 {minutes['stage2']:.1f} min.
 
 ## Held-out accuracy (`owl2 eval --task shapes`, {build.eval_scenes} scenes of the `eval` stream)
 Overall: **{metrics['accuracy']:.1f} %** (caption CIDEr-D {metrics.get('caption_CIDEr', float('nan')):.1f}).
@@ -241,10 +283,11 @@ def build_tiny(workdir: str | os.PathLike[str], build: TinyBuild | None = None, 
     final = train_stages(workdir, paths, build, configs)
     trained = time.perf_counter()
     minutes = {"prepare": (prepared - started) / 60, "total": (trained - prepared) / 60,
-               **{stage: _stage_minutes(workdir / stage) for stage in ("stage0", "stage1-simple", "stage1", "stage2")}}
+               **{stage: _stage_minutes(workdir / stage) for stage in STAGE_DIRS}}
     report = evaluate_tiny(final, paths["eval"], workdir / "eval-results")
     config = json.loads((final / "config.json").read_text(encoding="utf-8"))
-    atomic_write_text(final / "README.md", model_card(build, report, minutes, config))
+    probe = json.loads((workdir / "stage-v" / PROBE_FILE).read_text(encoding="utf-8"))
+    atomic_write_text(final / "README.md", model_card(build, report, minutes, config, probe))
     atomic_write_text(final / EVAL_FILE, json.dumps({"eval_scenes": build.eval_scenes, "seed": build.seed, **report},
                                                     indent=2) + "\n")
     atomic_write_text(workdir / "build.json", json.dumps({"minutes": minutes, "report": report}, indent=2) + "\n")

@@ -2,7 +2,7 @@
 
 A recipe has a few top-level keys and five sections (every key has a default; see the dataclasses below)::
 
-    stage = "stage2"            # "stage1" or "stage2" (what trains: owl2.training.optim)
+    stage = "stage2"            # "stage1", "stage2" or "language" (what trains: owl2.training.optim)
     output_dir = "runs/stage2"
     seed = 0
 

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-STAGES = ("stage1", "stage2")
+STAGES = ("language", "stage1", "stage2")
 
 _IMAGE_BRANCH = re.compile(r"^model\.layers\.\d+\.(input_layernorm|post_attention_layernorm|self_attn\.[kv]_proj)"
                            r"\.multiway\.1\.")
 _VISUAL = ("model.vision_model.", "model.visual_abstractor.")
+_PROJECTION = ("model.visual_abstractor.visual_fc.", "model.visual_abstractor.vit_eos")
 _VIT_BLOCK = re.compile(r"^model\.vision_model\.encoder\.layers\.(\d+)\.")
 _NO_DECAY_NAMES = re.compile(r"(cls_token|position_embedding|query_embeds|vit_eos)$")
 _WRAPPER_PREFIX = re.compile(r"^(base_model\.model\.)")  # peft's prefix in front of the official names
@@ -36,9 +37,17 @@ def official_name(name: str) -> str:
 
 
 def is_trainable_in(stage: str, name: str) -> bool:
-    """Whether parameter ``name`` (official key) trains in ``stage``."""
+    """Whether parameter ``name`` (official key) trains in ``stage``.
+
+    ``stage1``: the vision encoder, the abstractor and the MAM's image branch (the paper's pre-training stage).
+    ``stage2``: everything (instruction tuning). ``language``: everything but the vision encoder and the abstractor's
+    queries and layers, i.e. the language model (both MAM branches) and the projection into it (``visual_fc``,
+    ``vit_eos``); it pre-trains a language model from scratch next to a vision side that is already trained.
+    """
     if stage == "stage2":
         return True
+    if stage == "language":
+        return not name.startswith(_VISUAL) or name.startswith(_PROJECTION)
     if stage == "stage1":
         return name.startswith(_VISUAL) or bool(_IMAGE_BRANCH.match(name))
     raise ValueError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")

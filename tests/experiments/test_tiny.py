@@ -61,8 +61,8 @@ def test_demo_draws_and_asks(tmp_path, capsys):
 
 
 def test_build_and_ablation_run_at_toy_scale(tmp_path):
-    build = TinyBuild(scenes=24, text_items=16, eval_scenes=3, eval_text_items=4, vocab_size=400, simple_scenes=8,
-                      simple_steps=2, stage0_steps=2, stage1_steps=2, stage2_steps=3)
+    build = TinyBuild(scenes=24, text_items=16, eval_scenes=3, eval_text_items=4, vocab_size=400, vision_steps=3,
+                      stage0_steps=2, stage1_steps=2, stage2_steps=3)
     result = build_tiny(tmp_path / "build", build)
     final = result["final"]
     assert (final / "README.md").read_text().startswith("# owl2-tiny")

@@ -26,7 +26,7 @@ def one_step(model, oracle, config: OptimConfig) -> set[str]:
     return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "language"])
 def test_exactly_the_stage_parameters_change(oracle, stage):
     model = fresh_model()
     trainable = set(set_trainable(model, stage))
@@ -35,6 +35,12 @@ def test_exactly_the_stage_parameters_change(oracle, stage):
     names = {n for n, _ in model.named_parameters()}
     if stage == "stage2":
         assert trainable == names
+    elif stage == "language":
+        frozen = {n for n in names if n.startswith(("model.vision_model.", "model.visual_abstractor.encoder."))}
+        frozen.add("model.visual_abstractor.query_embeds")
+        assert trainable == names - frozen
+        assert {"model.visual_abstractor.visual_fc.weight", "model.visual_abstractor.vit_eos",
+                "model.layers.0.self_attn.k_proj.multiway.1.weight", "lm_head.weight"} <= trainable
     else:
         expected = {n for n in names if n.startswith(("model.vision_model.", "model.visual_abstractor."))
                     or ".multiway.1." in n}

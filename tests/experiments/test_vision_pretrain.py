@@ -1,0 +1,62 @@
+"""Stage V of owl2-tiny: the dense labels are those of the scene, and a short run trains exactly the vision side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from owl2.data.shapes import Scene, ShapeObject
+from owl2.experiments.tiny import IMAGE_SIZE, VISION_SIDE, random_model, start_from_vision
+from owl2.experiments.vision_pretrain import VisionPretrainConfig, grid_targets, pretrain_vision
+from owl2.model.config import Owl2Config
+from owl2.processing.image import ImageProcessor
+
+REPO = Path(__file__).parents[2]
+
+
+def test_grid_targets_by_hand():
+    scene = Scene((ShapeObject("triangle", "blue", "large", x=0.1, y=0.9, extent=0.2),
+                   ShapeObject("circle", "red", "small", x=0.6, y=0.3, extent=0.12),
+                   ShapeObject("cross", "white", "small", x=0.65, y=0.4, extent=0.12)), "beige", "noise")
+    targets = grid_targets(scene, 4)
+    # (0.1, 0.9) is column 0, row 3: cell 12; (0.6, 0.3) and (0.65, 0.4) both fall in column 2, row 1: cell 6,
+    # which keeps the first object
+    assert targets["present"].nonzero().flatten().tolist() == [6, 12]
+    assert targets["objects"][12].tolist() == [2, 2, 1]  # triangle, blue, large
+    assert targets["objects"][6].tolist() == [0, 0, 0]  # circle, red, small
+    assert (targets["objects"][0] == -100).all()
+    torch.testing.assert_close(targets["offset"][12], torch.tensor([0.4, 0.6]))
+    torch.testing.assert_close(targets["offset"][6], torch.tensor([0.4, 0.2]))
+    assert targets["scene"].tolist() == [1, 2]  # beige, noise
+
+
+def test_short_run_trains_the_vision_side_only(tmp_path):
+    init = tmp_path / "init"
+    data = json.loads((REPO / "configs" / "tiny" / "model.json").read_text())
+    data["vocab_size"] = 400
+    Owl2Config.from_dict(data).save(init)
+    model = random_model(init, seed=0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = VisionPretrainConfig(scenes=96, probe_scenes=32, steps=30, batch_size=16, log_every=5, warmup_steps=3)
+    processor = ImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE, default_policy="stretch")
+    report = pretrain_vision(model, config, tmp_path / "stage-v", image_size=IMAGE_SIZE, processor=processor,
+                             show_progress=False)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert changed and all(name.startswith(VISION_SIDE) for name in changed)
+    assert "model.visual_abstractor.query_embeds" in changed
+    assert "model.visual_abstractor.visual_fc.weight" not in changed
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "stage-v" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert 0.0 <= report["presence"] <= 1.0 and json.loads((tmp_path / "stage-v" / "probe.json").read_text()) == report
+
+    # a later stage starts from a fresh initialisation with exactly this vision side
+    import owl2
+
+    owl2.save_model(model, tmp_path / "vision")
+    start = start_from_vision(tmp_path / "vision", init, tmp_path / "start", seed=1)
+    restarted = dict(owl2.load_model(start, show_progress=False).named_parameters())
+    fresh = dict(random_model(init, seed=1).named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(restarted[name], param if name.startswith(VISION_SIDE) else fresh[name]), name
