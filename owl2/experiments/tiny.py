@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from owl2.experiments.vision_pretrain import PROBE_FILE
+from owl2.training.optim import VISION_SIDE
 from owl2.utils import atomic_write_text
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -160,8 +161,6 @@ def random_model(init: Path, seed: int) -> Any:
     return init_weights(Owl2ForCausalLM(Owl2Config.from_json(init)), seed=seed)
 
 
-VISION_SIDE = ("model.vision_model.", "model.visual_abstractor.encoder.", "model.visual_abstractor.query_embeds")
-"""What stage V trains, and what :func:`start_from_vision` carries over."""
 
 
 def start_from_vision(vision: Path, init: Path, destination: Path, seed: int) -> Path:

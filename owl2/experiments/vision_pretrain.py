@@ -170,7 +170,7 @@ def pretrain_vision(model: nn.Module, config: VisionPretrainConfig, output_dir: 
     from tqdm.auto import tqdm
 
     from owl2.training.metrics import MetricsLogger, plot_loss_curve, read_metrics
-    from owl2.training.optim import OptimConfig, lr_multiplier
+    from owl2.training.optim import VISION_SIDE, OptimConfig, lr_multiplier
 
     core = model.model
     abstractor = core.visual_abstractor
@@ -180,7 +180,7 @@ def pretrain_vision(model: nn.Module, config: VisionPretrainConfig, output_dir: 
         raise ValueError(f"stage V needs a square number of abstractor queries (one per grid cell), got {queries}")
     torch.manual_seed(config.seed)
     heads = _Heads(abstractor.config.hidden_size)
-    trained = [*core.vision_model.parameters(), abstractor.query_embeds, *abstractor.encoder.parameters()]
+    trained = [p for name, p in model.named_parameters() if name.startswith(VISION_SIDE)]
     params = trained + list(heads.parameters())
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},

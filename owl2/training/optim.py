@@ -25,7 +25,8 @@ STAGES = ("language", "stage1", "stage2")
 _IMAGE_BRANCH = re.compile(r"^model\.layers\.\d+\.(input_layernorm|post_attention_layernorm|self_attn\.[kv]_proj)"
                            r"\.multiway\.1\.")
 _VISUAL = ("model.vision_model.", "model.visual_abstractor.")
-_PROJECTION = ("model.visual_abstractor.visual_fc.", "model.visual_abstractor.vit_eos")
+VISION_SIDE = ("model.vision_model.", "model.visual_abstractor.encoder.", "model.visual_abstractor.query_embeds")
+"""The parameters the ``language`` stage freezes: the ViT and the abstractor's queries and layers."""
 _VIT_BLOCK = re.compile(r"^model\.vision_model\.encoder\.layers\.(\d+)\.")
 _NO_DECAY_NAMES = re.compile(r"(cls_token|position_embedding|query_embeds|vit_eos)$")
 _WRAPPER_PREFIX = re.compile(r"^(base_model\.model\.)")  # peft's prefix in front of the official names
@@ -47,7 +48,7 @@ def is_trainable_in(stage: str, name: str) -> bool:
     if stage == "stage2":
         return True
     if stage == "language":
-        return not name.startswith(_VISUAL) or name.startswith(_PROJECTION)
+        return not name.startswith(VISION_SIDE)
     if stage == "stage1":
         return name.startswith(_VISUAL) or bool(_IMAGE_BRANCH.match(name))
     raise ValueError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")
