@@ -208,7 +208,8 @@ def _experiment(args: argparse.Namespace) -> int:
     from owl2.experiments.tiny import TinyBuild, build_tiny
 
     if args.name == "build-tiny":
-        build = TinyBuild(scenes=args.scenes or TinyBuild.scenes)
+        build = TinyBuild(scenes=args.scenes or TinyBuild.scenes, drills=args.drills,
+                          counted_existence=args.counted_existence)
         result = build_tiny(args.workdir or "runs/owl2-tiny", build, install=args.install)
         print(f"owl2-tiny: held-out accuracy {result['report']['metrics']['accuracy']:.1f} %; checkpoint "
               f"{result['final']}" + ("; installed as the embedded default" if args.install else ""))
@@ -280,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     experiment = commands.add_parser(
         "experiment", help="build-tiny (train the embedded model) or mam-ablation (the paper's Table 5, small)",
-        description="build-tiny: the shapes-world data, a tokenizer, stage 1 and stage 2 with configs/tiny/, the "
+        description="build-tiny: the shapes-world data, a tokenizer, stages V, 0, 1 and 2 with configs/tiny/, the "
         "held-out evaluation and the model card (--install replaces the embedded model). mam-ablation: trains the "
         "tiny model with and without the Modality-Adaptive Module on the same data and budget and reports "
         "multimodal and text-only accuracy side by side.",
@@ -290,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--scenes", type=int, default=None, help="training scenes")
     experiment.add_argument("--steps", type=int, default=None, help="mam-ablation: stage-0 steps per variant")
     experiment.add_argument("--install", action="store_true", help="build-tiny: replace the embedded model")
+    experiment.add_argument("--drills", action="store_true",
+                            help="build-tiny: add the training-only binding drills (docs/experiments.md)")
+    experiment.add_argument("--counted-existence", action="store_true",
+                            help='build-tiny: train existence answers as "0 red triangles, so no."')
     experiment.set_defaults(handler=_experiment)
 
     train = commands.add_parser(

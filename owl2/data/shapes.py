@@ -27,6 +27,7 @@ streams and never share a scene seed, whatever integer seeds are used for either
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -59,7 +60,9 @@ __all__ = [
     "PLURALS",
     "TEXTURES",
     "accuracy_by_type",
+    "binding_drills",
     "caption",
+    "counted_existence_answer",
     "generate_scene",
     "read_eval_set",
     "render_scene",
@@ -565,6 +568,65 @@ def scene_questions(scene: Scene, rng: random.Random | int | str, *, image: str 
     return items
 
 
+def binding_drills(scene: Scene, rng: random.Random | int | str) -> list[QAItem]:
+    """Training-only questions that exercise attribute binding on every object, not one per scene.
+
+    :func:`scene_questions` asks one colour and one shape question per scene and its existence questions are near
+    misses, which a small model trained from scratch does not learn to answer (``docs/experiments.md``): the answer
+    is an equality between a retrieved and an asked attribute, with no first-order gradient. These drills give the
+    same skills main effects: the colour and the shape of every object that can be named without them, the side of
+    every object that lies in one half, and existence asked about one attribute ("Is there a purple object?",
+    "Is there a triangle?", a yes and a no each where some value is absent) as well as about an absent colour-shape
+    pair that shares nothing with the "yes" object. Types are those of the scored questions; ids are
+    ``f"{scene.id}-drill-{k}"``.
+    """
+    rng = _as_rng(rng)
+    pairs: list[tuple[str, str, str]] = []
+    for obj in scene.objects:
+        if ref := _refer(obj, scene, (("shape",), ("size", "shape"))):
+            pairs.append(("colour", f"What colour is the {ref}?", obj.colour))
+        if ref := _refer(obj, scene, (("colour",), ("size", "colour"))):
+            pairs.append(("shape", f"What shape is the {ref} object?", obj.shape))
+        if ref := _refer(obj, scene):
+            for axis, options in ((0, "left or right"), (1, "top or bottom")):
+                if side := side_of(obj, axis):
+                    pairs.append(("position", f"Which side of the image is the {ref} on, {options}?", side))
+    for key, values, phrase in (("colour", tuple(COLOURS), "{} object"), ("shape", SHAPES, "{}")):
+        present = sorted({getattr(o, key) for o in scene.objects})
+        absent = [v for v in values if v not in present]
+        if absent:
+            for value, answer in ((rng.choice(present), "yes"), (rng.choice(absent), "no")):
+                pairs.append(("existence", f"Is there {_article(phrase.format(value))}?", answer))
+    yes = rng.choice(scene.objects)
+    far = [(c, s) for c in COLOURS for s in SHAPES
+           if c != yes.colour and s != yes.shape and all((o.colour, o.shape) != (c, s) for o in scene.objects)]
+    colour, shape = rng.choice(far)
+    pairs += [("existence", f"Is there {_article(f'{yes.colour} {yes.shape}')}?", "yes"),
+              ("existence", f"Is there {_article(f'{colour} {shape}')}?", "no")]
+    rng.shuffle(pairs)
+    return [QAItem(f"{scene.id}-drill-{k}", kind, _short(q), a) for k, (kind, q, a) in enumerate(pairs)]
+
+
+def counted_existence_answer(scene: Scene, question: str) -> str:
+    """The answer to an existence question with the count it rests on: ``"0 red triangles, so no."``,
+    ``"1 large circle, so yes."``, ``"2 purple objects, so yes."``.
+
+    A training-time form of the yes/no answer: the count comes first, so the model learns existence through counting
+    (which it learns) and the yes/no word then follows from the number alone. :func:`score_answer` reads the yes/no
+    word, so such an answer scores as the plain one does.
+    """
+    match = re.fullmatch(r"Is there an? ((?:(?:small|large) )?(?:\w+ )?\w+)\?", question.split("\n")[0])
+    if match is None:
+        raise ValueError(f"not an existence question: {question!r}")
+    words = match.group(1).split()
+    wanted = {k: w for w in words for k, values in (("size", SIZES), ("colour", COLOURS), ("shape", SHAPES))
+              if w in values}
+    number = sum(all(getattr(o, k) == v for k, v in wanted.items()) for o in scene.objects)
+    if number != 1:
+        words[-1] = PLURALS.get(words[-1], words[-1] + "s")
+    return f"{number} {' '.join(words)}, so {'yes' if number else 'no'}."
+
+
 # ------------------------------------------------------------------------------------------------------- text items
 def _text_item(kind: str, rng: random.Random) -> tuple[str, str]:
     if kind == "arithmetic":
@@ -633,6 +695,9 @@ def write_training_set(
     multi_turn_fraction: float = 0.75,
     max_objects: int = 6,
     zoom: float = 1.0,
+    drills: bool = False,
+    drill_turns: int = 6,
+    counted_existence: bool = False,
 ) -> Path:
     """Write ``images/train-*.png`` and ``train.json`` (LLaVA format) under ``directory``; returns the JSON path.
 
@@ -641,7 +706,10 @@ def write_training_set(
     conversation) or as one single-turn record each. The first human turn starts with ``"<|image|>\\n"``. Text items
     are single-turn records without ``"image"``. Scenes come from the ``"train"`` stream (see :func:`stream_rng`);
     ``max_objects`` below 6 and ``zoom`` above 1 give simpler scenes (fewer, larger objects: a curriculum's first
-    steps).
+    steps). ``drills`` adds each scene's :func:`binding_drills` as multi-turn records of at most ``drill_turns``
+    turns (ids ``f"{scene.id}-drill{k}"``), drawn from their own stream (``part="drills"``), so every other record is
+    the same with or without them. ``counted_existence`` writes every existence answer in the form of
+    :func:`counted_existence_answer` (``"0 red triangles, so no."``) instead of ``"no"``.
     """
     directory = Path(directory)
     records: list[dict[str, Any]] = []
@@ -651,6 +719,8 @@ def write_training_set(
         _save(render_scene(scene, size), directory / image)
         rng = stream_rng("train", seed, index, "questions")
         items = scene_questions(scene, rng, image=image)
+        if counted_existence:
+            items = _with_counted_existence(scene, items)
         captions = [i for i in items if i.type == "caption"]
         others = [i for i in items if i.type != "caption"]
         rng.shuffle(others)
@@ -658,6 +728,12 @@ def write_training_set(
         for k, group in enumerate([captions, *groups]):
             name = "caption" if k == 0 else f"qa{k - 1}"
             records.append(_llava_record(f"{scene.id}-{name}", group, image))
+        if drills:
+            extra = binding_drills(scene, stream_rng("train", seed, index, "drills"))
+            if counted_existence:
+                extra = _with_counted_existence(scene, extra)
+            for k in range(0, len(extra), drill_turns):
+                records.append(_llava_record(f"{scene.id}-drill{k // drill_turns}", extra[k:k + drill_turns], image))
     text_rng = stream_rng("train", seed, "text", "questions")
     for item in text_questions(text_rng, text_items, prefix=f"shapes-train-{seed}-text"):
         records.append(_llava_record(item.id, [item], None))
@@ -665,6 +741,11 @@ def write_training_set(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+def _with_counted_existence(scene: Scene, items: list[QAItem]) -> list[QAItem]:
+    return [dataclasses.replace(i, answer=counted_existence_answer(scene, i.question)) if i.type == "existence" else i
+            for i in items]
 
 
 def _llava_record(record_id: str, items: Sequence[QAItem], image: str | None) -> dict[str, Any]:

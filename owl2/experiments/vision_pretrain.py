@@ -170,7 +170,7 @@ def pretrain_vision(model: nn.Module, config: VisionPretrainConfig, output_dir: 
     from tqdm.auto import tqdm
 
     from owl2.training.metrics import MetricsLogger, plot_loss_curve, read_metrics
-    from owl2.training.optim import VISION_SIDE, OptimConfig, lr_multiplier
+    from owl2.training.optim import VISION_SIDE, OptimConfig, exempt_from_decay, lr_multiplier
 
     core = model.model
     abstractor = core.visual_abstractor
@@ -180,11 +180,13 @@ def pretrain_vision(model: nn.Module, config: VisionPretrainConfig, output_dir: 
         raise ValueError(f"stage V needs a square number of abstractor queries (one per grid cell), got {queries}")
     torch.manual_seed(config.seed)
     heads = _Heads(abstractor.config.hidden_size)
-    trained = [p for name, p in model.named_parameters() if name.startswith(VISION_SIDE)]
-    params = trained + list(heads.parameters())
+    named = [(n, p) for n, p in model.named_parameters() if n.startswith(VISION_SIDE)]
+    named += [(f"heads.{n}", p) for n, p in heads.named_parameters()]
+    params = [p for _, p in named]
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+        [{"params": [p for n, p in named if not exempt_from_decay(n, p)], "weight_decay": config.weight_decay},
+         {"params": [p for n, p in named if exempt_from_decay(n, p)], "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.98))
     schedule = OptimConfig(lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
                            total_steps=config.steps)
 
@@ -199,7 +201,7 @@ def pretrain_vision(model: nn.Module, config: VisionPretrainConfig, output_dir: 
     output_dir = Path(output_dir)
     logger = MetricsLogger(output_dir, tensorboard=False)
     generator = torch.Generator().manual_seed(config.seed)
-    for param in trained:
+    for _, param in named:
         param.requires_grad_(True)
     model.train()
     bar = tqdm(range(config.steps), desc="owl2 stage V", unit="step", disable=not show_progress)

@@ -94,6 +94,11 @@ def lr_scale(name: str, num_vit_layers: int, decay: float) -> float:
     return decay ** (num_vit_layers + 1 - depth)
 
 
+def exempt_from_decay(name: str, param: torch.Tensor) -> bool:
+    """Whether weight decay skips a parameter: biases, norm weights, and the learned tokens and positions."""
+    return param.ndim < 2 or bool(_NO_DECAY_NAMES.search(name))
+
+
 def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     """Trainable parameters grouped by (learning rate, weight decay); each group records its ``lr_scale`` so the
     schedule can scale it."""
@@ -106,7 +111,7 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
         base = config.abstractor_lr if name.startswith("model.visual_abstractor.") and config.abstractor_lr else (
             config.lr)
         lr = base * lr_scale(name, num_vit_layers, config.vit_layer_decay)
-        decay = 0.0 if param.ndim < 2 or _NO_DECAY_NAMES.search(name) else config.weight_decay
+        decay = 0.0 if exempt_from_decay(name, param) else config.weight_decay
         group = groups.setdefault((lr, decay), {"params": [], "names": [], "lr": lr, "weight_decay": decay,
                                                 "base_lr": lr})
         group["params"].append(param)

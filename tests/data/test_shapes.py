@@ -34,6 +34,8 @@ from owl2.data.shapes import (
     Scene,
     ShapeObject,
     accuracy_by_type,
+    binding_drills,
+    counted_existence_answer,
     generate_scene,
     read_eval_set,
     render_scene,
@@ -335,6 +337,71 @@ def test_text_items_are_correct():
         assert score_answer(item.type, item.answer, item.answer)
 
 
+def test_binding_drills_by_hand():
+    big_red_circle = ShapeObject("circle", "red", "large", 0.2, 0.2, 0.2)  # whole box left and top
+    red_square = ShapeObject("square", "red", "small", 0.8, 0.25, 0.12)  # right and top
+    blue_circle = ShapeObject("circle", "blue", "small", 0.5, 0.8, 0.12)  # straddles the middle on x; bottom
+    scene = Scene((big_red_circle, red_square, blue_circle), "grey", id="hand")
+    drills = binding_drills(scene, 0)
+    assert [d.id for d in drills] == [f"hand-drill-{k}" for k in range(len(drills))]
+    assert all(d.question.endswith("\nAnswer the question using a single word or phrase.") for d in drills)
+    asked = {(d.type, d.question.split("\n")[0], d.answer) for d in drills}
+    fixed = {
+        ("colour", "What colour is the large circle?", "red"),
+        ("colour", "What colour is the small circle?", "blue"),
+        ("colour", "What colour is the square?", "red"),
+        ("shape", "What shape is the large red object?", "circle"),
+        ("shape", "What shape is the small red object?", "square"),
+        ("shape", "What shape is the blue object?", "circle"),
+        ("position", "Which side of the image is the red circle on, left or right?", "left"),
+        ("position", "Which side of the image is the red circle on, top or bottom?", "top"),
+        ("position", "Which side of the image is the square on, left or right?", "right"),
+        ("position", "Which side of the image is the square on, top or bottom?", "top"),
+        ("position", "Which side of the image is the blue circle on, top or bottom?", "bottom"),
+    }
+    assert fixed <= asked
+    existence = sorted(asked - fixed)
+    assert len(existence) == 6 and {kind for kind, _, _ in existence} == {"existence"}
+    singles = [(q, a) for _, q, a in existence if len(q.split()) == 4]  # "Is there a triangle?"
+    objects = [(q, a) for _, q, a in existence if q.endswith(" object?")]
+    pairs = [(q, a) for _, q, a in existence if (q, a) not in singles + objects]
+    for group in (singles, objects, pairs):
+        assert sorted(a for _, a in group) == ["no", "yes"]
+    for _, question, answer in existence:
+        assert answer == _derive(scene, question)
+    (yes,) = [q for q, a in pairs if a == "yes"]
+    (no,) = [q for q, a in pairs if a == "no"]
+    assert not set(yes.split()[3:]) & set(no.split()[3:])  # the absent pair shares neither colour nor shape
+    assert binding_drills(scene, 0) == drills and binding_drills(scene, 1) != drills
+
+
+def test_counted_existence_answer_by_hand():
+    scene = Scene((ShapeObject("circle", "red", "large", 0.2, 0.2, 0.2),
+                   ShapeObject("circle", "red", "small", 0.8, 0.2, 0.12),
+                   ShapeObject("cross", "blue", "small", 0.5, 0.8, 0.12)), "grey")
+    expected = {
+        "Is there a red circle?": "2 red circles, so yes.",
+        "Is there a small red circle?": "1 small red circle, so yes.",
+        "Is there a large blue cross?": "0 large blue crosses, so no.",
+        "Is there a cross?\nAnswer the question using a single word or phrase.": "1 cross, so yes.",
+        "Is there an orange object?": "0 orange objects, so no.",
+        "Is there a red object?": "2 red objects, so yes.",
+    }
+    for question, answer in expected.items():
+        assert counted_existence_answer(scene, question) == answer
+        assert score_answer("existence", answer, answer.split()[-1].rstrip("."))
+        assert not score_answer("existence", answer, "no" if answer.endswith("yes.") else "yes")
+    with pytest.raises(ValueError, match="not an existence question"):
+        counted_existence_answer(scene, "What colour is the cross?")
+
+
+def test_binding_drills_are_correct(scenes):
+    for seed, scene in zip(SEEDS, scenes, strict=True):
+        for drill in binding_drills(scene, seed):
+            assert drill.answer == _derive(scene, drill.question), drill
+            assert score_answer(drill.type, drill.answer, drill.answer)
+
+
 # ----------------------------------------------------------------------------------------------------- data files
 def test_training_set_loads(tmp_path):
     path = write_training_set(tmp_path, scenes=8, text_items=10, seed=3, size=64, multi_turn_fraction=0.5)
@@ -361,6 +428,21 @@ def test_training_set_loads(tmp_path):
 
     again = write_training_set(tmp_path / "again", scenes=8, text_items=10, seed=3, size=64, multi_turn_fraction=0.5)
     assert again.read_bytes() == path.read_bytes()
+
+    drilled = json.loads(write_training_set(tmp_path / "drills", scenes=8, text_items=10, seed=3, size=64,
+                                            multi_turn_fraction=0.5, drills=True, drill_turns=4).read_text())
+    assert [r for r in drilled if "-drill" not in r["id"]] == raw  # the drills leave every other record as it was
+    drill_records = [r for r in drilled if "-drill" in r["id"]]
+    assert drill_records and max(len(r["conversations"]) for r in drill_records) == 8
+    assert all(r["conversations"][0]["value"].startswith("<|image|>\n") for r in drill_records)
+
+    counted = json.loads(write_training_set(tmp_path / "counted", scenes=8, text_items=10, seed=3, size=64,
+                                            multi_turn_fraction=0.5, counted_existence=True).read_text())
+    changed = [(a["value"], b["value"]) for r, c in zip(raw, counted, strict=True)
+               for a, b in zip(r["conversations"], c["conversations"], strict=True) if a != b]
+    assert len(changed) == 16  # the 2 existence answers of each scene, and nothing else
+    for plain, with_count in changed:
+        assert plain in ("yes", "no") and re.fullmatch(rf"\d [a-z ]+, so {plain}\.", with_count)
     assert (tmp_path / "images" / "train-3-000005.png").read_bytes() == (
         tmp_path / "again" / "images" / "train-3-000005.png").read_bytes()
 

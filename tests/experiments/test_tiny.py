@@ -62,8 +62,11 @@ def test_demo_draws_and_asks(tmp_path, capsys):
 
 def test_build_and_ablation_run_at_toy_scale(tmp_path):
     build = TinyBuild(scenes=24, text_items=16, eval_scenes=3, eval_text_items=4, vocab_size=400, vision_steps=3,
-                      stage0_steps=2, stage1_steps=2, stage2_steps=3)
+                      stage0_steps=2, stage1_steps=2, stage2_steps=3, drills=True, counted_existence=True)
     result = build_tiny(tmp_path / "build", build)
+    records = json.loads((tmp_path / "build" / "data" / "train.json").read_text())
+    assert any("-drill" in r["id"] for r in records)
+    assert any(", so " in turn["value"] for r in records for turn in r["conversations"])
     final = result["final"]
     assert (final / "README.md").read_text().startswith("# owl2-tiny")
     assert json.loads((final / EVAL_FILE).read_text())["metrics"]["accuracy"] >= 0
