@@ -209,7 +209,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
     if args.name == "build-tiny":
         build = TinyBuild(scenes=args.scenes or TinyBuild.scenes, drills=args.drills,
-                          counted_existence=args.counted_existence)
+                          answer_style=args.answer_style)
         result = build_tiny(args.workdir or "runs/owl2-tiny", build, install=args.install)
         print(f"owl2-tiny: held-out accuracy {result['report']['metrics']['accuracy']:.1f} %; checkpoint "
               f"{result['final']}" + ("; installed as the embedded default" if args.install else ""))
@@ -222,6 +222,8 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from owl2.data.shapes import ANSWER_STYLES
+
     parser = argparse.ArgumentParser(prog="owl2", description="mPLUG-Owl2 in plain PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -293,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--install", action="store_true", help="build-tiny: replace the embedded model")
     experiment.add_argument("--drills", action="store_true",
                             help="build-tiny: add the training-only binding drills (docs/experiments.md)")
-    experiment.add_argument("--counted-existence", action="store_true",
-                            help='build-tiny: train existence answers as "0 red triangles, so no."')
+    experiment.add_argument("--answer-style", choices=ANSWER_STYLES, default="short",
+                            help='build-tiny: the form of the training answers: "no" (short, the recipe), '
+                            '"0 red triangles, so no." (counted), "red circle, blue cross, so no." (listed)')
     experiment.set_defaults(handler=_experiment)
 
     train = commands.add_parser(

@@ -11,6 +11,7 @@ from owl2.data.masking import DEFAULT_TEMPLATE, IGNORE_INDEX, TokenizedConversat
 from owl2.data.records import BadRecord, Record, parse_record, read_records
 from owl2.data.sampler import ModalityLengthGroupedSampler
 from owl2.data.shapes import (
+    ANSWER_STYLES,
     QAItem,
     Scene,
     ShapeObject,
@@ -18,6 +19,7 @@ from owl2.data.shapes import (
     binding_drills,
     counted_existence_answer,
     generate_scene,
+    listed_answer,
     read_eval_set,
     render_scene,
     scene_questions,
@@ -28,6 +30,7 @@ from owl2.data.shapes import (
 )
 
 __all__ = [
+    "ANSWER_STYLES",
     "DEFAULT_TEMPLATE",
     "DEFAULT_TOKENS_PER_IMAGE",
     "IGNORE_INDEX",
@@ -45,6 +48,7 @@ __all__ = [
     "counted_existence_answer",
     "collate",
     "generate_scene",
+    "listed_answer",
     "parse_record",
     "read_eval_set",
     "read_records",

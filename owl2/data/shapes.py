@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
+    "ANSWER_STYLES",
     "BACKGROUNDS",
     "CAPTION_PROMPT",
     "COLOURS",
@@ -64,6 +65,7 @@ __all__ = [
     "caption",
     "counted_existence_answer",
     "generate_scene",
+    "listed_answer",
     "read_eval_set",
     "render_scene",
     "scene_questions",
@@ -615,16 +617,58 @@ def counted_existence_answer(scene: Scene, question: str) -> str:
     (which it learns) and the yes/no word then follows from the number alone. :func:`score_answer` reads the yes/no
     word, so such an answer scores as the plain one does.
     """
+    words, wanted = _asked_existence(question)
+    number = sum(_matches(o, wanted) for o in scene.objects)
+    if number != 1:
+        words[-1] = PLURALS.get(words[-1], words[-1] + "s")
+    return f"{number} {' '.join(words)}, so {'yes' if number else 'no'}."
+
+
+def listed_answer(scene: Scene, question: str) -> str:
+    """The answer to an existence question or to a count of one shape or colour, after the objects present.
+
+    ``"Is there a red square?"`` -> ``"red circle, blue cross, so no."`` (every distinct object named by the asked
+    attributes, left to right); ``"How many circles are there?"`` -> ``"circle, cross, circle, so 2."`` (every object
+    named by the asked attribute, left to right). A training-time form of the answer: what comes first is what the
+    image alone predicts (as a caption is), and each listed word comes after the question, so whether it matches
+    the asked word is a comparison between two text positions; the answer word then reads those comparisons.
+    :func:`score_answer` reads the yes/no word or the first number, so such an answer scores as the short one does.
+    Other questions (the total count included) raise ``ValueError``.
+    """
+    first = question.split("\n")[0]
+    ordered = sorted(scene.objects, key=lambda o: (o.x, o.y))
+    if match := re.fullmatch(r"How many (\w+)(?: shapes)? are there\?", first):
+        word = match.group(1)
+        singular = {plural: shape for shape, plural in PLURALS.items()}
+        key = "shape" if word in singular else "colour" if word in COLOURS else None
+        if key is None:
+            raise ValueError(f"not a count of one shape or colour: {question!r}")
+        value = singular.get(word, word)
+        listing = [getattr(o, key) for o in ordered]
+        return f"{', '.join(listing)}, so {listing.count(value)}."
+    _, wanted = _asked_existence(question)
+    keys = [k for k in ("size", "colour", "shape") if k in wanted]
+    names = dict.fromkeys(" ".join(getattr(o, k) for k in keys) for o in ordered)
+    return f"{', '.join(names)}, so {'yes' if any(_matches(o, wanted) for o in scene.objects) else 'no'}."
+
+
+def _asked_existence(question: str) -> tuple[list[str], dict[str, str]]:
+    """The words after "Is there a" and the attributes they ask for (``{"colour": "red", "shape": "circle"}``)."""
     match = re.fullmatch(r"Is there an? ((?:(?:small|large) )?(?:\w+ )?\w+)\?", question.split("\n")[0])
     if match is None:
         raise ValueError(f"not an existence question: {question!r}")
     words = match.group(1).split()
     wanted = {k: w for w in words for k, values in (("size", SIZES), ("colour", COLOURS), ("shape", SHAPES))
               if w in values}
-    number = sum(all(getattr(o, k) == v for k, v in wanted.items()) for o in scene.objects)
-    if number != 1:
-        words[-1] = PLURALS.get(words[-1], words[-1] + "s")
-    return f"{number} {' '.join(words)}, so {'yes' if number else 'no'}."
+    return words, wanted
+
+
+def _matches(obj: ShapeObject, wanted: Mapping[str, str]) -> bool:
+    return all(getattr(obj, k) == v for k, v in wanted.items())
+
+
+ANSWER_STYLES = ("short", "counted", "listed")
+"""The forms :func:`write_training_set` can give the training answers (``answer_style``)."""
 
 
 # ------------------------------------------------------------------------------------------------------- text items
@@ -697,7 +741,7 @@ def write_training_set(
     zoom: float = 1.0,
     drills: bool = False,
     drill_turns: int = 6,
-    counted_existence: bool = False,
+    answer_style: str = "short",
 ) -> Path:
     """Write ``images/train-*.png`` and ``train.json`` (LLaVA format) under ``directory``; returns the JSON path.
 
@@ -708,9 +752,13 @@ def write_training_set(
     ``max_objects`` below 6 and ``zoom`` above 1 give simpler scenes (fewer, larger objects: a curriculum's first
     steps). ``drills`` adds each scene's :func:`binding_drills` as multi-turn records of at most ``drill_turns``
     turns (ids ``f"{scene.id}-drill{k}"``), drawn from their own stream (``part="drills"``), so every other record is
-    the same with or without them. ``counted_existence`` writes every existence answer in the form of
-    :func:`counted_existence_answer` (``"0 red triangles, so no."``) instead of ``"no"``.
+    the same with or without them. ``answer_style`` (one of :data:`ANSWER_STYLES`) is the form of the training answers:
+    ``"short"``, the word or number the held-out questions expect; ``"counted"``, every existence answer as
+    :func:`counted_existence_answer` gives it (``"0 red triangles, so no."``); ``"listed"``, every existence answer
+    and every count of one shape or colour as :func:`listed_answer` gives it (``"red circle, blue cross, so no."``).
     """
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {answer_style!r}")
     directory = Path(directory)
     records: list[dict[str, Any]] = []
     for index in range(scenes):
@@ -719,8 +767,7 @@ def write_training_set(
         _save(render_scene(scene, size), directory / image)
         rng = stream_rng("train", seed, index, "questions")
         items = scene_questions(scene, rng, image=image)
-        if counted_existence:
-            items = _with_counted_existence(scene, items)
+        items = _restyled(scene, items, answer_style)
         captions = [i for i in items if i.type == "caption"]
         others = [i for i in items if i.type != "caption"]
         rng.shuffle(others)
@@ -730,8 +777,7 @@ def write_training_set(
             records.append(_llava_record(f"{scene.id}-{name}", group, image))
         if drills:
             extra = binding_drills(scene, stream_rng("train", seed, index, "drills"))
-            if counted_existence:
-                extra = _with_counted_existence(scene, extra)
+            extra = _restyled(scene, extra, answer_style)
             for k in range(0, len(extra), drill_turns):
                 records.append(_llava_record(f"{scene.id}-drill{k // drill_turns}", extra[k:k + drill_turns], image))
     text_rng = stream_rng("train", seed, "text", "questions")
@@ -743,9 +789,17 @@ def write_training_set(
     return path
 
 
-def _with_counted_existence(scene: Scene, items: list[QAItem]) -> list[QAItem]:
-    return [dataclasses.replace(i, answer=counted_existence_answer(scene, i.question)) if i.type == "existence" else i
-            for i in items]
+def _restyled(scene: Scene, items: list[QAItem], answer_style: str) -> list[QAItem]:
+    """``items`` with the answers that ``answer_style`` rewrites rewritten (see :func:`write_training_set`)."""
+    def rewritten(item: QAItem) -> str | None:
+        if answer_style == "counted" and item.type == "existence":
+            return counted_existence_answer(scene, item.question)
+        total_count = item.question.startswith("How many shapes")
+        if answer_style == "listed" and item.type in ("existence", "count") and not total_count:
+            return listed_answer(scene, item.question)
+        return None
+
+    return [dataclasses.replace(i, answer=a) if (a := rewritten(i)) is not None else i for i in items]
 
 
 def _llava_record(record_id: str, items: Sequence[QAItem], image: str | None) -> dict[str, Any]:

@@ -63,11 +63,13 @@ class TinyBuild:
     vocab_size: int = 768
     drills: bool = False
     """Add :func:`~owl2.data.shapes.binding_drills` to the training data (training-only questions on every object).
-    Off in the recipe: with them (and ``counted_existence``) a full build scored 47.9 % against 53.9 % without
+    Off in the recipe: with them (and ``answer_style="counted"``) a full build scored 47.9 % against 53.9 % without
     (``docs/experiments.md``)."""
-    counted_existence: bool = False
-    """Train existence answers in the form ``"0 red triangles, so no."`` (:func:`~owl2.data.shapes.
-    counted_existence_answer`) instead of a plain yes/no. Off in the recipe, like ``drills``."""
+    answer_style: str = "short"
+    """The form of the training answers (:data:`~owl2.data.shapes.ANSWER_STYLES`, see
+    :func:`~owl2.data.shapes.write_training_set`): ``"short"`` in the recipe; ``"counted"`` (``"0 red triangles, so
+    no."``) and ``"listed"`` (``"red circle, blue cross, so no."``, a full build 55.6 % against 53.9 %, existence
+    still at chance) are experiments (``docs/experiments.md``)."""
     vision_steps: int | None = None
     """None: the recipe's step count (``configs/tiny/vision.toml``; likewise ``train.max_steps`` for the others)."""
     stage0_steps: int | None = None
@@ -116,7 +118,7 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     if not train_json.is_file():
         train_json = write_training_set(data_dir, scenes=build.scenes, text_items=build.text_items, seed=build.seed,
                                         size=IMAGE_SIZE, drills=build.drills,
-                                        counted_existence=build.counted_existence)
+                                        answer_style=build.answer_style)
     records = json.loads(train_json.read_text(encoding="utf-8"))
     mixed = data_dir / "train-mixed.json"
     atomic_write_text(mixed, json.dumps(vary_prompts(records, build.seed)))
@@ -231,6 +233,11 @@ def model_card(build: TinyBuild, report: dict[str, Any], minutes: dict[str, floa
     rows = "\n".join(f"| {kind} | {row['accuracy']:.1f} | {int(row['count'])} |"
                      for kind, row in report["breakdown"].items())
     metrics = report["metrics"]
+    options = [text for on, text in (
+        (build.drills, "the training-only binding drills (`binding_drills`)"),
+        (build.answer_style != "short", f'training answers in the "{build.answer_style}" style (`answer_style`)'),
+    ) if on]
+    data_options = f" With {' and '.join(options)}." if options else ""
     return f"""# owl2-tiny
 
 The mPLUG-Owl2 architecture at small scale (vision encoder, visual abstractor, LLaMA decoder with the
@@ -252,7 +259,8 @@ shapes world. It answers questions about coloured shapes; it knows nothing else.
 ## Data
 The shapes world (`owl2.data.shapes`): {build.scenes} training scenes (`train` seed stream, seed {build.seed}) with
 a caption and multi-turn questions each (existence, colour, counting, position, shape, multiple choice), and
-{build.text_items} text-only instructions (arithmetic, spelling, alphabetical order, letter counts, reversal).
+{build.text_items} text-only instructions (arithmetic, spelling, alphabetical order, letter counts,
+reversal).{data_options}
 
 ## Recipe
 `owl2 experiment build-tiny` builds it from a random initialisation. The paper starts from two pre-trained parts,

@@ -37,6 +37,7 @@ from owl2.data.shapes import (
     binding_drills,
     counted_existence_answer,
     generate_scene,
+    listed_answer,
     read_eval_set,
     render_scene,
     scene_questions,
@@ -375,10 +376,15 @@ def test_binding_drills_by_hand():
     assert binding_drills(scene, 0) == drills and binding_drills(scene, 1) != drills
 
 
+# Two red circles, one on each side, with a small blue cross between them (the order of the tuple is not the
+# left-to-right order).
+TWO_CIRCLES_AND_A_CROSS = Scene((ShapeObject("circle", "red", "large", 0.2, 0.2, 0.2),
+                                 ShapeObject("circle", "red", "small", 0.8, 0.2, 0.12),
+                                 ShapeObject("cross", "blue", "small", 0.5, 0.8, 0.12)), "grey")
+
+
 def test_counted_existence_answer_by_hand():
-    scene = Scene((ShapeObject("circle", "red", "large", 0.2, 0.2, 0.2),
-                   ShapeObject("circle", "red", "small", 0.8, 0.2, 0.12),
-                   ShapeObject("cross", "blue", "small", 0.5, 0.8, 0.12)), "grey")
+    scene = TWO_CIRCLES_AND_A_CROSS
     expected = {
         "Is there a red circle?": "2 red circles, so yes.",
         "Is there a small red circle?": "1 small red circle, so yes.",
@@ -393,6 +399,39 @@ def test_counted_existence_answer_by_hand():
         assert not score_answer("existence", answer, "no" if answer.endswith("yes.") else "yes")
     with pytest.raises(ValueError, match="not an existence question"):
         counted_existence_answer(scene, "What colour is the cross?")
+
+
+def test_listed_answer_by_hand():
+    scene = TWO_CIRCLES_AND_A_CROSS
+    expected = {  # left to right; existence names each distinct object once, by the asked attributes
+        "Is there a red circle?": "red circle, blue cross, so yes.",
+        "Is there a blue circle?\nAnswer the question using a single word or phrase.": "red circle, blue cross, so no.",
+        "Is there a large blue cross?": "large red circle, small blue cross, small red circle, so no.",
+        "Is there a cross?": "circle, cross, so yes.",
+        "Is there an orange object?": "red, blue, so no.",
+        "How many circles are there?": "circle, cross, circle, so 2.",
+        "How many squares are there?": "circle, cross, circle, so 0.",
+        "How many blue shapes are there?": "red, blue, red, so 1.",
+    }
+    for question, answer in expected.items():
+        assert listed_answer(scene, question) == answer
+    assert score_answer("existence", expected["Is there a red circle?"], "yes")
+    assert not score_answer("existence", expected["Is there a red circle?"], "no")
+    assert score_answer("count", expected["How many circles are there?"], "2")
+    for other in ("How many shapes are there?", "What colour is the cross?"):
+        with pytest.raises(ValueError, match="not a"):
+            listed_answer(scene, other)
+
+
+def test_listed_answers_score_as_the_short_ones(scenes):
+    for seed, scene in zip(SEEDS, scenes, strict=True):
+        for item in scene_questions(scene, seed):
+            if item.type in ("existence", "count") and not item.question.startswith("How many shapes"):
+                answer = listed_answer(scene, item.question)
+                assert score_answer(item.type, answer, item.answer), (item, answer)
+                wrong = {"yes": "no", "no": "yes"}[item.answer] if item.type == "existence" else str(
+                    int(item.answer) + 1)
+                assert not score_answer(item.type, answer, wrong), (item, answer)
 
 
 def test_binding_drills_are_correct(scenes):
@@ -436,13 +475,25 @@ def test_training_set_loads(tmp_path):
     assert drill_records and max(len(r["conversations"]) for r in drill_records) == 8
     assert all(r["conversations"][0]["value"].startswith("<|image|>\n") for r in drill_records)
 
-    counted = json.loads(write_training_set(tmp_path / "counted", scenes=8, text_items=10, seed=3, size=64,
-                                            multi_turn_fraction=0.5, counted_existence=True).read_text())
-    changed = [(a["value"], b["value"]) for r, c in zip(raw, counted, strict=True)
-               for a, b in zip(r["conversations"], c["conversations"], strict=True) if a != b]
-    assert len(changed) == 16  # the 2 existence answers of each scene, and nothing else
-    for plain, with_count in changed:
+    def restyled(style: str) -> list[tuple[str, str, str]]:
+        """(question, short answer, restyled answer) for every answer ``style`` changes."""
+        records = json.loads(write_training_set(tmp_path / style, scenes=8, text_items=10, seed=3, size=64,
+                                                multi_turn_fraction=0.5, answer_style=style).read_text())
+        turns = [(a["value"], b["value"]) for r, c in zip(raw, records, strict=True)
+                 for a, b in zip(r["conversations"], c["conversations"], strict=True)]
+        return [(turns[k - 1][0], a, b) for k, (a, b) in enumerate(turns) if a != b]
+
+    counted = restyled("counted")
+    assert len(counted) == 16  # the 2 existence answers of each scene, and nothing else
+    for _, plain, with_count in counted:
         assert plain in ("yes", "no") and re.fullmatch(rf"\d [a-z ]+, so {plain}\.", with_count)
+    listed = restyled("listed")
+    assert len(listed) == 24  # the 2 existence answers and the count of one shape or colour of each scene
+    for question, short, with_list in listed:
+        assert re.search(r"Is there|How many \w+ (shapes )?are there", question)
+        assert "How many shapes" not in question and with_list.endswith(f", so {short}.")
+    with pytest.raises(ValueError, match="answer_style must be one of"):
+        write_training_set(tmp_path / "bad", scenes=1, text_items=1, seed=0, size=64, answer_style="long")
     assert (tmp_path / "images" / "train-3-000005.png").read_bytes() == (
         tmp_path / "again" / "images" / "train-3-000005.png").read_bytes()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import owl2
+from owl2.cli.main import build_parser
 from owl2.cli.main import main as cli
 from owl2.data.shapes import write_eval_set
 from owl2.evaluation import evaluate
@@ -62,13 +63,15 @@ def test_demo_draws_and_asks(tmp_path, capsys):
 
 def test_build_and_ablation_run_at_toy_scale(tmp_path):
     build = TinyBuild(scenes=24, text_items=16, eval_scenes=3, eval_text_items=4, vocab_size=400, vision_steps=3,
-                      stage0_steps=2, stage1_steps=2, stage2_steps=3, drills=True, counted_existence=True)
+                      stage0_steps=2, stage1_steps=2, stage2_steps=3, drills=True, answer_style="counted")
     result = build_tiny(tmp_path / "build", build)
     records = json.loads((tmp_path / "build" / "data" / "train.json").read_text())
     assert any("-drill" in r["id"] for r in records)
     assert any(", so " in turn["value"] for r in records for turn in r["conversations"])
     final = result["final"]
-    assert (final / "README.md").read_text().startswith("# owl2-tiny")
+    card = (final / "README.md").read_text()
+    assert card.startswith("# owl2-tiny")
+    assert 'With the training-only binding drills (`binding_drills`) and training answers in the "counted"' in card
     assert json.loads((final / EVAL_FILE).read_text())["metrics"]["accuracy"] >= 0
     owl2.load(final, dtype="fp32", show_progress=False)
     report = run_mam_ablation(tmp_path / "ablation", build=build)
@@ -77,3 +80,12 @@ def test_build_and_ablation_run_at_toy_scale(tmp_path):
     assert not off.config.modality_adaptive
     assert not any(".multiway.1." in n for n, _ in off.named_parameters())
     assert "| variant | multimodal | text-only |" in (tmp_path / "ablation" / "report.md").read_text()
+
+
+def test_build_options_on_the_command_line(capsys):
+    args = build_parser().parse_args(["experiment", "build-tiny", "--drills", "--answer-style", "listed"])
+    assert args.drills and args.answer_style == "listed"
+    assert build_parser().parse_args(["experiment", "build-tiny"]).answer_style == "short"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["experiment", "build-tiny", "--answer-style", "long"])
+    assert "invalid choice: 'long'" in capsys.readouterr().err
