@@ -409,13 +409,17 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
+def _left_to_right(scene: Scene) -> list[ShapeObject]:
+    """The objects in the order captions (and listed answers) name them."""
+    return sorted(scene.objects, key=lambda o: (o.x, o.y))
+
+
 def caption(scene: Scene) -> str:
     """The canonical caption: every object (size colour shape), left to right, then the background.
 
     ``"A large red circle, a small blue square and a small green triangle on a grey background."``
     """
-    ordered = sorted(scene.objects, key=lambda o: (o.x, o.y))
-    phrases = [_article(o.description) for o in ordered]
+    phrases = [_article(o.description) for o in _left_to_right(scene)]
     listing = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     text = f"{listing} on {_article(scene.background)} background."
     return text[0].upper() + text[1:]
@@ -466,13 +470,16 @@ def _shape_question(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     return [(_short(f"What shape is the {ref} object?"), obj.shape)]
 
 
+_TOTAL_COUNT = "How many shapes are there?"
+
+
 def _count_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     """The total count and the count of one shape or one colour (now and then one that is absent: "0").
 
     The counted value is that of a random object, so values present several times are picked more often (uniform
     over values, most answers would be "1"); shapes repeat more than colours, so they are counted more often.
     """
-    items = [(_short("How many shapes are there?"), str(len(scene.objects)))]
+    items = [(_short(_TOTAL_COUNT), str(len(scene.objects)))]
     by_shape = rng.random() < 0.7
     key, vocabulary = ("shape", SHAPES) if by_shape else ("colour", tuple(COLOURS))
     absent = [v for v in vocabulary if all(getattr(o, key) != v for o in scene.objects)]
@@ -536,7 +543,7 @@ def _multiple_choice(scene: Scene, rng: random.Random) -> tuple[str, str, list[s
     if colour_refs:
         obj, ref = rng.choice(colour_refs)
         kinds.append((f"What colour is the {ref}?", obj.colour, tuple(COLOURS)))
-    kinds.append(("How many shapes are there?", str(len(scene.objects)), tuple(str(n) for n in range(1, 7))))
+    kinds.append((_TOTAL_COUNT, str(len(scene.objects)), tuple(str(n) for n in range(1, 7))))
     question, answer, vocabulary = rng.choice(kinds)
     choices = [answer, *rng.sample([v for v in vocabulary if v != answer], 3)]
     rng.shuffle(choices)
@@ -636,14 +643,13 @@ def listed_answer(scene: Scene, question: str) -> str:
     Other questions (the total count included) raise ``ValueError``.
     """
     first = question.split("\n")[0]
-    ordered = sorted(scene.objects, key=lambda o: (o.x, o.y))
+    ordered = _left_to_right(scene)
     if match := re.fullmatch(r"How many (\w+)(?: shapes)? are there\?", first):
         word = match.group(1)
-        singular = {plural: shape for shape, plural in PLURALS.items()}
-        key = "shape" if word in singular else "colour" if word in COLOURS else None
+        key = "shape" if word in _SINGULAR else "colour" if word in COLOURS else None
         if key is None:
             raise ValueError(f"not a count of one shape or colour: {question!r}")
-        value = singular.get(word, word)
+        value = _SINGULAR.get(word, word)
         listing = [getattr(o, key) for o in ordered]
         return f"{', '.join(listing)}, so {listing.count(value)}."
     _, wanted = _asked_existence(question)
@@ -794,7 +800,7 @@ def _restyled(scene: Scene, items: list[QAItem], answer_style: str) -> list[QAIt
     def rewritten(item: QAItem) -> str | None:
         if answer_style == "counted" and item.type == "existence":
             return counted_existence_answer(scene, item.question)
-        total_count = item.question.startswith("How many shapes")
+        total_count = item.question.startswith(_TOTAL_COUNT)
         if answer_style == "listed" and item.type in ("existence", "count") and not total_count:
             return listed_answer(scene, item.question)
         return None
