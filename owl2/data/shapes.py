@@ -401,6 +401,13 @@ def _refer(obj: ShapeObject, scene: Scene, orders: Sequence[tuple[str, ...]] = _
     return None
 
 
+def object_phrases() -> list[str]:
+    """Every way the questions and captions name one object by colour and shape: ``"red circle"`` and ``"small red
+    circle"`` for every size, colour and shape (owl2-tiny's tokenizer can give each its own piece)."""
+    named = (*_product([tuple(COLOURS), SHAPES]), *_product([SIZES, tuple(COLOURS), SHAPES]))
+    return [" ".join(words) for words in named]
+
+
 def _short(question: str) -> str:
     return f"{question}\n{SHORT_ANSWER_PROMPT}"
 
@@ -628,19 +635,21 @@ def counted_existence_answer(scene: Scene, question: str) -> str:
     number = sum(_matches(o, wanted) for o in scene.objects)
     if number != 1:
         words[-1] = PLURALS.get(words[-1], words[-1] + "s")
-    return f"{number} {' '.join(words)}, so {'yes' if number else 'no'}."
+    return f"{number} {' '.join(words)}{_SO}{'yes' if number else 'no'}."
 
 
 def listed_answer(scene: Scene, question: str) -> str:
-    """The answer to an existence question or to a count of one shape or colour, after the objects present.
+    """The answer to a question that names an object, after the objects present, left to right.
 
     ``"Is there a red square?"`` -> ``"red circle, blue cross, so no."`` (every distinct object named by the asked
-    attributes, left to right); ``"How many circles are there?"`` -> ``"circle, cross, circle, so 2."`` (every object
-    named by the asked attribute, left to right). A training-time form of the answer: what comes first is what the
-    image alone predicts (as a caption is), and each listed word comes after the question, so whether it matches
-    the asked word is a comparison between two text positions; the answer word then reads those comparisons.
-    :func:`score_answer` reads the yes/no word or the first number, so such an answer scores as the short one does.
-    Other questions (the total count included) raise ``ValueError``.
+    attributes); ``"What colour is the cross?"`` -> ``"red circle, blue cross, so blue."`` and ``"What shape is the
+    blue object?"`` -> ``"red circle, blue cross, so cross."`` (every distinct object by colour and shape, with its
+    size when the question names one); ``"How many circles are there?"`` -> ``"circle, cross, circle, so 2."`` (every
+    object named by the asked attribute). A training-time form of the answer: what comes first is what the image
+    alone predicts (as a caption is), and each listed word comes after the question, so finding the asked object is
+    a lookup between two text positions, not a lookup in the image keyed by the question. :func:`score_answer`
+    reads what follows the last ", so ", so such an answer scores as the short one does. Other questions (the total
+    count included) raise ``ValueError``.
     """
     first = question.split("\n")[0]
     ordered = _left_to_right(scene)
@@ -651,11 +660,20 @@ def listed_answer(scene: Scene, question: str) -> str:
             raise ValueError(f"not a count of one shape or colour: {question!r}")
         value = _SINGULAR.get(word, word)
         listing = [getattr(o, key) for o in ordered]
-        return f"{', '.join(listing)}, so {listing.count(value)}."
-    _, wanted = _asked_existence(question)
-    keys = [k for k in ("size", "colour", "shape") if k in wanted]
+        return f"{', '.join(listing)}{_SO}{listing.count(value)}."
+    if match := re.fullmatch(r"What (colour|shape) is the ((?:(?:small|large) )?\w+)(?: object)?\?", first):
+        asked, named = match.group(1), match.group(2).split()
+        found = [o for o in scene.objects if {o.size, o.colour, o.shape}.issuperset(named)]
+        if len(found) != 1:
+            raise ValueError(f"not a question about one object of this scene: {question!r}")
+        keys = ("size", "colour", "shape") if named[0] in SIZES else ("colour", "shape")
+        answer = getattr(found[0], asked)
+    else:
+        _, wanted = _asked_existence(question)
+        keys = tuple(k for k in ("size", "colour", "shape") if k in wanted)
+        answer = "yes" if any(_matches(o, wanted) for o in scene.objects) else "no"
     names = dict.fromkeys(" ".join(getattr(o, k) for k in keys) for o in ordered)
-    return f"{', '.join(names)}, so {'yes' if any(_matches(o, wanted) for o in scene.objects) else 'no'}."
+    return f"{', '.join(names)}{_SO}{answer}."
 
 
 def _asked_existence(question: str) -> tuple[list[str], dict[str, str]]:
@@ -675,6 +693,9 @@ def _matches(obj: ShapeObject, wanted: Mapping[str, str]) -> bool:
 
 ANSWER_STYLES = ("short", "counted", "listed")
 """The forms :func:`write_training_set` can give the training answers (``answer_style``)."""
+_SO = ", so "  # between a listed answer's list and its conclusion
+LISTED_TYPES = ("existence", "colour", "shape", "count")
+"""The question types whose answers ``answer_style="listed"`` rewrites (the total count keeps its short answer)."""
 
 
 # ------------------------------------------------------------------------------------------------------- text items
@@ -760,8 +781,9 @@ def write_training_set(
     turns (ids ``f"{scene.id}-drill{k}"``), drawn from their own stream (``part="drills"``), so every other record is
     the same with or without them. ``answer_style`` (one of :data:`ANSWER_STYLES`) is the form of the training answers:
     ``"short"``, the word or number the held-out questions expect; ``"counted"``, every existence answer as
-    :func:`counted_existence_answer` gives it (``"0 red triangles, so no."``); ``"listed"``, every existence answer
-    and every count of one shape or colour as :func:`listed_answer` gives it (``"red circle, blue cross, so no."``).
+    :func:`counted_existence_answer` gives it (``"0 red triangles, so no."``); ``"listed"``, every existence, colour
+    and shape answer and every count of one shape or colour as :func:`listed_answer` gives it (``"red circle, blue
+    cross, so no."``).
     """
     if answer_style not in ANSWER_STYLES:
         raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {answer_style!r}")
@@ -801,7 +823,7 @@ def _restyled(scene: Scene, items: list[QAItem], answer_style: str) -> list[QAIt
         if answer_style == "counted" and item.type == "existence":
             return counted_existence_answer(scene, item.question)
         total_count = item.question.startswith(_TOTAL_COUNT)
-        if answer_style == "listed" and item.type in ("existence", "count") and not total_count:
+        if answer_style == "listed" and item.type in LISTED_TYPES and not total_count:
             return listed_answer(scene, item.question)
         return None
 
@@ -963,7 +985,9 @@ def _caption_content(text: str) -> tuple[Counter[tuple[str | None, str | None, s
 def score_answer(item_type: str, prediction: str, answer: str, *, choices: Sequence[str] | None = None) -> bool:
     """Whether a model's free-form ``prediction`` gives the canonical ``answer`` of an item of ``item_type``.
 
-    Text is lowercased and stripped of punctuation first. Yes/no, side, colour and shape answers: the prediction
+    A reasoned answer to a question that names an object (existence, colour, shape, count; the training form of
+    :func:`listed_answer`) is read from what follows its last ", so ". Text is lowercased and stripped of
+    punctuation first. Yes/no, side, colour and shape answers: the prediction
     must use the answer word and no other word of the same kind ("Yes." and "It is red" pass, "red or blue" fails).
     Counts and arithmetic: the first number, digits or words ("three" -> 3). Multiple choice: the option letter
     ("B", "B.", "(B)", "B) square", "The answer is B"), or the text of exactly one option when ``choices`` is given.
@@ -973,6 +997,8 @@ def score_answer(item_type: str, prediction: str, answer: str, *, choices: Seque
     """
     if item_type == "multiple_choice":
         return _mc_letter(prediction, choices) == answer.strip().upper()
+    if item_type in LISTED_TYPES:
+        prediction = prediction.rpartition(_SO)[2]
     if item_type in ("count", "arithmetic", "letter_count"):
         number = _first_number(prediction)
         return number is not None and str(number) == answer.strip()

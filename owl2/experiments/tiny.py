@@ -68,8 +68,11 @@ class TinyBuild:
     answer_style: str = "short"
     """The form of the training answers (:data:`~owl2.data.shapes.ANSWER_STYLES`, see
     :func:`~owl2.data.shapes.write_training_set`): ``"short"`` in the recipe; ``"counted"`` (``"0 red triangles, so
-    no."``) and ``"listed"`` (``"red circle, blue cross, so no."``, a full build 55.6 % against 53.9 %, existence
-    still at chance) are experiments (``docs/experiments.md``)."""
+    no."``) and ``"listed"`` (``"red circle, blue cross, so no."``) are experiments (``docs/experiments.md``)."""
+    object_pieces: bool = False
+    """Give the tokenizer one piece per object phrase (:func:`~owl2.data.shapes.object_phrases`: "red circle",
+    "small red circle"), so that whether an object is in a list is a match of one token, not of two bound together
+    (which the 4-layer language model does not learn, ``docs/experiments.md``)."""
     vision_steps: int | None = None
     """None: the recipe's step count (``configs/tiny/vision.toml``; likewise ``train.max_steps`` for the others)."""
     stage0_steps: int | None = None
@@ -108,7 +111,7 @@ def vary_prompts(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any
 
 def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> dict[str, Path]:
     """Data, tokenizer and the initial model directory (config + tokenizer + image processor) under ``workdir``."""
-    from owl2.data.shapes import write_eval_set, write_training_set
+    from owl2.data.shapes import object_phrases, write_eval_set, write_training_set
     from owl2.experiments.tokenizer import train_sentencepiece
     from owl2.model.config import Owl2Config
     from owl2.processing.image import PREPROCESSOR_CONFIG_NAME, ImageProcessor
@@ -130,7 +133,8 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     init = workdir / "init"
     init.mkdir(parents=True, exist_ok=True)
     if not (init / "tokenizer.model").is_file():
-        train_sentencepiece(_corpus(records), init, build.vocab_size)
+        pieces = object_phrases() if build.object_pieces else ()
+        train_sentencepiece(_corpus(records), init, build.vocab_size, pieces)
     data = json.loads((configs / "model.json").read_text(encoding="utf-8"))
     data["vocab_size"] = build.vocab_size
     Owl2Config.from_dict(data).save(init)
@@ -236,6 +240,7 @@ def model_card(build: TinyBuild, report: dict[str, Any], minutes: dict[str, floa
     options = [text for on, text in (
         (build.drills, "the training-only binding drills (`binding_drills`)"),
         (build.answer_style != "short", f'training answers in the "{build.answer_style}" style (`answer_style`)'),
+        (build.object_pieces, 'one tokenizer piece per object phrase such as "red circle" (`object_pieces`)'),
     ) if on]
     data_options = f" With {' and '.join(options)}." if options else ""
     return f"""# owl2-tiny

@@ -23,6 +23,7 @@ from owl2.data.shapes import (
     BACKGROUNDS,
     CAPTION_PROMPT,
     COLOURS,
+    LISTED_TYPES,
     MC_PROMPT,
     PLURALS,
     SCENE_QUESTION_TYPES,
@@ -38,6 +39,7 @@ from owl2.data.shapes import (
     counted_existence_answer,
     generate_scene,
     listed_answer,
+    object_phrases,
     read_eval_set,
     render_scene,
     scene_questions,
@@ -412,25 +414,42 @@ def test_listed_answer_by_hand():
         "How many circles are there?": "circle, cross, circle, so 2.",
         "How many squares are there?": "circle, cross, circle, so 0.",
         "How many blue shapes are there?": "red, blue, red, so 1.",
+        "What colour is the cross?": "red circle, blue cross, so blue.",  # by colour and shape, each distinct once
+        "What colour is the small circle?": "large red circle, small blue cross, small red circle, so red.",
+        "What shape is the blue object?": "red circle, blue cross, so cross.",
     }
     for question, answer in expected.items():
         assert listed_answer(scene, question) == answer
     assert score_answer("existence", expected["Is there a red circle?"], "yes")
     assert not score_answer("existence", expected["Is there a red circle?"], "no")
     assert score_answer("count", expected["How many circles are there?"], "2")
-    for other in ("How many shapes are there?", "What colour is the cross?"):
+    assert score_answer("colour", expected["What colour is the cross?"], "blue")  # the list's red is not read
+    assert not score_answer("colour", expected["What colour is the cross?"], "red")
+    assert score_answer("shape", expected["What shape is the blue object?"], "cross")
+    for other in ("How many shapes are there?", "Which side of the image is the cross on, left or right?",
+                  "What colour is the circle?"):  # two circles: not one object
         with pytest.raises(ValueError, match="not a"):
             listed_answer(scene, other)
+
+
+def test_object_phrases():
+    phrases = object_phrases()
+    assert len(phrases) == len(set(phrases)) == len(COLOURS) * len(SHAPES) * (1 + len(SIZES))
+    assert {"red circle", "small red circle", "large white cross"} <= set(phrases)
+    scene = TWO_CIRCLES_AND_A_CROSS  # every object a caption names is one of them
+    assert all(o.description in phrases and f"{o.colour} {o.shape}" in phrases for o in scene.objects)
 
 
 def test_listed_answers_score_as_the_short_ones(scenes):
     for seed, scene in zip(SEEDS, scenes, strict=True):
         for item in scene_questions(scene, seed):
-            if item.type in ("existence", "count") and not item.question.startswith("How many shapes"):
+            if item.type in LISTED_TYPES and not item.question.startswith("How many shapes"):
                 answer = listed_answer(scene, item.question)
                 assert score_answer(item.type, answer, item.answer), (item, answer)
-                wrong = {"yes": "no", "no": "yes"}[item.answer] if item.type == "existence" else str(
-                    int(item.answer) + 1)
+                wrong = {"existence": {"yes": "no", "no": "yes"}.get(item.answer),
+                         "count": str(int(item.answer) + 1) if item.type == "count" else None,
+                         "colour": "white" if item.answer != "white" else "black",
+                         "shape": "circle" if item.answer != "circle" else "square"}[item.type]
                 assert not score_answer(item.type, answer, wrong), (item, answer)
 
 
@@ -488,9 +507,10 @@ def test_training_set_loads(tmp_path):
     for _, plain, with_count in counted:
         assert plain in ("yes", "no") and re.fullmatch(rf"\d [a-z ]+, so {plain}\.", with_count)
     listed = restyled("listed")
-    assert len(listed) == 24  # the 2 existence answers and the count of one shape or colour of each scene
+    # each scene's 2 existence answers, its count of one shape or colour, and its colour and shape questions (if any)
+    assert len(listed) == 16 + 8 + 8 + 8
     for question, short, with_list in listed:
-        assert re.search(r"Is there|How many \w+ (shapes )?are there", question)
+        assert re.search(r"Is there|How many \w+ (shapes )?are there|What (colour|shape) is", question)
         assert "How many shapes" not in question and with_list.endswith(f", so {short}.")
     with pytest.raises(ValueError, match="answer_style must be one of"):
         write_training_set(tmp_path / "bad", scenes=1, text_items=1, seed=0, size=64, answer_style="long")
