@@ -662,11 +662,11 @@ def listed_answer(scene: Scene, question: str) -> str:
         listing = [getattr(o, key) for o in ordered]
         return f"{', '.join(listing)}{_SO}{listing.count(value)}."
     if match := re.fullmatch(r"What (colour|shape) is the ((?:(?:small|large) )?\w+)(?: object)?\?", first):
-        asked, named = match.group(1), match.group(2).split()
-        found = [o for o in scene.objects if {o.size, o.colour, o.shape}.issuperset(named)]
+        asked, wanted = match.group(1), _attributes(match.group(2).split())
+        found = [o for o in scene.objects if _matches(o, wanted)]
         if len(found) != 1:
             raise ValueError(f"not a question about one object of this scene: {question!r}")
-        keys = ("size", "colour", "shape") if named[0] in SIZES else ("colour", "shape")
+        keys = ("size", "colour", "shape") if "size" in wanted else ("colour", "shape")
         answer = getattr(found[0], asked)
     else:
         _, wanted = _asked_existence(question)
@@ -682,9 +682,13 @@ def _asked_existence(question: str) -> tuple[list[str], dict[str, str]]:
     if match is None:
         raise ValueError(f"not an existence question: {question!r}")
     words = match.group(1).split()
-    wanted = {k: w for w in words for k, values in (("size", SIZES), ("colour", COLOURS), ("shape", SHAPES))
-              if w in values}
-    return words, wanted
+    return words, _attributes(words)
+
+
+def _attributes(words: Sequence[str]) -> dict[str, str]:
+    """The attribute each word names: ``["small", "red", "circle"]`` -> ``{"size": "small", "colour": "red", ...}``."""
+    return {k: w for w in words for k, values in (("size", SIZES), ("colour", COLOURS), ("shape", SHAPES))
+            if w in values}
 
 
 def _matches(obj: ShapeObject, wanted: Mapping[str, str]) -> bool:
