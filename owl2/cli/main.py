@@ -209,7 +209,8 @@ def _experiment(args: argparse.Namespace) -> int:
 
     if args.name == "build-tiny":
         build = TinyBuild(scenes=args.scenes or TinyBuild.scenes, drills=args.drills,
-                          answer_style=args.answer_style, object_pieces=args.object_pieces)
+                          answer_style=args.answer_style, object_pieces=args.object_pieces,
+                          list_items=args.list_items)
         result = build_tiny(args.workdir or "runs/owl2-tiny", build, install=args.install)
         print(f"owl2-tiny: held-out accuracy {result['report']['metrics']['accuracy']:.1f} %; checkpoint "
               f"{result['final']}" + ("; installed as the embedded default" if args.install else ""))
@@ -297,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="build-tiny: add the training-only binding drills (docs/experiments.md)")
     experiment.add_argument("--answer-style", choices=ANSWER_STYLES, default="short",
                             help='build-tiny: the form of the training answers: "no" (short, the recipe), '
-                            '"0 red triangles, so no." (counted), "red circle, blue cross, so no." (listed)')
+                            '"0 red triangles, so no." (counted), "red circle, blue cross, so no." (listed), '
+                            '"red circle 1, blue cross, so yes." (marked)')
+    experiment.add_argument("--list-items", type=int, default=0,
+                            help="build-tiny: add this many text-only questions about a list of objects")
     experiment.add_argument("--object-pieces", action="store_true",
                             help='build-tiny: one tokenizer piece per object phrase ("red circle", "small red circle")')
     experiment.set_defaults(handler=_experiment)

@@ -638,7 +638,7 @@ def counted_existence_answer(scene: Scene, question: str) -> str:
     return f"{number} {' '.join(words)}{_SO}{'yes' if number else 'no'}."
 
 
-def listed_answer(scene: Scene, question: str) -> str:
+def listed_answer(scene: Scene, question: str, *, marked: bool = False) -> str:
     """The answer to a question that names an object, after the objects present, left to right.
 
     ``"Is there a red square?"`` -> ``"red circle, blue cross, so no."`` (every distinct object named by the asked
@@ -650,6 +650,12 @@ def listed_answer(scene: Scene, question: str) -> str:
     a lookup between two text positions, not a lookup in the image keyed by the question. :func:`score_answer`
     reads what follows the last ", so ", so such an answer scores as the short one does. Other questions (the total
     count included) raise ``ValueError``.
+
+    ``marked`` follows every listed object that the question names with the running count of such objects:
+    ``"red circle, red square 1, so yes."``, ``"red circle, blue cross 1, so blue."``, ``"circle 1, cross, circle 2,
+    so 2."``. Each mark is a decision about the object just written and the words of the question, and the
+    conclusion follows from the marks alone; a small language model learns these steps where it does not learn the
+    conclusion from the bare list (``docs/experiments.md``).
     """
     first = question.split("\n")[0]
     ordered = _left_to_right(scene)
@@ -659,21 +665,30 @@ def listed_answer(scene: Scene, question: str) -> str:
         if key is None:
             raise ValueError(f"not a count of one shape or colour: {question!r}")
         value = _SINGULAR.get(word, word)
-        listing = [getattr(o, key) for o in ordered]
-        return f"{', '.join(listing)}{_SO}{listing.count(value)}."
-    if match := re.fullmatch(r"What (colour|shape) is the ((?:(?:small|large) )?\w+)(?: object)?\?", first):
-        asked, wanted = match.group(1), _attributes(match.group(2).split())
-        found = [o for o in scene.objects if _matches(o, wanted)]
-        if len(found) != 1:
-            raise ValueError(f"not a question about one object of this scene: {question!r}")
-        keys = ("size", "colour", "shape") if "size" in wanted else ("colour", "shape")
-        answer = getattr(found[0], asked)
+        entries = [(getattr(o, key), getattr(o, key) == value) for o in ordered]
+        answer = str(sum(hit for _, hit in entries))
     else:
-        _, wanted = _asked_existence(question)
-        keys = tuple(k for k in ("size", "colour", "shape") if k in wanted)
-        answer = "yes" if any(_matches(o, wanted) for o in scene.objects) else "no"
-    names = dict.fromkeys(" ".join(getattr(o, k) for k in keys) for o in ordered)
-    return f"{', '.join(names)}{_SO}{answer}."
+        if match := re.fullmatch(r"What (colour|shape) is the ((?:(?:small|large) )?\w+)(?: object)?\?", first):
+            asked, wanted = match.group(1), _attributes(match.group(2).split())
+            found = [o for o in scene.objects if _matches(o, wanted)]
+            if len(found) != 1:
+                raise ValueError(f"not a question about one object of this scene: {question!r}")
+            keys = ("size", "colour", "shape") if "size" in wanted else ("colour", "shape")
+            answer = getattr(found[0], asked)
+        else:
+            _, wanted = _asked_existence(question)
+            keys = tuple(k for k in ("size", "colour", "shape") if k in wanted)
+            answer = "yes" if any(_matches(o, wanted) for o in scene.objects) else "no"
+        named: dict[str, bool] = {}
+        for o in ordered:
+            name = " ".join(getattr(o, k) for k in keys)
+            named[name] = named.get(name, False) or _matches(o, wanted)
+        entries = list(named.items())
+    parts, hits = [], 0
+    for name, hit in entries:
+        hits += hit and marked
+        parts.append(f"{name} {hits}" if hit and marked else name)
+    return f"{', '.join(parts)}{_SO}{answer}."
 
 
 def _asked_existence(question: str) -> tuple[list[str], dict[str, str]]:
@@ -695,11 +710,37 @@ def _matches(obj: ShapeObject, wanted: Mapping[str, str]) -> bool:
     return all(getattr(obj, k) == v for k, v in wanted.items())
 
 
-ANSWER_STYLES = ("short", "counted", "listed")
+ANSWER_STYLES = ("short", "counted", "listed", "marked")
 """The forms :func:`write_training_set` can give the training answers (``answer_style``)."""
 _SO = ", so "  # between a listed answer's list and its conclusion
 LISTED_TYPES = ("existence", "colour", "shape", "count")
 """The question types whose answers ``answer_style="listed"`` rewrites (the total count keeps its short answer)."""
+
+
+def list_questions(seed: int, n: int, *, marked: bool = True) -> list[QAItem]:
+    """``n`` training-only text items that ask about a list of objects written in the question.
+
+    ``"Objects: red circle, blue cross.\nIs there a blue cross?"`` -> ``"red circle, blue cross 1, so yes."``: the
+    existence, colour, shape and named-count questions of a scene (drawn from the ``"train"`` stream, apart from the
+    training scenes: ``index=f"list{k}"``), with the list of its :func:`listed_answer` given in the question and that
+    answer (``marked`` or not) to copy it. Without an image the list is in the text, so these items teach the step
+    from a list to the answer on its own, the match of a listed object with the words of the question. Types are those
+    of the scene questions; ids are ``f"shapes-train-{seed}-list-{k:06d}"``.
+    """
+    items: list[QAItem] = []
+    k = 0
+    while len(items) < n:
+        scene = generate_scene(stream_rng("train", seed, f"list{k}", "scene"))
+        rng = stream_rng("train", seed, f"list{k}", "questions")
+        asked = [i for i in scene_questions(scene, rng)
+                 if i.type in LISTED_TYPES and not i.question.startswith(_TOTAL_COUNT)]
+        item = rng.choice(asked)
+        answer = listed_answer(scene, item.question, marked=marked)
+        listing = re.sub(r" \d+(?=,|$)", "", answer.rpartition(_SO)[0])
+        question = f"Objects: {listing}.\n{item.question}"
+        items.append(QAItem(f"shapes-train-{seed}-list-{len(items):06d}", item.type, question, answer))
+        k += 1
+    return items
 
 
 # ------------------------------------------------------------------------------------------------------- text items
@@ -773,6 +814,7 @@ def write_training_set(
     drills: bool = False,
     drill_turns: int = 6,
     answer_style: str = "short",
+    list_items: int = 0,
 ) -> Path:
     """Write ``images/train-*.png`` and ``train.json`` (LLaVA format) under ``directory``; returns the JSON path.
 
@@ -787,7 +829,9 @@ def write_training_set(
     ``"short"``, the word or number the held-out questions expect; ``"counted"``, every existence answer as
     :func:`counted_existence_answer` gives it (``"0 red triangles, so no."``); ``"listed"``, every existence, colour
     and shape answer and every count of one shape or colour as :func:`listed_answer` gives it (``"red circle, blue
-    cross, so no."``).
+    cross, so no."``); ``"marked"``, the same with every named object marked (``"red circle, red square 1, so
+    yes."``, ``listed_answer(..., marked=True)``). ``list_items`` adds that many :func:`list_questions`
+    (text-only, in the listed form, marked when ``answer_style`` is ``"marked"``) after the other text items.
     """
     if answer_style not in ANSWER_STYLES:
         raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {answer_style!r}")
@@ -815,6 +859,8 @@ def write_training_set(
     text_rng = stream_rng("train", seed, "text", "questions")
     for item in text_questions(text_rng, text_items, prefix=f"shapes-train-{seed}-text"):
         records.append(_llava_record(item.id, [item], None))
+    for item in list_questions(seed, list_items, marked=answer_style == "marked"):
+        records.append(_llava_record(item.id, [item], None))
     path = directory / "train.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
@@ -827,8 +873,8 @@ def _restyled(scene: Scene, items: list[QAItem], answer_style: str) -> list[QAIt
         if answer_style == "counted" and item.type == "existence":
             return counted_existence_answer(scene, item.question)
         total_count = item.question.startswith(_TOTAL_COUNT)
-        if answer_style == "listed" and item.type in LISTED_TYPES and not total_count:
-            return listed_answer(scene, item.question)
+        if answer_style in ("listed", "marked") and item.type in LISTED_TYPES and not total_count:
+            return listed_answer(scene, item.question, marked=answer_style == "marked")
         return None
 
     return [dataclasses.replace(i, answer=a) if (a := rewritten(i)) is not None else i for i in items]

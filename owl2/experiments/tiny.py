@@ -68,7 +68,11 @@ class TinyBuild:
     answer_style: str = "short"
     """The form of the training answers (:data:`~owl2.data.shapes.ANSWER_STYLES`, see
     :func:`~owl2.data.shapes.write_training_set`): ``"short"`` in the recipe; ``"counted"`` (``"0 red triangles, so
-    no."``) and ``"listed"`` (``"red circle, blue cross, so no."``) are experiments (``docs/experiments.md``)."""
+    no."``), ``"listed"`` (``"red circle, blue cross, so no."``) and ``"marked"`` (``"red circle 1, blue cross, so
+    yes."``) are experiments (``docs/experiments.md``)."""
+    list_items: int = 0
+    """Add that many text-only :func:`~owl2.data.shapes.list_questions` (a list of objects given in the question,
+    the listed answer to copy from it) to the training data. Off in the recipe (``docs/experiments.md``)."""
     object_pieces: bool = False
     """Give the tokenizer one piece per object phrase (:func:`~owl2.data.shapes.object_phrases`: "red circle",
     "small red circle"), so that whether an object is in a list is a match of one token, not of two bound together.
@@ -121,7 +125,7 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     if not train_json.is_file():
         train_json = write_training_set(data_dir, scenes=build.scenes, text_items=build.text_items, seed=build.seed,
                                         size=IMAGE_SIZE, drills=build.drills,
-                                        answer_style=build.answer_style)
+                                        answer_style=build.answer_style, list_items=build.list_items)
     records = json.loads(train_json.read_text(encoding="utf-8"))
     mixed = data_dir / "train-mixed.json"
     atomic_write_text(mixed, json.dumps(vary_prompts(records, build.seed)))
@@ -240,6 +244,7 @@ def model_card(build: TinyBuild, report: dict[str, Any], minutes: dict[str, floa
     options = [text for on, text in (
         (build.drills, "the training-only binding drills (`binding_drills`)"),
         (build.answer_style != "short", f'training answers in the "{build.answer_style}" style (`answer_style`)'),
+        (build.list_items > 0, f"{build.list_items} text-only questions about a listed scene (`list_items`)"),
         (build.object_pieces, 'one tokenizer piece per object phrase such as "red circle" (`object_pieces`)'),
     ) if on]
     data_options = f" With {' and '.join(options)}." if options else ""

@@ -38,6 +38,7 @@ from owl2.data.shapes import (
     binding_drills,
     counted_existence_answer,
     generate_scene,
+    list_questions,
     listed_answer,
     object_phrases,
     read_eval_set,
@@ -432,6 +433,79 @@ def test_listed_answer_by_hand():
             listed_answer(scene, other)
 
 
+def test_marked_listed_answer_by_hand():
+    scene = TWO_CIRCLES_AND_A_CROSS  # large red circle, small blue cross, small red circle, left to right
+    expected = {  # each object the question names is followed by the running count of such objects
+        "Is there a red circle?": "red circle 1, blue cross, so yes.",  # two red circles: one distinct name
+        "Is there a blue circle?": "red circle, blue cross, so no.",
+        "Is there a large blue cross?": "large red circle, small blue cross, small red circle, so no.",
+        "Is there a small red circle?": "large red circle, small blue cross, small red circle 1, so yes.",
+        "Is there a cross?": "circle, cross 1, so yes.",
+        "How many circles are there?": "circle 1, cross, circle 2, so 2.",
+        "How many squares are there?": "circle, cross, circle, so 0.",
+        "How many red shapes are there?": "red 1, blue, red 2, so 2.",
+        "What colour is the cross?": "red circle, blue cross 1, so blue.",
+        "What colour is the small circle?": "large red circle, small blue cross, small red circle 1, so red.",
+        "What shape is the blue object?": "red circle, blue cross 1, so cross.",
+    }
+    for question, answer in expected.items():
+        assert listed_answer(scene, question, marked=True) == answer
+        # without the marks it is the plain listed answer
+        assert listed_answer(scene, question) == re.sub(r" \d+(?=,)", "", answer)
+    assert score_answer("count", expected["How many red shapes are there?"], "2")
+    assert not score_answer("count", expected["How many red shapes are there?"], "1")  # a mark is not the answer
+    assert score_answer("colour", expected["What colour is the cross?"], "blue")
+
+
+def test_marked_answers_score_as_the_short_ones(scenes):
+    for seed, scene in zip(SEEDS, scenes, strict=True):
+        for item in scene_questions(scene, seed):
+            if item.type in LISTED_TYPES and not item.question.startswith("How many shapes"):
+                answer = listed_answer(scene, item.question, marked=True)
+                listing, _, conclusion = answer.rpartition(", so ")
+                assert score_answer(item.type, answer, item.answer), (item, answer)
+                marks = [int(m) for m in re.findall(r" (\d+)(?=,|$)", listing)]
+                assert marks == list(range(1, len(marks) + 1)), answer
+                if item.type == "count":
+                    assert conclusion == f"{len(marks)}."
+                else:  # one distinct named object, or none for a "no"
+                    assert len(marks) == (0 if item.answer == "no" else 1), answer
+
+
+def _asked_words(question: str) -> set[str]:
+    """The words that name the asked object(s), read from the question alone."""
+    first = question.split("\n")[0]
+    if match := re.fullmatch(r"How many (\w+)(?: shapes)? are there\?", first):
+        singular = {plural: shape for shape, plural in PLURALS.items()}
+        return {singular.get(match.group(1), match.group(1))}
+    match = re.fullmatch(r"(?:Is there an? |What (?:colour|shape) is the )(.+?)(?: object)?\?", first)
+    assert match, question
+    return set(match.group(1).split())
+
+
+def test_list_questions_are_answered_by_their_list():
+    items = list_questions(5, 300)
+    assert items == list_questions(5, 300) and len({i.id for i in items}) == 300
+    assert {i.type for i in items} == set(LISTED_TYPES)
+    for item in items:
+        given, question = item.question.removeprefix("Objects: ").split(".\n", 1)
+        listing, _, conclusion = item.answer.rpartition(", so ")
+        written = [n.split() for n in listing.split(", ")]
+        marked = [bool(w[-1].isdigit()) for w in written]
+        names = [w[:-1] if m else w for w, m in zip(written, marked, strict=True)]
+        assert [" ".join(n) for n in names] == given.split(", "), item  # the answer copies the given list
+        asked = _asked_words(question)
+        assert marked == [asked <= set(n) for n in names], item  # marked: exactly the named objects
+        hits = [n for n, m in zip(names, marked, strict=True) if m]
+        expected = {"existence": "yes" if hits else "no", "count": str(len(hits)),
+                    "colour": next((w for w in hits[0] if w in COLOURS), None) if hits else None,
+                    "shape": next((w for w in hits[0] if w in SHAPES), None) if hits else None}[item.type]
+        assert conclusion == f"{expected}.", item
+    plain = list_questions(5, 20, marked=False)
+    assert [i.question for i in plain] == [i.question for i in items[:20]]
+    assert all(re.sub(r" \d+(?=,)", "", m.answer) == p.answer for m, p in zip(items, plain, strict=False))
+
+
 def test_object_phrases():
     phrases = object_phrases()
     assert len(phrases) == len(set(phrases)) == len(COLOURS) * len(SHAPES) * (1 + len(SIZES))
@@ -512,6 +586,17 @@ def test_training_set_loads(tmp_path):
     for question, short, with_list in listed:
         assert re.search(r"Is there|How many \w+ (shapes )?are there|What (colour|shape) is", question)
         assert "How many shapes" not in question and with_list.endswith(f", so {short}.")
+    marked = restyled("marked")
+    assert [(q, a) for q, a, _ in marked] == [(q, a) for q, a, _ in listed]  # the same answers change
+    for (_, _, with_list), (_, _, with_marks) in zip(listed, marked, strict=True):
+        assert re.sub(r" \d+(?=,)", "", with_marks) == with_list
+        assert (" 1," in with_marks) != with_list.endswith((", so no.", ", so 0."))  # marked unless none is named
+    with_lists = json.loads(write_training_set(tmp_path / "lists", scenes=8, text_items=10, seed=3, size=64,
+                                               multi_turn_fraction=0.5, answer_style="marked",
+                                               list_items=5).read_text())
+    assert [r["conversations"] for r in with_lists[-5:]] == [
+        [{"from": "human", "value": i.question}, {"from": "gpt", "value": i.answer}] for i in list_questions(3, 5)]
+    assert all("image" not in r for r in with_lists[-5:]) and len(with_lists) == len(raw) + 5
     with pytest.raises(ValueError, match="answer_style must be one of"):
         write_training_set(tmp_path / "bad", scenes=1, text_items=1, seed=0, size=64, answer_style="long")
     assert (tmp_path / "images" / "train-3-000005.png").read_bytes() == (

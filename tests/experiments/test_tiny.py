@@ -64,16 +64,18 @@ def test_demo_draws_and_asks(tmp_path, capsys):
 def test_build_and_ablation_run_at_toy_scale(tmp_path):
     build = TinyBuild(scenes=24, text_items=16, eval_scenes=3, eval_text_items=4, vocab_size=560, vision_steps=3,
                       stage0_steps=2, stage1_steps=2, stage2_steps=3, drills=True, answer_style="counted",
-                      object_pieces=True)
+                      object_pieces=True, list_items=6)
     result = build_tiny(tmp_path / "build", build)
     records = json.loads((tmp_path / "build" / "data" / "train.json").read_text())
     assert any("-drill" in r["id"] for r in records)
+    assert sum("-list-" in r["id"] for r in records) == 6
     assert any(", so " in turn["value"] for r in records for turn in r["conversations"])
     final = result["final"]
     card = (final / "README.md").read_text()
     assert card.startswith("# owl2-tiny")
     assert 'With the training-only binding drills (`binding_drills`) and training answers in the "counted"' in card
     assert 'one tokenizer piece per object phrase such as "red circle" (`object_pieces`)' in card
+    assert "6 text-only questions about a listed scene (`list_items`)" in card
     tokenizer = owl2.load_tokenizer(final)
     ids = tokenizer.encode("Is there a small red circle?", add_bos=False)
     assert len(ids) == 5 and tokenizer.decode(ids) == "Is there a small red circle?"  # "small red circle" is one
@@ -88,11 +90,11 @@ def test_build_and_ablation_run_at_toy_scale(tmp_path):
 
 
 def test_build_options_on_the_command_line(capsys):
-    args = build_parser().parse_args(["experiment", "build-tiny", "--drills", "--answer-style", "listed",
-                                      "--object-pieces"])
-    assert args.drills and args.answer_style == "listed" and args.object_pieces
+    args = build_parser().parse_args(["experiment", "build-tiny", "--drills", "--answer-style", "marked",
+                                      "--object-pieces", "--list-items", "7"])
+    assert args.drills and args.answer_style == "marked" and args.object_pieces and args.list_items == 7
     default = build_parser().parse_args(["experiment", "build-tiny"])
-    assert default.answer_style == "short" and not default.object_pieces
+    assert default.answer_style == "short" and not default.object_pieces and default.list_items == 0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["experiment", "build-tiny", "--answer-style", "long"])
     assert "invalid choice: 'long'" in capsys.readouterr().err
