@@ -654,8 +654,9 @@ def listed_answer(scene: Scene, question: str, *, marked: bool = False) -> str:
     ``marked`` follows every listed object that the question names with the running count of such objects:
     ``"red circle, red square 1, so yes."``, ``"red circle, blue cross 1, so blue."``, ``"circle 1, cross, circle 2,
     so 2."``. Each mark is a decision about the object just written and the words of the question, and the
-    conclusion follows from the marks alone; a small language model learns these steps where it does not learn the
-    conclusion from the bare list (``docs/experiments.md``).
+    conclusion follows from the marks alone. Trained on text with the list in the question, a small language model
+    learns these marks where it does not learn the conclusion from the bare list; in answers about an image it has
+    not learned them yet (``docs/experiments.md``).
     """
     first = question.split("\n")[0]
     ordered = _left_to_right(scene)
@@ -686,8 +687,10 @@ def listed_answer(scene: Scene, question: str, *, marked: bool = False) -> str:
         entries = list(named.items())
     parts, hits = [], 0
     for name, hit in entries:
-        hits += hit and marked
-        parts.append(f"{name} {hits}" if hit and marked else name)
+        if hit and marked:
+            hits += 1
+            name = f"{name} {hits}"
+        parts.append(name)
     return f"{', '.join(parts)}{_SO}{answer}."
 
 
@@ -722,10 +725,11 @@ def list_questions(seed: int, n: int, *, marked: bool = True) -> list[QAItem]:
 
     ``"Objects: red circle, blue cross.\nIs there a blue cross?"`` -> ``"red circle, blue cross 1, so yes."``: the
     existence, colour, shape and named-count questions of a scene (drawn from the ``"train"`` stream, apart from the
-    training scenes: ``index=f"list{k}"``), with the list of its :func:`listed_answer` given in the question and that
-    answer (``marked`` or not) to copy it. Without an image the list is in the text, so these items teach the step
-    from a list to the answer on its own, the match of a listed object with the words of the question. Types are those
-    of the scene questions; ids are ``f"shapes-train-{seed}-list-{k:06d}"``.
+    training scenes: ``index=f"list{k}"``). The question gives the list of the scene's :func:`listed_answer` (without
+    marks), and the answer is that listed answer (``marked`` or not), which copies the list. Without an image the list
+    is in the text, so these items train the step from a list to the answer on its own: matching a listed object with
+    the words of the question. Types are those of the scene questions; ids are
+    ``f"shapes-train-{seed}-list-{k:06d}"``.
     """
     items: list[QAItem] = []
     k = 0
