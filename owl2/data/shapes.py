@@ -732,18 +732,16 @@ def list_questions(seed: int, n: int, *, marked: bool = True) -> list[QAItem]:
     ``f"shapes-train-{seed}-list-{k:06d}"``.
     """
     items: list[QAItem] = []
-    k = 0
-    while len(items) < n:
+    for k in range(n):
         scene = generate_scene(stream_rng("train", seed, f"list{k}", "scene"))
         rng = stream_rng("train", seed, f"list{k}", "questions")
         asked = [i for i in scene_questions(scene, rng)
                  if i.type in LISTED_TYPES and not i.question.startswith(_TOTAL_COUNT)]
         item = rng.choice(asked)
-        answer = listed_answer(scene, item.question, marked=marked)
-        listing = re.sub(r" \d+(?=,|$)", "", answer.rpartition(_SO)[0])
+        listing = listed_answer(scene, item.question).rpartition(_SO)[0]
         question = f"Objects: {listing}.\n{item.question}"
-        items.append(QAItem(f"shapes-train-{seed}-list-{len(items):06d}", item.type, question, answer))
-        k += 1
+        answer = listed_answer(scene, item.question, marked=marked)
+        items.append(QAItem(f"shapes-train-{seed}-list-{k:06d}", item.type, question, answer))
     return items
 
 
