@@ -224,6 +224,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from owl2.data.shapes import ANSWER_STYLES
+    from owl2.experiments.tiny import ANSWER_EXAMPLES, TinyBuild
 
     parser = argparse.ArgumentParser(prog="owl2", description="mPLUG-Owl2 in plain PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -296,14 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--install", action="store_true", help="build-tiny: replace the embedded model")
     experiment.add_argument("--drills", action="store_true",
                             help="build-tiny: add the training-only binding drills (docs/experiments.md)")
-    experiment.add_argument("--answer-style", choices=ANSWER_STYLES, default="short",
-                            help='build-tiny: the form of the training answers: "no" (short, the recipe), '
-                            '"0 red triangles, so no." (counted), "red circle, blue cross, so no." (listed), '
-                            '"red circle 1, blue cross, so yes." (marked)')
+    experiment.add_argument("--answer-style", choices=ANSWER_STYLES, default=TinyBuild.answer_style,
+                            help="build-tiny: the form of the training answers, e.g. for \"Is there a red circle?\": "
+                            + "; ".join(f'"{example}" ({style})' for style, example in ANSWER_EXAMPLES.items())
+                            + f" (default: {TinyBuild.answer_style}, the recipe)")
     experiment.add_argument("--list-items", type=int, default=0,
                             help="build-tiny: add this many text-only questions about a list of objects")
-    experiment.add_argument("--object-pieces", action="store_true",
-                            help='build-tiny: one tokenizer piece per object phrase ("red circle", "small red circle")')
+    experiment.add_argument("--object-pieces", action=argparse.BooleanOptionalAction, default=TinyBuild.object_pieces,
+                            help='build-tiny: one tokenizer piece per object phrase ("red circle", "small red circle"; '
+                            "on in the recipe)")
     experiment.set_defaults(handler=_experiment)
 
     train = commands.add_parser(

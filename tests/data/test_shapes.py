@@ -43,6 +43,7 @@ from owl2.data.shapes import (
     object_phrases,
     read_eval_set,
     render_scene,
+    restated_answer,
     scene_questions,
     score_answer,
     stream_rng,
@@ -433,6 +434,26 @@ def test_listed_answer_by_hand():
             listed_answer(scene, other)
 
 
+def test_restated_answer_by_hand():
+    expected = {
+        ("Is there a red circle?\nAnswer the question using a single word or phrase.", "no"): "red circle no",
+        ("Is there a small blue cross?", "yes"): "small blue cross yes",
+        ("What colour is the small circle?", "red"): "small circle red",
+        ("What shape is the blue object?", "cross"): "blue cross",
+        ("How many circles are there?", "2"): "circles 2",
+        ("How many blue shapes are there?", "1"): "blue shapes 1",
+    }
+    types = ("existence", "existence", "colour", "shape", "count", "count")
+    for ((question, short), answer), kind in zip(expected.items(), types, strict=True):
+        assert restated_answer(question, short) == answer
+        assert score_answer(kind, answer, short)
+    assert not score_answer("existence", "red circle no", "yes")
+    assert not score_answer("count", "circles 2", "3")
+    for other in ("How many shapes are there?", "Which side of the image is the cross on, left or right?"):
+        with pytest.raises(ValueError, match="not a question about one named object"):
+            restated_answer(other, "3")
+
+
 def test_marked_listed_answer_by_hand():
     scene = TWO_CIRCLES_AND_A_CROSS  # large red circle, small blue cross, small red circle, left to right
     expected = {  # each object the question names is followed by the running count of such objects
@@ -586,6 +607,12 @@ def test_training_set_loads(tmp_path):
     for question, short, with_list in listed:
         assert re.search(r"Is there|How many \w+ (shapes )?are there|What (colour|shape) is", question)
         assert "How many shapes" not in question and with_list.endswith(f", so {short}.")
+    restated = restyled("restated")
+    assert [(q, a) for q, a, _ in restated] == [(q, a) for q, a, _ in listed]  # the same answers change
+    for question, short, with_object in restated:
+        asked = re.search(r"(?:Is there an?|What (?:colour|shape) is the|How many) (.+?)(?: object)?(?: are there)?\?",
+                          question)
+        assert asked and with_object == f"{asked.group(1)} {short}"
     marked = restyled("marked")
     assert [(q, a) for q, a, _ in marked] == [(q, a) for q, a, _ in listed]  # the same answers change
     for (_, _, with_list), (_, _, with_marks) in zip(listed, marked, strict=True):

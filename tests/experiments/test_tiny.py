@@ -11,10 +11,19 @@ import pytest
 import owl2
 from owl2.cli.main import build_parser
 from owl2.cli.main import main as cli
-from owl2.data.shapes import write_eval_set
+from owl2.data.shapes import (
+    ANSWER_STYLES,
+    Scene,
+    ShapeObject,
+    counted_existence_answer,
+    listed_answer,
+    restated_answer,
+    score_answer,
+    write_eval_set,
+)
 from owl2.evaluation import evaluate
 from owl2.experiments.ablation import run_mam_ablation
-from owl2.experiments.tiny import EVAL_FILE, TinyBuild, build_tiny, default_model_dir
+from owl2.experiments.tiny import ANSWER_EXAMPLES, EVAL_FILE, TinyBuild, build_tiny, default_model_dir
 
 REPO = Path(__file__).parents[2]
 EXAMPLE = REPO / "examples" / "scene.png"
@@ -41,7 +50,8 @@ def test_the_embedded_model_ships_small():
 def test_readme_command_answers_the_example(capsys):
     expected = json.loads((REPO / "examples" / "scene.json").read_text())["answers"]["How many circles are there?"]
     assert cli(["ask", "--image", str(EXAMPLE), "--prompt", "How many circles are there?"]) == 0
-    assert capsys.readouterr().out.strip() == expected
+    answer = capsys.readouterr().out.strip()
+    assert score_answer("count", answer, expected) and len(answer.split()) <= 3, answer  # "circles 2" or "2"
 
 
 @shipped
@@ -94,7 +104,18 @@ def test_build_options_on_the_command_line(capsys):
                                       "--object-pieces", "--list-items", "7"])
     assert args.drills and args.answer_style == "marked" and args.object_pieces and args.list_items == 7
     default = build_parser().parse_args(["experiment", "build-tiny"])
-    assert default.answer_style == "short" and not default.object_pieces and default.list_items == 0
+    assert default.answer_style == "restated" and default.object_pieces and default.list_items == 0
+    assert not build_parser().parse_args(["experiment", "build-tiny", "--no-object-pieces"]).object_pieces
     with pytest.raises(SystemExit):
         build_parser().parse_args(["experiment", "build-tiny", "--answer-style", "long"])
     assert "invalid choice: 'long'" in capsys.readouterr().err
+
+
+def test_the_card_examples_are_the_answer_styles():
+    scene = Scene((ShapeObject("circle", "red", "large", 0.2, 0.5, 0.2),
+                   ShapeObject("cross", "blue", "small", 0.7, 0.5, 0.12)), "grey")
+    question = "Is there a red circle?"
+    made = {"short": "yes", "restated": restated_answer(question, "yes"),
+            "counted": counted_existence_answer(scene, question), "listed": listed_answer(scene, question),
+            "marked": listed_answer(scene, question, marked=True)}
+    assert made == ANSWER_EXAMPLES and set(made) == set(ANSWER_STYLES)
