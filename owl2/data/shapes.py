@@ -895,10 +895,11 @@ def _restyled(scene: Scene, items: list[QAItem], answer_style: str) -> list[QAIt
     def rewritten(item: QAItem) -> str | None:
         if answer_style == "counted" and item.type == "existence":
             return counted_existence_answer(scene, item.question)
-        total_count = item.question.startswith(_TOTAL_COUNT)
-        if answer_style == "restated" and item.type in LISTED_TYPES and not total_count:
+        if item.type not in LISTED_TYPES or item.question.startswith(_TOTAL_COUNT):
+            return None
+        if answer_style == "restated":
             return restated_answer(item.question, item.answer)
-        if answer_style in ("listed", "marked") and item.type in LISTED_TYPES and not total_count:
+        if answer_style in ("listed", "marked"):
             return listed_answer(scene, item.question, marked=answer_style == "marked")
         return None
 
