@@ -63,6 +63,7 @@ __all__ = [
     "accuracy_by_type",
     "binding_drills",
     "caption",
+    "choice_answer",
     "counted_existence_answer",
     "generate_scene",
     "listed_answer",
@@ -75,6 +76,7 @@ __all__ = [
     "text_questions",
     "training_scene",
     "write_eval_set",
+    "write_focus_set",
     "write_training_set",
 ]
 
@@ -713,6 +715,18 @@ def restated_answer(question: str, answer: str) -> str:
     raise ValueError(f"not a question about one named object: {question!r}")
 
 
+def choice_answer(choices: Sequence[str], letter: str) -> str:
+    """A multiple-choice answer as the option's text, then its letter: ``(["circle", "diamond"], "B")`` ->
+    ``"diamond B"``.
+
+    The training form of the focus set (:func:`write_focus_set`): the option is named first, as the restated answers
+    name the asked object, so the letter is then a look-up in the question. :func:`score_answer` scores it by the
+    option it names."""
+    if letter not in MC_LETTERS[:len(choices)]:
+        raise ValueError(f"no option {letter!r} among {len(choices)} choices")
+    return f"{choices[MC_LETTERS.index(letter)]} {letter}"
+
+
 def _asked_existence(question: str) -> tuple[list[str], dict[str, str]]:
     """The words after "Is there a" and the attributes they ask for (``{"colour": "red", "shape": "circle"}``)."""
     match = re.fullmatch(r"Is there an? ((?:(?:small|large) )?(?:\w+ )?\w+)\?", question.split("\n")[0])
@@ -886,6 +900,42 @@ def write_training_set(
         records.append(_llava_record(item.id, [item], None))
     path = directory / "train.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def write_focus_set(directory: str | os.PathLike[str], *, scenes: int, seed: int, other_items: int,
+                    answer_style: str = "restated") -> Path:
+    """Write ``focus.json`` under ``directory``, where :func:`write_training_set` wrote the same ``scenes`` and
+    ``seed``'s images; returns its path.
+
+    One question per record: every existence question and every caption of the training scenes, and
+    ``other_items`` of their other questions, drawn at random (without the captions, stage 3 forgets how to
+    caption). The answers take ``answer_style`` as in :func:`write_training_set`, and the multiple-choice ones
+    :func:`choice_answer`'s form (``"diamond B"``). This is the data of owl2-tiny's focus stage: single questions
+    at a large batch (``docs/experiments.md``)."""
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {answer_style!r}")
+    directory = Path(directory)
+    existence: list[QAItem] = []  # and the captions: all of them are kept
+    others: list[QAItem] = []
+    for index in range(scenes):
+        image = f"images/train-{seed}-{index:06d}.png"
+        if not (directory / image).is_file():
+            raise FileNotFoundError(f"{directory / image} is missing: write_training_set({directory}, scenes="
+                                    f"{scenes}, seed={seed}) writes the images the focus set asks about")
+        scene = training_scene(seed, index)
+        items = _restyled(scene, scene_questions(scene, stream_rng("train", seed, index, "questions"), image=image),
+                          answer_style)
+        for item in items:
+            if item.type == "multiple_choice" and item.choices:
+                item = dataclasses.replace(item, answer=choice_answer(item.choices, item.answer))
+            (others if item.type not in ("existence", "caption") else existence).append(item)
+    rng = random.Random(f"owl2-shapes/focus/{seed}")
+    chosen = existence + rng.sample(others, min(other_items, len(others)))
+    rng.shuffle(chosen)
+    records = [_llava_record(f"{item.id}-focus", [item], item.image) for item in chosen]
+    path = directory / "focus.json"
     path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     return path
 

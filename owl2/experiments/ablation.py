@@ -34,13 +34,14 @@ def run_mam_ablation(workdir: str | os.PathLike[str], *, scenes: int | None = No
     """Train and score both variants; writes ``report.json`` and ``report.md`` under ``workdir``.
 
     Default budget: 8000 scenes and 3000 text items, stage V of 2000 steps, stages 0/1/2 of 1500/200/300 steps
-    (``steps`` sets stage 0), scored on 300 held-out scenes and 200 text items."""
+    (``steps`` sets stage 0) and no stage 3, scored on 300 held-out scenes and 200 text items."""
     from owl2.data.shapes import TEXT_QUESTION_TYPES
     from owl2.model.config import Owl2Config
 
     workdir = Path(workdir)
     build = build or TinyBuild(scenes=scenes or 8000, text_items=3000, eval_scenes=300, eval_text_items=200,
-                               vision_steps=2000, stage0_steps=steps or 1500, stage1_steps=200, stage2_steps=300)
+                               vision_steps=2000, stage0_steps=steps or 1500, stage1_steps=200, stage2_steps=300,
+                               stage3_steps=0)
     shared = prepare(workdir / "shared", build, configs)
     vision = pretrain_vision_side(workdir / "shared", shared, build, configs)
     results = {}

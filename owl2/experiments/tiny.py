@@ -12,7 +12,9 @@
    scratch on all the data, next to the frozen stage-V vision side;
 4. the paper's two stages with ``owl2 train``: ``stage1.toml`` (vision encoder, abstractor and the MAM's image
    branch; language model frozen) and ``stage2.toml`` (everything, all data);
-5. ``owl2 eval --task shapes`` on the held-out set, and a model card with the figures.
+5. a focus stage, ``stage3.toml`` (stage ``language``): single questions, every existence question and a sample
+   of the others (:func:`~owl2.data.shapes.write_focus_set`), at 256 a step;
+6. ``owl2 eval --task shapes`` on the held-out set, and a model card with the figures.
 
 A language model pre-trained on the conversations as plain text, as LLaMA-2 is, did not learn to read the visual
 tokens in stages 1 and 2 (its attention had settled on text positions; ``docs/experiments.md``), so stage 0 gives it
@@ -42,7 +44,7 @@ REPO_CONFIGS = PACKAGE_DIR.parent / "configs" / "tiny"
 IMAGE_SIZE = 64
 EVAL_FILE = "eval_results.json"
 """The held-out figures of the model card, machine-readable (the accuracy test compares with them)."""
-STAGE_DIRS = ("stage-v", "stage0", "stage1", "stage2")
+STAGE_DIRS = ("stage-v", "stage0", "stage1", "stage2", "stage3")
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 ANSWER_EXAMPLES = {"short": "yes", "restated": "red circle yes", "counted": "1 red circle, so yes.",
                    "listed": "red circle, blue cross, so yes.", "marked": "red circle 1, blue cross, so yes."}
@@ -88,6 +90,10 @@ class TinyBuild:
     stage0_steps: int | None = None
     stage1_steps: int | None = None
     stage2_steps: int | None = None
+    stage3_steps: int | None = None
+    """0 leaves out stage 3, the focus stage (the MAM ablation does)."""
+    focus_items: int = 60000
+    """The questions other than existence in stage 3's focus set (:func:`~owl2.data.shapes.write_focus_set`)."""
 
 
 def _corpus(records: list[dict[str, Any]]) -> list[str]:
@@ -121,7 +127,7 @@ def vary_prompts(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any
 
 def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> dict[str, Path]:
     """Data, tokenizer and the initial model directory (config + tokenizer + image processor) under ``workdir``."""
-    from owl2.data.shapes import object_phrases, write_eval_set, write_training_set
+    from owl2.data.shapes import object_phrases, write_eval_set, write_focus_set, write_training_set
     from owl2.experiments.tokenizer import train_sentencepiece
     from owl2.model.config import Owl2Config
     from owl2.processing.image import PREPROCESSOR_CONFIG_NAME, ImageProcessor
@@ -135,6 +141,12 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     records = json.loads(train_json.read_text(encoding="utf-8"))
     mixed = data_dir / "train-mixed.json"
     atomic_write_text(mixed, json.dumps(vary_prompts(records, build.seed)))
+    focus_json = data_dir / "focus.json"
+    if not focus_json.is_file():
+        focus_json = write_focus_set(data_dir, scenes=build.scenes, seed=build.seed, other_items=build.focus_items,
+                                     answer_style=build.answer_style)
+    focus = data_dir / "focus-mixed.json"
+    atomic_write_text(focus, json.dumps(vary_prompts(json.loads(focus_json.read_text(encoding="utf-8")), build.seed)))
     eval_dir = workdir / "eval"
     if not (eval_dir / "eval.jsonl").is_file():
         write_eval_set(eval_dir, scenes=build.eval_scenes, seed=build.seed, size=IMAGE_SIZE,
@@ -150,7 +162,7 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     Owl2Config.from_dict(data).save(init)
     processor = ImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE, default_policy="stretch")
     atomic_write_text(init / PREPROCESSOR_CONFIG_NAME, json.dumps(processor.to_dict(), indent=2) + "\n")
-    return {"train": mixed, "eval": eval_dir, "init": init}
+    return {"train": mixed, "focus": focus, "eval": eval_dir, "init": init}
 
 
 def pretrain_vision_side(workdir: Path, paths: dict[str, Path], build: TinyBuild,
@@ -211,15 +223,16 @@ def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, config
                  vision: Path | None = None) -> Path:
     """Stage V (unless ``vision``, a stage-V model directory, is given), stage 0 (the language model from scratch
     next to the frozen stage-V vision side), stage 1 (vision side and the MAM's image branch, language model frozen)
-    and stage 2 (everything); returns the final checkpoint directory."""
+    stage 2 (everything) and, unless ``build.stage3_steps`` is 0, stage 3 (the language model again, on the focus
+    set); returns the final checkpoint directory."""
     from owl2.training.config import load_recipe
     from owl2.training.trainer import train
 
     def quoted(path: Path) -> str:
         return json.dumps(str(path))
 
-    def run(recipe: str, output: str, start: Path, steps: int | None) -> Path:
-        overrides = [f"output_dir={quoted(workdir / output)}", f"data.path={quoted(paths['train'])}",
+    def run(recipe: str, output: str, start: Path, steps: int | None, data: str = "train") -> Path:
+        overrides = [f"output_dir={quoted(workdir / output)}", f"data.path={quoted(paths[data])}",
                      f"model.path={quoted(start)}"]
         if steps is not None:
             overrides.append(f"train.max_steps={steps}")
@@ -229,7 +242,10 @@ def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, config
     start = start_from_vision(vision, paths["init"], workdir / "stage0-init", build.seed)
     language = run("stage0.toml", "stage0", start, build.stage0_steps)
     aligned = run("stage1.toml", "stage1", language, build.stage1_steps)
-    return run("stage2.toml", "stage2", aligned, build.stage2_steps)
+    tuned = run("stage2.toml", "stage2", aligned, build.stage2_steps)
+    if build.stage3_steps == 0:
+        return tuned
+    return run("stage3.toml", "stage3", tuned, build.stage3_steps, data="focus")
 
 
 def evaluate_tiny(model_dir: Path, eval_dir: Path, output: Path, *, limit: int | None = None) -> dict[str, Any]:
@@ -291,9 +307,12 @@ CLIP ViT-L/14 and LLaMA-2; owl2-tiny makes its own first.
 3. The paper's stage 1, `stage1.toml`: the vision encoder, the abstractor and the MAM's image branch, with the
    language model frozen.
 4. The paper's stage 2, `stage2.toml`: everything, on all the data.
+5. Stage 3, `stage3.toml` (stage `language`): the language model again, on one question per record: every
+   existence question and caption of the training scenes and {build.focus_items} of the other questions
+   (`write_focus_set`; the multiple-choice answers name the option, then its letter: "diamond B").
 
 Training time on 2 CPU cores: stage V {minutes['stage-v']:.1f} min, stage 0 {minutes['stage0']:.1f} min, stage 1
-{minutes['stage1']:.1f} min, stage 2 {minutes['stage2']:.1f} min.
+{minutes['stage1']:.1f} min, stage 2 {minutes['stage2']:.1f} min, stage 3 {minutes['stage3']:.1f} min.
 
 ## Held-out accuracy (`owl2 eval --task shapes`, {build.eval_scenes} scenes of the `eval` stream)
 Overall: **{metrics['accuracy']:.1f} %** (caption CIDEr-D {metrics.get('caption_CIDEr', float('nan')):.1f}).
@@ -316,7 +335,8 @@ def build_tiny(workdir: str | os.PathLike[str], build: TinyBuild | None = None, 
     trained = time.perf_counter()
     minutes = {"prepare": (prepared - started) / 60, "total": (trained - prepared) / 60,
                **{stage: _stage_minutes(workdir / stage) for stage in STAGE_DIRS}}
-    report = evaluate_tiny(final, paths["eval"], workdir / "eval-results")
+    # one results folder per final model: the evaluation resumes from the predictions it finds
+    report = evaluate_tiny(final, paths["eval"], workdir / "eval-results" / final.parent.name)
     config = json.loads((final / "config.json").read_text(encoding="utf-8"))
     probe = json.loads((workdir / "stage-v" / PROBE_FILE).read_text(encoding="utf-8"))
     atomic_write_text(final / "README.md", model_card(build, report, minutes, config, probe))

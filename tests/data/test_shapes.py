@@ -36,6 +36,7 @@ from owl2.data.shapes import (
     ShapeObject,
     accuracy_by_type,
     binding_drills,
+    choice_answer,
     counted_existence_answer,
     generate_scene,
     list_questions,
@@ -49,6 +50,7 @@ from owl2.data.shapes import (
     stream_rng,
     text_questions,
     write_eval_set,
+    write_focus_set,
     write_training_set,
 )
 from owl2.processing.image import ImageProcessor
@@ -628,6 +630,39 @@ def test_training_set_loads(tmp_path):
         write_training_set(tmp_path / "bad", scenes=1, text_items=1, seed=0, size=64, answer_style="long")
     assert (tmp_path / "images" / "train-3-000005.png").read_bytes() == (
         tmp_path / "again" / "images" / "train-3-000005.png").read_bytes()
+
+
+def test_choice_answer_by_hand():
+    assert choice_answer(["circle", "diamond", "cross", "square"], "B") == "diamond B"
+    assert choice_answer(["4", "3", "5", "2"], "C") == "5 C"
+    assert score_answer("multiple_choice", "5 C", "C", choices=["4", "3", "5", "2"])
+    assert not score_answer("multiple_choice", "3 C", "C", choices=["4", "3", "5", "2"])  # the named option counts
+    with pytest.raises(ValueError, match="no option 'E'"):
+        choice_answer(["a", "b", "c", "d"], "E")
+
+
+def test_focus_set(tmp_path):
+    train = json.loads(write_training_set(tmp_path, scenes=8, text_items=4, seed=3, size=64,
+                                          answer_style="restated").read_text())
+    focus = json.loads(write_focus_set(tmp_path, scenes=8, seed=3, other_items=10).read_text())
+    assert len(focus) == 8 * 3 + 10 and len({r["id"] for r in focus}) == len(focus)  # 2 existence, 1 caption
+    assert all(len(r["conversations"]) == 2 and (tmp_path / r["image"]).is_file() for r in focus)
+    turns = [(r["conversations"][0]["value"].removeprefix("<|image|>\n"), r["conversations"][1]["value"])
+             for r in focus]
+    trained = {(a["value"].removeprefix("<|image|>\n"), b["value"]) for r in train
+               for a, b in zip(r["conversations"][::2], r["conversations"][1::2], strict=True)}
+    existence = [t for t in turns if t[0].startswith("Is there")]
+    assert len(existence) == 16 and set(existence) <= trained  # every existence question, answers restated
+    assert all(re.fullmatch(r"[a-z ]+ (yes|no)", answer) for _, answer in existence)
+    assert sum(question == CAPTION_PROMPT for question, _ in turns) == 8
+    for question, answer in turns:
+        if MC_PROMPT in question:
+            option, letter = answer.rsplit(" ", 1)
+            assert f"\n{letter}. {option}\n" in question
+        else:
+            assert (question, answer) in trained
+    with pytest.raises(FileNotFoundError, match=r"train-3-000008\.png is missing"):
+        write_focus_set(tmp_path, scenes=9, seed=3, other_items=1)
 
 
 def test_eval_set(tmp_path):

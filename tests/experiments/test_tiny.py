@@ -73,9 +73,13 @@ def test_demo_draws_and_asks(tmp_path, capsys):
 
 def test_build_and_ablation_run_at_toy_scale(tmp_path):
     build = TinyBuild(scenes=24, text_items=16, eval_scenes=3, eval_text_items=4, vocab_size=560, vision_steps=3,
-                      stage0_steps=2, stage1_steps=2, stage2_steps=3, drills=True, answer_style="counted",
-                      object_pieces=True, list_items=6)
+                      stage0_steps=2, stage1_steps=2, stage2_steps=3, stage3_steps=2, focus_items=20,
+                      drills=True, answer_style="counted", object_pieces=True, list_items=6)
     result = build_tiny(tmp_path / "build", build)
+    assert result["final"] == tmp_path / "build" / "stage3" / "final"
+    focus = json.loads((tmp_path / "build" / "data" / "focus.json").read_text())
+    assert len(focus) == 24 * 3 + 20 and all(len(r["conversations"]) == 2 for r in focus)
+    assert sum(r["conversations"][0]["value"].startswith("<|image|>\nIs there a") for r in focus) == 24 * 2
     records = json.loads((tmp_path / "build" / "data" / "train.json").read_text())
     assert any("-drill" in r["id"] for r in records)
     assert sum("-list-" in r["id"] for r in records) == 6
@@ -93,6 +97,7 @@ def test_build_and_ablation_run_at_toy_scale(tmp_path):
     owl2.load(final, dtype="fp32", show_progress=False)
     report = run_mam_ablation(tmp_path / "ablation", build=build)
     assert set(report["results"]) == {"MAM (modality-adaptive norms and K/V)", "no MAM (shared norms and K/V)"}
+    assert not (tmp_path / "ablation" / "mam" / "stage3").exists()  # the ablation compares stages V-2 only
     off = owl2.load_model(tmp_path / "ablation" / "no-mam" / "stage2" / "final", show_progress=False)
     assert not off.config.modality_adaptive
     assert not any(".multiway.1." in n for n, _ in off.named_parameters())
