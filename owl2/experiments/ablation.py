@@ -10,6 +10,7 @@ Both are then scored on the same held-out set: multimodal accuracy (the scene qu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -40,8 +41,8 @@ def run_mam_ablation(workdir: str | os.PathLike[str], *, scenes: int | None = No
 
     workdir = Path(workdir)
     build = build or TinyBuild(scenes=scenes or 8000, text_items=3000, eval_scenes=300, eval_text_items=200,
-                               vision_steps=2000, stage0_steps=steps or 1500, stage1_steps=200, stage2_steps=300,
-                               stage3_steps=0)
+                               vision_steps=2000, stage0_steps=steps or 1500, stage1_steps=200, stage2_steps=300)
+    build = dataclasses.replace(build, stage3_steps=0)  # the variants compare stages V to 2, the paper's recipe
     shared = prepare(workdir / "shared", build, configs)
     vision = pretrain_vision_side(workdir / "shared", shared, build, configs)
     results = {}
