@@ -12,8 +12,8 @@
    scratch on all the data, next to the frozen stage-V vision side;
 4. the paper's two stages with ``owl2 train``: ``stage1.toml`` (vision encoder, abstractor and the MAM's image
    branch; language model frozen) and ``stage2.toml`` (everything, all data);
-5. a focus stage, ``stage3.toml`` (stage ``language``): single questions, every existence question and a sample
-   of the others (:func:`~owl2.data.shapes.write_focus_set`), at 256 a step;
+5. a focus stage, ``stage3.toml`` (stage ``language``): single questions, every existence question and caption
+   and a sample of the other questions (:func:`~owl2.data.shapes.write_focus_set`), at 256 a step;
 6. ``owl2 eval --task shapes`` on the held-out set, and a model card with the figures.
 
 A language model pre-trained on the conversations as plain text, as LLaMA-2 is, did not learn to read the visual
