@@ -836,6 +836,16 @@ def _save(image: Image.Image, path: Path) -> None:
     image.save(path, format="PNG")  # Pillow writes no timestamp: same pixels, same bytes
 
 
+def _check_answer_style(answer_style: str) -> None:
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {answer_style!r}")
+
+
+def _training_image(seed: int, index: int) -> str:
+    """The path of training scene ``index``'s image, relative to the data directory."""
+    return f"images/train-{seed}-{index:06d}.png"
+
+
 def write_training_set(
     directory: str | os.PathLike[str],
     *,
@@ -870,13 +880,12 @@ def write_training_set(
     yes."``, ``listed_answer(..., marked=True)``). ``list_items`` adds that many :func:`list_questions`
     (text-only, in the listed form, marked when ``answer_style`` is ``"marked"``) after the other text items.
     """
-    if answer_style not in ANSWER_STYLES:
-        raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {answer_style!r}")
+    _check_answer_style(answer_style)
     directory = Path(directory)
     records: list[dict[str, Any]] = []
     for index in range(scenes):
         scene = training_scene(seed, index, max_objects=max_objects, zoom=zoom)
-        image = f"images/train-{seed}-{index:06d}.png"
+        image = _training_image(seed, index)
         _save(render_scene(scene, size), directory / image)
         rng = stream_rng("train", seed, index, "questions")
         items = scene_questions(scene, rng, image=image)
@@ -914,13 +923,12 @@ def write_focus_set(directory: str | os.PathLike[str], *, scenes: int, seed: int
     caption). The answers take ``answer_style`` as in :func:`write_training_set`, and the multiple-choice ones
     :func:`choice_answer`'s form (``"diamond B"``). This is the data of owl2-tiny's focus stage: single questions
     at a large batch (``docs/experiments.md``)."""
-    if answer_style not in ANSWER_STYLES:
-        raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {answer_style!r}")
+    _check_answer_style(answer_style)
     directory = Path(directory)
-    existence: list[QAItem] = []  # and the captions: all of them are kept
+    kept: list[QAItem] = []
     others: list[QAItem] = []
     for index in range(scenes):
-        image = f"images/train-{seed}-{index:06d}.png"
+        image = _training_image(seed, index)
         if not (directory / image).is_file():
             raise FileNotFoundError(f"{directory / image} is missing: write_training_set({directory}, scenes="
                                     f"{scenes}, seed={seed}) writes the images the focus set asks about")
@@ -930,9 +938,9 @@ def write_focus_set(directory: str | os.PathLike[str], *, scenes: int, seed: int
         for item in items:
             if item.type == "multiple_choice" and item.choices:
                 item = dataclasses.replace(item, answer=choice_answer(item.choices, item.answer))
-            (others if item.type not in ("existence", "caption") else existence).append(item)
+            (kept if item.type in ("existence", "caption") else others).append(item)
     rng = random.Random(f"owl2-shapes/focus/{seed}")
-    chosen = existence + rng.sample(others, min(other_items, len(others)))
+    chosen = kept + rng.sample(others, min(other_items, len(others)))
     rng.shuffle(chosen)
     records = [_llava_record(f"{item.id}-focus", [item], item.image) for item in chosen]
     path = directory / "focus.json"

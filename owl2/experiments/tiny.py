@@ -141,12 +141,15 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     records = json.loads(train_json.read_text(encoding="utf-8"))
     mixed = data_dir / "train-mixed.json"
     atomic_write_text(mixed, json.dumps(vary_prompts(records, build.seed)))
-    focus_json = data_dir / "focus.json"
-    if not focus_json.is_file():
-        focus_json = write_focus_set(data_dir, scenes=build.scenes, seed=build.seed, other_items=build.focus_items,
-                                     answer_style=build.answer_style)
-    focus = data_dir / "focus-mixed.json"
-    atomic_write_text(focus, json.dumps(vary_prompts(json.loads(focus_json.read_text(encoding="utf-8")), build.seed)))
+    paths = {"train": mixed}
+    if build.stage3_steps != 0:  # only stage 3 reads the focus set
+        focus_json = data_dir / "focus.json"
+        if not focus_json.is_file():
+            focus_json = write_focus_set(data_dir, scenes=build.scenes, seed=build.seed,
+                                         other_items=build.focus_items, answer_style=build.answer_style)
+        paths["focus"] = data_dir / "focus-mixed.json"
+        focus_records = json.loads(focus_json.read_text(encoding="utf-8"))
+        atomic_write_text(paths["focus"], json.dumps(vary_prompts(focus_records, build.seed)))
     eval_dir = workdir / "eval"
     if not (eval_dir / "eval.jsonl").is_file():
         write_eval_set(eval_dir, scenes=build.eval_scenes, seed=build.seed, size=IMAGE_SIZE,
@@ -162,7 +165,7 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     Owl2Config.from_dict(data).save(init)
     processor = ImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE, default_policy="stretch")
     atomic_write_text(init / PREPROCESSOR_CONFIG_NAME, json.dumps(processor.to_dict(), indent=2) + "\n")
-    return {"train": mixed, "focus": focus, "eval": eval_dir, "init": init}
+    return {**paths, "eval": eval_dir, "init": init}
 
 
 def pretrain_vision_side(workdir: Path, paths: dict[str, Path], build: TinyBuild,
