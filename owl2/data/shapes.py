@@ -63,12 +63,15 @@ __all__ = [
     "accuracy_by_type",
     "binding_drills",
     "caption",
+    "chained_answer",
+    "chained_position_answer",
     "choice_answer",
     "counted_existence_answer",
     "generate_scene",
     "listed_answer",
     "read_eval_set",
     "render_scene",
+    "restyled",
     "scene_questions",
     "score_answer",
     "side_of",
@@ -696,6 +699,73 @@ def listed_answer(scene: Scene, question: str, *, marked: bool = False) -> str:
     return f"{', '.join(parts)}{_SO}{answer}."
 
 
+def chained_answer(scene: Scene, question: str) -> str:
+    """The answer to an existence question or a count of one shape or colour through a lookup of the asked objects.
+
+    Existence goes through the colours of the asked shape: ``"Is there a red circle?"`` -> ``"circle blue no"`` (the
+    colours of the circles present, left to right, then the answer; ``"circle none no"`` when there is no circle;
+    the size too when the question names one: ``"small circle red yes"``). A count lists what it counts:
+    ``"How many circles are there?"`` -> ``"circles red blue 2"`` (their colours), ``"How many red shapes are
+    there?"`` -> ``"red shapes circle cross 2"`` (their shapes), ``"circles none 0"``.
+
+    A training-time form of the answer: the first step is the lookup of a colour or shape question ("What colour
+    is the circle?"), which a small model learns from the start, and the answer then only compares two words of
+    its context or counts the words it has just written. Asked directly, "red circle no" stays at chance
+    (``docs/experiments.md``): the colour and the shape of a near miss each match something present, so nothing
+    simpler predicts the answer. :func:`score_answer` reads the answer word, so such an answer scores as the short
+    one does.
+    """
+    first = question.split("\n")[0]
+    ordered = _left_to_right(scene)
+    if match := re.fullmatch(r"How many (\w+)(?: shapes)? are there\?", first):
+        word = match.group(1)
+        if word in COLOURS:
+            listed = [o.shape for o in ordered if o.colour == word]
+        elif word in _SINGULAR:
+            listed = [o.colour for o in ordered if o.shape == _SINGULAR[word]]
+        else:
+            raise ValueError(f"not a count of one shape or colour: {question!r}")
+        return f"{first.split(' are there')[0].removeprefix('How many ')} {' '.join(listed) or 'none'} {len(listed)}"
+    words, wanted = _asked_existence(question)
+    colour = wanted.pop("colour", None)
+    if colour is None:
+        raise ValueError(f"not an existence question that names a colour: {question!r}")
+    colours = [o.colour for o in ordered if _matches(o, wanted)]
+    named = " ".join(w for w in words if w != colour)
+    return f"{named} {' '.join(colours) or 'none'} {'yes' if colour in colours else 'no'}"
+
+
+POSITION_COLUMNS = 8
+"""Bins per axis of the coordinates in :func:`chained_position_answer` (two objects that a relation question asks
+about have centres more than one bin apart)."""
+
+
+def chained_position_answer(scene: Scene, question: str, answer: str) -> str:
+    """The answer to a position question after where the asked objects are.
+
+    ``"Is the red triangle to the left of the circle?"`` -> ``"red triangle 2 circle 6 yes"``: each object's column
+    (for "above" and "below", its row), 1 to :data:`POSITION_COLUMNS` from the left (top), then the answer.
+    ``"Which side of the image is the circle on, left or right?"`` -> ``"circle left"``. A training-time form: each
+    number is a lookup of one named object, as a colour question is, and the yes/no word then compares two numbers
+    of the context. :func:`score_answer` reads the answer word, so such an answer scores as the short one does.
+    """
+    first = question.split("\n")[0]
+    if match := re.fullmatch(r"Which side of the image is the (.+) on, (?:left or right|top or bottom)\?", first):
+        return f"{match.group(1)} {answer}"
+    relations = "|".join(_RELATIONS)
+    match = re.fullmatch(rf"Is the (.+) ({relations}) the (.+)\?", first)
+    if match is None:
+        raise ValueError(f"not a position question: {question!r}")
+    axis = _RELATIONS[match.group(2)][0]
+    places = []
+    for reference in (match.group(1), match.group(3)):
+        found = [o for o in scene.objects if _matches(o, _attributes(reference.split()))]
+        if len(found) != 1:
+            raise ValueError(f"{reference!r} does not name one object of the scene: {question!r}")
+        places.append(f"{reference} {min(int(found[0].centre[axis] * POSITION_COLUMNS), POSITION_COLUMNS - 1) + 1}")
+    return f"{' '.join(places)} {answer}"
+
+
 def restated_answer(question: str, answer: str) -> str:
     """The short ``answer`` after the object the question asks about: ``"Is there a red circle?"`` -> ``"red circle
     no"``, ``"What colour is the triangle?"`` -> ``"triangle white"``, ``"What shape is the orange object?"`` ->
@@ -746,7 +816,7 @@ def _matches(obj: ShapeObject, wanted: Mapping[str, str]) -> bool:
     return all(getattr(obj, k) == v for k, v in wanted.items())
 
 
-ANSWER_STYLES = ("short", "restated", "counted", "listed", "marked")
+ANSWER_STYLES = ("short", "restated", "chained", "counted", "listed", "marked")
 """The forms :func:`write_training_set` can give the training answers (``answer_style``)."""
 _SO = ", so "  # between a listed answer's list and its conclusion
 LISTED_TYPES = ("existence", "colour", "shape", "count")
@@ -889,7 +959,7 @@ def write_training_set(
         _save(render_scene(scene, size), directory / image)
         rng = stream_rng("train", seed, index, "questions")
         items = scene_questions(scene, rng, image=image)
-        items = _restyled(scene, items, answer_style)
+        items = restyled(scene, items, answer_style)
         captions = [i for i in items if i.type == "caption"]
         others = [i for i in items if i.type != "caption"]
         rng.shuffle(others)
@@ -899,7 +969,7 @@ def write_training_set(
             records.append(_llava_record(f"{scene.id}-{name}", group, image))
         if drills:
             extra = binding_drills(scene, stream_rng("train", seed, index, "drills"))
-            extra = _restyled(scene, extra, answer_style)
+            extra = restyled(scene, extra, answer_style)
             for k in range(0, len(extra), drill_turns):
                 records.append(_llava_record(f"{scene.id}-drill{k // drill_turns}", extra[k:k + drill_turns], image))
     text_rng = stream_rng("train", seed, "text", "questions")
@@ -913,34 +983,34 @@ def write_training_set(
     return path
 
 
-def write_focus_set(directory: str | os.PathLike[str], *, scenes: int, seed: int, other_items: int,
-                    answer_style: str = "restated") -> Path:
-    """Write ``focus.json`` under ``directory``, where :func:`write_training_set` wrote the same ``scenes`` and
-    ``seed``'s images; returns its path.
+def write_focus_set(directory: str | os.PathLike[str], *, scenes: int, seed: int, size: int = 224,
+                    text_items: int = 0, other_items: int | None = None, answer_style: str = "chained") -> Path:
+    """Write ``images/train-*.png`` and ``focus.json`` (LLaVA format) under ``directory``; returns the JSON path.
 
-    One question per record: every existence question and every caption of the training scenes, and
-    ``other_items`` of their other questions, drawn at random (without the captions, stage 3 forgets how to
-    caption). The answers take ``answer_style`` as in :func:`write_training_set`, and the multiple-choice ones
-    :func:`choice_answer`'s form (``"diamond B"``). This is the data of owl2-tiny's focus stage: single questions
-    at a large batch (``docs/experiments.md``)."""
+    One question per record: every existence question and every caption of ``scenes`` training scenes (the
+    ``"train"`` stream, the images of :func:`write_training_set`), their other questions (all of them, or
+    ``other_items`` drawn at random), and ``text_items`` text-only items, shuffled. The answers take
+    ``answer_style`` as in :func:`write_training_set`, and the multiple-choice ones :func:`choice_answer`'s form
+    (``"diamond B"``). This is owl2-tiny's training data: single questions at a large batch
+    (``docs/experiments.md``)."""
     _check_answer_style(answer_style)
     directory = Path(directory)
     kept: list[QAItem] = []
     others: list[QAItem] = []
     for index in range(scenes):
-        image = _training_image(seed, index)
-        if not (directory / image).is_file():
-            raise FileNotFoundError(f"{directory / image} is missing: write_training_set({directory}, scenes="
-                                    f"{scenes}, seed={seed}) writes the images the focus set asks about")
         scene = training_scene(seed, index)
-        items = _restyled(scene, scene_questions(scene, stream_rng("train", seed, index, "questions"), image=image),
-                          answer_style)
+        image = _training_image(seed, index)
+        _save(render_scene(scene, size), directory / image)
+        items = restyled(scene, scene_questions(scene, stream_rng("train", seed, index, "questions"), image=image),
+                         answer_style)
         for item in items:
             if item.type == "multiple_choice" and item.choices:
                 item = dataclasses.replace(item, answer=choice_answer(item.choices, item.answer))
             (kept if item.type in ("existence", "caption") else others).append(item)
     rng = random.Random(f"owl2-shapes/focus/{seed}")
-    chosen = kept + rng.sample(others, min(other_items, len(others)))
+    chosen = kept + (others if other_items is None else rng.sample(others, min(other_items, len(others))))
+    chosen += text_questions(stream_rng("train", seed, "text", "questions"), text_items,
+                             prefix=f"shapes-train-{seed}-text")
     rng.shuffle(chosen)
     records = [_llava_record(f"{item.id}-focus", [item], item.image) for item in chosen]
     path = directory / "focus.json"
@@ -948,14 +1018,18 @@ def write_focus_set(directory: str | os.PathLike[str], *, scenes: int, seed: int
     return path
 
 
-def _restyled(scene: Scene, items: list[QAItem], answer_style: str) -> list[QAItem]:
+def restyled(scene: Scene, items: list[QAItem], answer_style: str) -> list[QAItem]:
     """``items`` with the answers that ``answer_style`` rewrites rewritten (see :func:`write_training_set`)."""
     def rewritten(item: QAItem) -> str | None:
         if answer_style == "counted" and item.type == "existence":
             return counted_existence_answer(scene, item.question)
+        if answer_style == "chained" and item.type in ("existence", "count"):
+            return None if item.question.startswith(_TOTAL_COUNT) else chained_answer(scene, item.question)
+        if answer_style == "chained" and item.type == "position":
+            return chained_position_answer(scene, item.question, item.answer)
         if item.type not in LISTED_TYPES or item.question.startswith(_TOTAL_COUNT):
             return None
-        if answer_style == "restated":
+        if answer_style in ("restated", "chained"):
             return restated_answer(item.question, item.answer)
         if answer_style in ("listed", "marked"):
             return listed_answer(scene, item.question, marked=answer_style == "marked")
@@ -1068,6 +1142,13 @@ def _first_number(text: str) -> int | None:
     return None
 
 
+def _answer_number(text: str) -> int | None:
+    """The number an answer gives: the digits it ends with (``"circles red blue 2"``, ``"3 + 4 = 7"``), else its
+    first number, digits or words (``"There are two circles."``)."""
+    match = re.search(r"(\d+)\W*$", text)
+    return int(match.group(1)) if match else _first_number(text)
+
+
 def _vocabulary_answer(prediction: str, vocabulary: Iterable[str]) -> set[str]:
     """The distinct vocabulary words the prediction uses."""
     words = set(vocabulary)
@@ -1123,8 +1204,9 @@ def score_answer(item_type: str, prediction: str, answer: str, *, choices: Seque
     :func:`listed_answer`) is read from what follows its last ", so ". Text is lowercased and stripped of
     punctuation first. Yes/no, side, colour and shape answers: the prediction
     must use the answer word and no other word of the same kind ("Yes." and "It is red" pass, "red or blue" fails).
-    Counts and arithmetic: the first number, digits or words ("three" -> 3). Multiple choice: the option letter
-    ("B", "B.", "(B)", "B) square", "The answer is B"), or the text of exactly one option when ``choices`` is given.
+    Counts and arithmetic: the digits the answer ends with, else its first number, digits or words ("three" -> 3).
+    Multiple choice: the option letter ("B", "B.", "(B)", "B) square", "The answer is B"), or the text of exactly
+    one option when ``choices`` is given.
     Captions: the same multiset of (size, colour, shape) objects, in any order, and the same background. Spelling:
     the letters, one per token. Alphabetical: the same words in the same order. Other types: exact match of the
     normalised text.
@@ -1134,7 +1216,7 @@ def score_answer(item_type: str, prediction: str, answer: str, *, choices: Seque
     if item_type in LISTED_TYPES:
         prediction = prediction.rpartition(_SO)[2]
     if item_type in ("count", "arithmetic", "letter_count"):
-        number = _first_number(prediction)
+        number = _answer_number(prediction)
         return number is not None and str(number) == answer.strip()
     if item_type == "caption":
         expected_objects, expected_background = _caption_content(answer)

@@ -2,19 +2,19 @@
 
 :func:`build_tiny` is the whole recipe, run by ``owl2 experiment build-tiny``:
 
-1. the shapes world: a training set (scenes with multi-turn QA and captions, plus text-only instructions) from the
-   ``train`` seed stream, and a held-out set from the ``eval`` stream (:mod:`owl2.data.shapes`);
+1. the shapes world: a training set of single questions (every question and caption of the training scenes, plus
+   text-only instructions; :func:`~owl2.data.shapes.write_focus_set`) from the ``train`` seed stream, with the
+   answers in the chained style (:func:`~owl2.data.shapes.chained_answer`), and a held-out set from the ``eval``
+   stream (:mod:`owl2.data.shapes`);
 2. a SentencePiece tokenizer in the LLaMA-2 layout trained on the training texts (:mod:`owl2.experiments.tokenizer`);
 3. the pre-trained parts the paper starts from (CLIP ViT-L/14 and LLaMA-2), made here from the random
    initialisation of ``configs/tiny/model.json``: stage V (``configs/tiny/vision.toml``,
    :mod:`owl2.experiments.vision_pretrain`) trains the vision encoder and the abstractor on dense labels of the
    scenes; stage 0 (``owl2 train configs/tiny/stage0.toml``, stage ``language``) trains the language model from
-   scratch on all the data, next to the frozen stage-V vision side;
+   scratch on all the data at 256 questions a step, next to the frozen stage-V vision side;
 4. the paper's two stages with ``owl2 train``: ``stage1.toml`` (vision encoder, abstractor and the MAM's image
    branch; language model frozen) and ``stage2.toml`` (everything, all data);
-5. a focus stage, ``stage3.toml`` (stage ``language``): single questions, every existence question and caption
-   and a sample of the other questions (:func:`~owl2.data.shapes.write_focus_set`), at 256 a step;
-6. ``owl2 eval --task shapes`` on the held-out set, and a model card with the figures.
+5. ``owl2 eval --task shapes`` on the held-out set, and a model card with the figures.
 
 A language model pre-trained on the conversations as plain text, as LLaMA-2 is, did not learn to read the visual
 tokens in stages 1 and 2 (its attention had settled on text positions; ``docs/experiments.md``), so stage 0 gives it
@@ -44,9 +44,10 @@ REPO_CONFIGS = PACKAGE_DIR.parent / "configs" / "tiny"
 IMAGE_SIZE = 64
 EVAL_FILE = "eval_results.json"
 """The held-out figures of the model card, machine-readable (the accuracy test compares with them)."""
-STAGE_DIRS = ("stage-v", "stage0", "stage1", "stage2", "stage3")
+STAGE_DIRS = ("stage-v", "stage0", "stage1", "stage2")
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
-ANSWER_EXAMPLES = {"short": "yes", "restated": "red circle yes", "counted": "1 red circle, so yes.",
+ANSWER_EXAMPLES = {"short": "yes", "restated": "red circle yes", "chained": "circle red yes",
+                   "counted": "1 red circle, so yes.",
                    "listed": "red circle, blue cross, so yes.", "marked": "red circle 1, blue cross, so yes."}
 """How each training answer style answers "Is there a red circle?" about a red circle and a blue cross (the model
 card quotes it: the model answers in the style it was trained on)."""
@@ -67,33 +68,21 @@ class TinyBuild:
     eval_text_items: int = 200
     seed: int = 0
     vocab_size: int = 768
-    drills: bool = False
-    """Add :func:`~owl2.data.shapes.binding_drills` to the training data (training-only questions on every object).
-    Off in the recipe: with them (and ``answer_style="counted"``) a full build scored 47.9 % against 53.9 % without
-    (``docs/experiments.md``)."""
-    answer_style: str = "restated"
+    answer_style: str = "chained"
     """The form of the training answers (:data:`~owl2.data.shapes.ANSWER_STYLES`, see
-    :func:`~owl2.data.shapes.write_training_set`): ``"restated"`` in the recipe (``"red circle no"``: the asked object,
-    then the answer; with stage 0's batch of 128 it makes existence, colour and shape learnable,
-    ``docs/experiments.md``); ``"short"`` (``"no"``), ``"counted"`` (``"0 red triangles, so no."``), ``"listed"``
-    (``"red circle, blue cross, so no."``) and ``"marked"`` (``"red circle 1, blue cross, so yes."``) are
-    experiments."""
-    list_items: int = 0
-    """Add that many text-only :func:`~owl2.data.shapes.list_questions` (a list of objects given in the question,
-    the listed answer to copy from it) to the training data. Off in the recipe (``docs/experiments.md``)."""
-    object_pieces: bool = True
+    :func:`~owl2.data.shapes.write_training_set`): ``"chained"`` in the recipe (existence through the colours of the
+    asked shape, ``"circle blue no"``; position through the objects' columns, ``"triangle 2 circle 6 yes"``; the
+    other answers after the asked object, ``"triangle white"``), with which existence is learned where with
+    ``"restated"`` (``"red circle no"``) it stays at chance (``docs/experiments.md``). The others are experiments."""
+    object_pieces: bool = False
     """Give the tokenizer one piece per object phrase (:func:`~owl2.data.shapes.object_phrases`: "red circle",
-    "small red circle"), so that the asked object is one token and the answer word is predicted right after it. On
-    in the recipe (``docs/experiments.md``)."""
+    "small red circle"). Off in the recipe: with words, the lookups of colour questions and existence share the
+    shape word (``docs/experiments.md``)."""
     vision_steps: int | None = None
     """None: the recipe's step count (``configs/tiny/vision.toml``; likewise ``train.max_steps`` for the others)."""
     stage0_steps: int | None = None
     stage1_steps: int | None = None
     stage2_steps: int | None = None
-    stage3_steps: int | None = None
-    """0 leaves out stage 3, the focus stage (the MAM ablation does)."""
-    focus_items: int = 60000
-    """The questions other than existence in stage 3's focus set (:func:`~owl2.data.shapes.write_focus_set`)."""
 
 
 def _corpus(records: list[dict[str, Any]]) -> list[str]:
@@ -127,29 +116,20 @@ def vary_prompts(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any
 
 def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> dict[str, Path]:
     """Data, tokenizer and the initial model directory (config + tokenizer + image processor) under ``workdir``."""
-    from owl2.data.shapes import object_phrases, write_eval_set, write_focus_set, write_training_set
+    from owl2.data.shapes import object_phrases, write_eval_set, write_focus_set
     from owl2.experiments.tokenizer import train_sentencepiece
     from owl2.model.config import Owl2Config
     from owl2.processing.image import PREPROCESSOR_CONFIG_NAME, ImageProcessor
 
     data_dir = workdir / "data"
-    train_json = data_dir / "train.json"
+    train_json = data_dir / "focus.json"
     if not train_json.is_file():
-        train_json = write_training_set(data_dir, scenes=build.scenes, text_items=build.text_items, seed=build.seed,
-                                        size=IMAGE_SIZE, drills=build.drills,
-                                        answer_style=build.answer_style, list_items=build.list_items)
+        train_json = write_focus_set(data_dir, scenes=build.scenes, seed=build.seed, size=IMAGE_SIZE,
+                                     text_items=build.text_items, answer_style=build.answer_style)
     records = json.loads(train_json.read_text(encoding="utf-8"))
     mixed = data_dir / "train-mixed.json"
     atomic_write_text(mixed, json.dumps(vary_prompts(records, build.seed)))
     paths = {"train": mixed}
-    if build.stage3_steps != 0:  # only stage 3 reads the focus set
-        focus_json = data_dir / "focus.json"
-        if not focus_json.is_file():
-            focus_json = write_focus_set(data_dir, scenes=build.scenes, seed=build.seed,
-                                         other_items=build.focus_items, answer_style=build.answer_style)
-        paths["focus"] = data_dir / "focus-mixed.json"
-        focus_records = json.loads(focus_json.read_text(encoding="utf-8"))
-        atomic_write_text(paths["focus"], json.dumps(vary_prompts(focus_records, build.seed)))
     eval_dir = workdir / "eval"
     if not (eval_dir / "eval.jsonl").is_file():
         write_eval_set(eval_dir, scenes=build.eval_scenes, seed=build.seed, size=IMAGE_SIZE,
@@ -226,16 +206,15 @@ def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, config
                  vision: Path | None = None) -> Path:
     """Stage V (unless ``vision``, a stage-V model directory, is given), stage 0 (the language model from scratch
     next to the frozen stage-V vision side), stage 1 (vision side and the MAM's image branch, language model frozen)
-    stage 2 (everything) and, unless ``build.stage3_steps`` is 0, stage 3 (the language model again, on the focus
-    set); returns the final checkpoint directory."""
+    and stage 2 (everything); returns the final checkpoint directory."""
     from owl2.training.config import load_recipe
     from owl2.training.trainer import train
 
     def quoted(path: Path) -> str:
         return json.dumps(str(path))
 
-    def run(recipe: str, output: str, start: Path, steps: int | None, data: str = "train") -> Path:
-        overrides = [f"output_dir={quoted(workdir / output)}", f"data.path={quoted(paths[data])}",
+    def run(recipe: str, output: str, start: Path, steps: int | None) -> Path:
+        overrides = [f"output_dir={quoted(workdir / output)}", f"data.path={quoted(paths['train'])}",
                      f"model.path={quoted(start)}"]
         if steps is not None:
             overrides.append(f"train.max_steps={steps}")
@@ -245,10 +224,7 @@ def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, config
     start = start_from_vision(vision, paths["init"], workdir / "stage0-init", build.seed)
     language = run("stage0.toml", "stage0", start, build.stage0_steps)
     aligned = run("stage1.toml", "stage1", language, build.stage1_steps)
-    tuned = run("stage2.toml", "stage2", aligned, build.stage2_steps)
-    if build.stage3_steps == 0:
-        return tuned
-    return run("stage3.toml", "stage3", tuned, build.stage3_steps, data="focus")
+    return run("stage2.toml", "stage2", aligned, build.stage2_steps)
 
 
 def evaluate_tiny(model_dir: Path, eval_dir: Path, output: Path, *, limit: int | None = None) -> dict[str, Any]:
@@ -267,10 +243,8 @@ def model_card(build: TinyBuild, report: dict[str, Any], minutes: dict[str, floa
                      for kind, row in report["breakdown"].items())
     metrics = report["metrics"]
     options = [text for on, text in (
-        (build.drills, "the training-only binding drills (`binding_drills`)"),
         (build.answer_style != "short", f'training answers in the "{build.answer_style}" style (`answer_style`; '
          f'"{ANSWER_EXAMPLES[build.answer_style]}" for "Is there a red circle?")'),
-        (build.list_items > 0, f"{build.list_items} text-only questions about a listed scene (`list_items`)"),
         (build.object_pieces, 'one tokenizer piece per object phrase such as "red circle" (`object_pieces`)'),
     ) if on]
     data_options = f" With {' and '.join(options)}." if options else ""
@@ -294,8 +268,9 @@ shapes world. It answers questions about coloured shapes; it knows nothing else.
 
 ## Data
 The shapes world (`owl2.data.shapes`): {build.scenes} training scenes (`train` seed stream, seed {build.seed}) with
-a caption and multi-turn questions each (existence, colour, counting, position, shape, multiple choice), and
-{build.text_items} text-only instructions (arithmetic, spelling, alphabetical order, letter counts,
+a caption and about nine questions each (existence, colour, counting, position, shape, multiple choice), one
+question per record (`write_focus_set`; the multiple-choice answers name the option, then its letter: "diamond
+B"), and {build.text_items} text-only instructions (arithmetic, spelling, alphabetical order, letter counts,
 reversal).{data_options}
 
 ## Recipe
@@ -310,12 +285,9 @@ CLIP ViT-L/14 and LLaMA-2; owl2-tiny makes its own first.
 3. The paper's stage 1, `stage1.toml`: the vision encoder, the abstractor and the MAM's image branch, with the
    language model frozen.
 4. The paper's stage 2, `stage2.toml`: everything, on all the data.
-5. Stage 3, `stage3.toml` (stage `language`): the language model again, on one question per record: every
-   existence question and caption of the training scenes and {build.focus_items} of the other questions
-   (`write_focus_set`; the multiple-choice answers name the option, then its letter: "diamond B").
 
 Training time on 2 CPU cores: stage V {minutes['stage-v']:.1f} min, stage 0 {minutes['stage0']:.1f} min, stage 1
-{minutes['stage1']:.1f} min, stage 2 {minutes['stage2']:.1f} min, stage 3 {minutes['stage3']:.1f} min.
+{minutes['stage1']:.1f} min, stage 2 {minutes['stage2']:.1f} min.
 
 ## Held-out accuracy (`owl2 eval --task shapes`, {build.eval_scenes} scenes of the `eval` stream)
 Overall: **{metrics['accuracy']:.1f} %** (caption CIDEr-D {metrics.get('caption_CIDEr', float('nan')):.1f}).

@@ -13,6 +13,7 @@ import random
 import re
 from collections import Counter
 from collections import deque as Deque
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ from owl2.data.shapes import (
     ShapeObject,
     accuracy_by_type,
     binding_drills,
+    chained_answer,
+    chained_position_answer,
     choice_answer,
     counted_existence_answer,
     generate_scene,
@@ -45,10 +48,12 @@ from owl2.data.shapes import (
     read_eval_set,
     render_scene,
     restated_answer,
+    restyled,
     scene_questions,
     score_answer,
     stream_rng,
     text_questions,
+    training_scene,
     write_eval_set,
     write_focus_set,
     write_training_set,
@@ -389,6 +394,15 @@ TWO_CIRCLES_AND_A_CROSS = Scene((ShapeObject("circle", "red", "large", 0.2, 0.2,
                                  ShapeObject("cross", "blue", "small", 0.5, 0.8, 0.12)), "grey")
 
 
+def _check_yes_no_answers(expected: dict[str, str], answer_to: Callable[[str], str]) -> None:
+    """Each question gets its expected answer, which scores as the yes/no word it ends with, and not as the other."""
+    for question, answer in expected.items():
+        assert answer_to(question) == answer
+        word = answer.rstrip(".").split()[-1]
+        assert score_answer("existence", answer, word)
+        assert not score_answer("existence", answer, "no" if word == "yes" else "yes")
+
+
 def test_counted_existence_answer_by_hand():
     scene = TWO_CIRCLES_AND_A_CROSS
     expected = {
@@ -399,10 +413,7 @@ def test_counted_existence_answer_by_hand():
         "Is there an orange object?": "0 orange objects, so no.",
         "Is there a red object?": "2 red objects, so yes.",
     }
-    for question, answer in expected.items():
-        assert counted_existence_answer(scene, question) == answer
-        assert score_answer("existence", answer, answer.split()[-1].rstrip("."))
-        assert not score_answer("existence", answer, "no" if answer.endswith("yes.") else "yes")
+    _check_yes_no_answers(expected, lambda question: counted_existence_answer(scene, question))
     with pytest.raises(ValueError, match="not an existence question"):
         counted_existence_answer(scene, "What colour is the cross?")
 
@@ -454,6 +465,69 @@ def test_restated_answer_by_hand():
     for other in ("How many shapes are there?", "Which side of the image is the cross on, left or right?"):
         with pytest.raises(ValueError, match="not a question about one named object"):
             restated_answer(other, "3")
+
+
+def test_chained_answers_by_hand():
+    # large red circle at (0.2, 0.2), small blue cross at (0.5, 0.8), small red circle at (0.8, 0.2)
+    scene = TWO_CIRCLES_AND_A_CROSS
+    existence = {  # the colours of the asked shape (and size), left to right, then the answer
+        "Is there a red circle?\nAnswer the question using a single word or phrase.": "circle red red yes",
+        "Is there a blue circle?": "circle red red no",
+        "Is there a small red circle?": "small circle red yes",
+        "Is there a large blue cross?": "large cross none no",
+        "Is there a green triangle?": "triangle none no",
+    }
+    _check_yes_no_answers(existence, lambda question: chained_answer(scene, question))
+    counts = {  # what is counted, left to right: the colours of a shape, the shapes of a colour
+        "How many circles are there?": "circles red red 2",
+        "How many red shapes are there?\nAnswer the question using a single word or phrase.":
+            "red shapes circle circle 2",
+        "How many crosses are there?": "crosses blue 1",
+        "How many squares are there?": "squares none 0",
+    }
+    for question, answer in counts.items():
+        assert chained_answer(scene, question) == answer
+        assert score_answer("count", answer, answer.split()[-1])
+    assert not score_answer("count", "squares none 2", "0")  # the number at the end is the answer
+    with pytest.raises(ValueError, match="not an existence question"):
+        chained_answer(scene, "What colour is the cross?")
+    with pytest.raises(ValueError, match="not a count of one shape or colour"):
+        chained_answer(scene, "How many shapes are there?")
+    position = {  # columns (rows for above/below) 1-8: int(8 * centre) + 1
+        ("Is the large circle to the left of the cross?", "yes"): "large circle 2 cross 5 yes",
+        ("Is the cross above the small circle?", "no"): "cross 7 small circle 2 no",
+        ("Is the small circle to the right of the cross?", "yes"): "small circle 7 cross 5 yes",
+        ("Which side of the image is the cross on, top or bottom?", "bottom"): "cross bottom",
+    }
+    for (question, short), answer in position.items():
+        assert chained_position_answer(scene, question, short) == answer
+        assert score_answer("position", answer, short)
+        assert not score_answer("position", answer, {"yes": "no", "no": "yes", "bottom": "top"}[short])
+    with pytest.raises(ValueError, match="does not name one object"):
+        chained_position_answer(scene, "Is the circle above the cross?", "yes")
+
+
+def test_chained_answers_follow_the_scene():
+    """Over generated scenes: the looked-up colours are those of the objects of the asked shape, the columns put
+    the objects in the order the relation asks about, and every chained answer scores as the short one."""
+    for index in range(300):
+        scene = training_scene(5, index)
+        items = scene_questions(scene, stream_rng("train", 5, index, "questions"))
+        for item, chained in zip(items, restyled(scene, items, "chained"), strict=True):
+            assert score_answer(item.type, chained.answer, item.answer, choices=item.choices)
+            if item.type == "count" and item.answer != chained.answer:  # a count of one shape or colour
+                listed = chained.answer.split()[2 if " shapes " in chained.answer else 1:-1]
+                assert len(listed) == int(item.answer) or listed == ["none"] == [item.answer.replace("0", "none")]
+            if item.type == "existence":
+                words = chained.answer.split()
+                shape = words[words.index(next(w for w in words if w in SHAPES))]
+                colours = [o.colour for o in sorted(scene.objects, key=lambda o: (o.x, o.y)) if o.shape == shape
+                           and (words[0] not in SIZES or o.size == words[0])]
+                assert words[1 + (words[0] in SIZES):-1] == (colours or ["none"])
+            if item.type == "position" and item.answer in ("yes", "no"):
+                first, second = (int(w) for w in chained.answer.split() if w.isdigit())
+                before = any(w in item.question for w in ("left of", "above"))
+                assert (first < second) == (before == (item.answer == "yes"))
 
 
 def test_marked_listed_answer_by_hand():
@@ -642,27 +716,31 @@ def test_choice_answer_by_hand():
 
 
 def test_focus_set(tmp_path):
-    train = json.loads(write_training_set(tmp_path, scenes=8, text_items=4, seed=3, size=64,
-                                          answer_style="restated").read_text())
-    focus = json.loads(write_focus_set(tmp_path, scenes=8, seed=3, other_items=10).read_text())
-    assert len(focus) == 8 * 3 + 10 and len({r["id"] for r in focus}) == len(focus)  # 2 existence, 1 caption
-    assert all(len(r["conversations"]) == 2 and (tmp_path / r["image"]).is_file() for r in focus)
-    turns = [(r["conversations"][0]["value"].removeprefix("<|image|>\n"), r["conversations"][1]["value"])
-             for r in focus]
+    """One question per record: the questions and answers of the multi-turn training set, in the same style, with
+    the multiple-choice answers naming their option; every existence question and caption, a sample of the rest."""
+    train = json.loads(write_training_set(tmp_path / "multi", scenes=8, text_items=4, seed=3, size=64,
+                                          answer_style="chained").read_text())
     trained = {(a["value"].removeprefix("<|image|>\n"), b["value"]) for r in train
                for a, b in zip(r["conversations"][::2], r["conversations"][1::2], strict=True)}
+    focus = json.loads(write_focus_set(tmp_path, scenes=8, seed=3, size=64, text_items=4).read_text())
+    assert len(focus) == sum(len(r["conversations"]) // 2 for r in train)
+    assert len({r["id"] for r in focus}) == len(focus)
+    assert all(len(r["conversations"]) == 2 for r in focus)
+    assert all((tmp_path / r["image"]).read_bytes() == (tmp_path / "multi" / r["image"]).read_bytes()
+               for r in focus if "image" in r)
+    turns = [(r["conversations"][0]["value"].removeprefix("<|image|>\n"), r["conversations"][1]["value"])
+             for r in focus]
     existence = [t for t in turns if t[0].startswith("Is there")]
-    assert len(existence) == 16 and set(existence) <= trained  # every existence question, answers restated
-    assert all(re.fullmatch(r"[a-z ]+ (yes|no)", answer) for _, answer in existence)
-    assert sum(question == CAPTION_PROMPT for question, _ in turns) == 8
+    assert len(existence) == 16 and all(re.fullmatch(r"[a-z ]+ (yes|no)", answer) for _, answer in existence)
+    assert sum(question == CAPTION_PROMPT for question, _ in turns) == 8 and sum("image" not in r for r in focus) == 4
     for question, answer in turns:
         if MC_PROMPT in question:
             option, letter = answer.rsplit(" ", 1)
             assert f"\n{letter}. {option}\n" in question
         else:
             assert (question, answer) in trained
-    with pytest.raises(FileNotFoundError, match=r"train-3-000008\.png is missing"):
-        write_focus_set(tmp_path, scenes=9, seed=3, other_items=1)
+    sampled = json.loads(write_focus_set(tmp_path, scenes=8, seed=3, size=64, other_items=10).read_text())
+    assert len(sampled) == 8 * 3 + 10  # 2 existence questions and a caption per scene, 10 others
 
 
 def test_eval_set(tmp_path):
