@@ -60,6 +60,7 @@ __all__ = [
     "MIN_RENDER_SIZE",
     "PLURALS",
     "TEXTURES",
+    "VERTICAL_ORDER_PROMPT",
     "accuracy_by_type",
     "binding_drills",
     "caption",
@@ -79,6 +80,7 @@ __all__ = [
     "text_questions",
     "training_scene",
     "write_eval_set",
+    "vertical_order",
     "write_focus_set",
     "write_training_set",
 ]
@@ -735,19 +737,16 @@ def chained_answer(scene: Scene, question: str) -> str:
     return f"{named} {' '.join(colours) or 'none'} {'yes' if colour in colours else 'no'}"
 
 
-POSITION_COLUMNS = 8
-"""Bins per axis of the coordinates in :func:`chained_position_answer` (two objects that a relation question asks
-about have centres more than one bin apart)."""
-
-
 def chained_position_answer(scene: Scene, question: str, answer: str) -> str:
     """The answer to a position question after where the asked objects are.
 
-    ``"Is the red triangle to the left of the circle?"`` -> ``"red triangle 2 circle 6 yes"``: each object's column
-    (for "above" and "below", its row), 1 to :data:`POSITION_COLUMNS` from the left (top), then the answer.
-    ``"Which side of the image is the circle on, left or right?"`` -> ``"circle left"``. A training-time form: each
-    number is a lookup of one named object, as a colour question is, and the yes/no word then compares two numbers
-    of the context. :func:`score_answer` reads the answer word, so such an answer scores as the short one does.
+    ``"Is the red triangle to the left of the circle?"`` -> ``"red triangle circle yes"``: the two objects in their
+    order along the relation's axis (left to right; for "above" and "below", top to bottom), then the answer.
+    ``"Which side of the image is the circle on, left or right?"`` -> ``"circle left"``. A training-time form: the
+    order is the one the captions name the objects in (left to right), and the yes/no word then only compares it
+    with the order of the question. Two column numbers to compare instead were not learned
+    (``docs/experiments.md``). :func:`score_answer` reads the answer word, so such an answer scores as the short
+    one does.
     """
     first = question.split("\n")[0]
     if match := re.fullmatch(r"Which side of the image is the (.+) on, (?:left or right|top or bottom)\?", first):
@@ -757,13 +756,28 @@ def chained_position_answer(scene: Scene, question: str, answer: str) -> str:
     if match is None:
         raise ValueError(f"not a position question: {question!r}")
     axis = _RELATIONS[match.group(2)][0]
-    places = []
+    placed = []
     for reference in (match.group(1), match.group(3)):
         found = [o for o in scene.objects if _matches(o, _attributes(reference.split()))]
         if len(found) != 1:
             raise ValueError(f"{reference!r} does not name one object of the scene: {question!r}")
-        places.append(f"{reference} {min(int(found[0].centre[axis] * POSITION_COLUMNS), POSITION_COLUMNS - 1) + 1}")
-    return f"{' '.join(places)} {answer}"
+        placed.append((found[0].centre[axis], reference))
+    return f"{' '.join(reference for _, reference in sorted(placed))} {answer}"
+
+
+VERTICAL_ORDER_PROMPT = "List the objects from top to bottom."
+
+
+def vertical_order(scene: Scene, image: str | None = None) -> QAItem:
+    """A training-only item: every object, top to bottom (``"large red circle, small blue cross"``).
+
+    The captions name the objects left to right, which trains the horizontal coordinate; this trains the vertical
+    one the same way (without it, owl2-tiny answered "top" to every top-or-bottom question, ``docs/experiments.md``).
+    Its type, ``"vertical_order"``, is none of the scored question types.
+    """
+    ordered = sorted(scene.objects, key=lambda o: (o.y, o.x))
+    return QAItem(f"{scene.id}-vertical_order-0", "vertical_order", VERTICAL_ORDER_PROMPT,
+                  ", ".join(o.description for o in ordered), image=image)
 
 
 def restated_answer(question: str, answer: str) -> str:
@@ -984,15 +998,16 @@ def write_training_set(
 
 
 def write_focus_set(directory: str | os.PathLike[str], *, scenes: int, seed: int, size: int = 224,
-                    text_items: int = 0, other_items: int | None = None, answer_style: str = "chained") -> Path:
+                    text_items: int = 0, other_items: int | None = None, answer_style: str = "chained",
+                    vertical_orders: bool = False) -> Path:
     """Write ``images/train-*.png`` and ``focus.json`` (LLaVA format) under ``directory``; returns the JSON path.
 
     One question per record: every existence question and every caption of ``scenes`` training scenes (the
     ``"train"`` stream, the images of :func:`write_training_set`), their other questions (all of them, or
     ``other_items`` drawn at random), and ``text_items`` text-only items, shuffled. The answers take
     ``answer_style`` as in :func:`write_training_set`, and the multiple-choice ones :func:`choice_answer`'s form
-    (``"diamond B"``). This is owl2-tiny's training data: single questions at a large batch
-    (``docs/experiments.md``)."""
+    (``"diamond B"``). ``vertical_orders`` adds each scene's :func:`vertical_order` (training only). This is
+    owl2-tiny's training data: single questions at a large batch (``docs/experiments.md``)."""
     _check_answer_style(answer_style)
     directory = Path(directory)
     kept: list[QAItem] = []
@@ -1007,6 +1022,8 @@ def write_focus_set(directory: str | os.PathLike[str], *, scenes: int, seed: int
             if item.type == "multiple_choice" and item.choices:
                 item = dataclasses.replace(item, answer=choice_answer(item.choices, item.answer))
             (kept if item.type in ("existence", "caption") else others).append(item)
+        if vertical_orders:
+            kept.append(vertical_order(scene, image))
     rng = random.Random(f"owl2-shapes/focus/{seed}")
     chosen = kept + (others if other_items is None else rng.sample(others, min(other_items, len(others))))
     chosen += text_questions(stream_rng("train", seed, "text", "questions"), text_items,

@@ -71,9 +71,12 @@ class TinyBuild:
     answer_style: str = "chained"
     """The form of the training answers (:data:`~owl2.data.shapes.ANSWER_STYLES`, see
     :func:`~owl2.data.shapes.write_training_set`): ``"chained"`` in the recipe (existence through the colours of the
-    asked shape, ``"circle blue no"``; position through the objects' columns, ``"triangle 2 circle 6 yes"``; the
-    other answers after the asked object, ``"triangle white"``), with which existence is learned where with
+    asked shape, ``"circle blue no"``; relations through the two objects in their order, ``"circle triangle no"``;
+    the other answers after the asked object, ``"triangle white"``), with which existence is learned where with
     ``"restated"`` (``"red circle no"``) it stays at chance (``docs/experiments.md``). The others are experiments."""
+    vertical_orders: bool = True
+    """Add each training scene's :func:`~owl2.data.shapes.vertical_order` ("List the objects from top to bottom."), a
+    training-only item that trains the vertical coordinate as the captions train the horizontal one."""
     object_pieces: bool = False
     """Give the tokenizer one piece per object phrase (:func:`~owl2.data.shapes.object_phrases`: "red circle",
     "small red circle"). Off in the recipe: with words, the lookups of colour questions and existence share the
@@ -125,7 +128,8 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     train_json = data_dir / "focus.json"
     if not train_json.is_file():
         train_json = write_focus_set(data_dir, scenes=build.scenes, seed=build.seed, size=IMAGE_SIZE,
-                                     text_items=build.text_items, answer_style=build.answer_style)
+                                     text_items=build.text_items, answer_style=build.answer_style,
+                                     vertical_orders=build.vertical_orders)
     records = json.loads(train_json.read_text(encoding="utf-8"))
     mixed = data_dir / "train-mixed.json"
     atomic_write_text(mixed, json.dumps(vary_prompts(records, build.seed)))
@@ -245,6 +249,8 @@ def model_card(build: TinyBuild, report: dict[str, Any], minutes: dict[str, floa
     options = [text for on, text in (
         (build.answer_style != "short", f'training answers in the "{build.answer_style}" style (`answer_style`; '
          f'"{ANSWER_EXAMPLES[build.answer_style]}" for "Is there a red circle?")'),
+        (build.vertical_orders, 'each scene\'s objects listed top to bottom, a training-only question '
+         '(`vertical_orders`)'),
         (build.object_pieces, 'one tokenizer piece per object phrase such as "red circle" (`object_pieces`)'),
     ) if on]
     data_options = f" With {' and '.join(options)}." if options else ""

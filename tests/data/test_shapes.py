@@ -27,11 +27,13 @@ from owl2.data.shapes import (
     LISTED_TYPES,
     MC_PROMPT,
     PLURALS,
+    QUESTION_TYPES,
     SCENE_QUESTION_TYPES,
     SHAPES,
     SIZES,
     TEXT_QUESTION_TYPES,
     TEXTURE_AMPLITUDE,
+    VERTICAL_ORDER_PROMPT,
     QAItem,
     Scene,
     ShapeObject,
@@ -54,6 +56,7 @@ from owl2.data.shapes import (
     stream_rng,
     text_questions,
     training_scene,
+    vertical_order,
     write_eval_set,
     write_focus_set,
     write_training_set,
@@ -493,10 +496,10 @@ def test_chained_answers_by_hand():
         chained_answer(scene, "What colour is the cross?")
     with pytest.raises(ValueError, match="not a count of one shape or colour"):
         chained_answer(scene, "How many shapes are there?")
-    position = {  # columns (rows for above/below) 1-8: int(8 * centre) + 1
-        ("Is the large circle to the left of the cross?", "yes"): "large circle 2 cross 5 yes",
-        ("Is the cross above the small circle?", "no"): "cross 7 small circle 2 no",
-        ("Is the small circle to the right of the cross?", "yes"): "small circle 7 cross 5 yes",
+    position = {  # the two objects left to right (top to bottom for above and below), then the answer
+        ("Is the large circle to the left of the cross?", "yes"): "large circle cross yes",
+        ("Is the cross above the small circle?", "no"): "small circle cross no",
+        ("Is the small circle to the right of the cross?", "yes"): "cross small circle yes",
         ("Which side of the image is the cross on, top or bottom?", "bottom"): "cross bottom",
     }
     for (question, short), answer in position.items():
@@ -508,8 +511,9 @@ def test_chained_answers_by_hand():
 
 
 def test_chained_answers_follow_the_scene():
-    """Over generated scenes: the looked-up colours are those of the objects of the asked shape, the columns put
-    the objects in the order the relation asks about, and every chained answer scores as the short one."""
+    """Over generated scenes: the looked-up colours are those of the objects of the asked shape, the relation's
+    subject comes first exactly when it is the leftmost (topmost) of the two, and every chained answer scores as the
+    short one."""
     for index in range(300):
         scene = training_scene(5, index)
         items = scene_questions(scene, stream_rng("train", 5, index, "questions"))
@@ -525,9 +529,9 @@ def test_chained_answers_follow_the_scene():
                            and (words[0] not in SIZES or o.size == words[0])]
                 assert words[1 + (words[0] in SIZES):-1] == (colours or ["none"])
             if item.type == "position" and item.answer in ("yes", "no"):
-                first, second = (int(w) for w in chained.answer.split() if w.isdigit())
+                subject = re.match(r"Is the (.+?) (?:to the|above|below)", item.question).group(1)
                 before = any(w in item.question for w in ("left of", "above"))
-                assert (first < second) == (before == (item.answer == "yes"))
+                assert chained.answer.startswith(subject + " ") == (before == (item.answer == "yes"))
 
 
 def test_marked_listed_answer_by_hand():
@@ -715,6 +719,12 @@ def test_choice_answer_by_hand():
         choice_answer(["a", "b", "c", "d"], "E")
 
 
+def test_vertical_order_by_hand():
+    item = vertical_order(TWO_CIRCLES_AND_A_CROSS, "a.png")
+    assert item.question == VERTICAL_ORDER_PROMPT and item.type not in QUESTION_TYPES and item.image == "a.png"
+    assert item.answer == "large red circle, small red circle, small blue cross"  # y 0.2 (x 0.2, then 0.8), y 0.8
+
+
 def test_focus_set(tmp_path):
     """One question per record: the questions and answers of the multi-turn training set, in the same style, with
     the multiple-choice answers naming their option; every existence question and caption, a sample of the rest."""
@@ -739,8 +749,10 @@ def test_focus_set(tmp_path):
             assert f"\n{letter}. {option}\n" in question
         else:
             assert (question, answer) in trained
-    sampled = json.loads(write_focus_set(tmp_path, scenes=8, seed=3, size=64, other_items=10).read_text())
-    assert len(sampled) == 8 * 3 + 10  # 2 existence questions and a caption per scene, 10 others
+    sampled = json.loads(write_focus_set(tmp_path, scenes=8, seed=3, size=64, other_items=10,
+                                         vertical_orders=True).read_text())
+    assert len(sampled) == 8 * 4 + 10  # 2 existence questions, a caption and a vertical order per scene, 10 others
+    assert sum(r["conversations"][0]["value"].endswith(VERTICAL_ORDER_PROMPT) for r in sampled) == 8
 
 
 def test_eval_set(tmp_path):
