@@ -217,7 +217,7 @@ def _experiment(args: argparse.Namespace) -> int:
     from owl2.experiments.ablation import run_mam_ablation
 
     report = run_mam_ablation(args.workdir or "runs/mam-ablation", scenes=args.scenes, steps=args.steps,
-                              build=TinyBuild() if args.full else None)
+                              build=TinyBuild() if args.full or args.from_build else None, mam_build=args.from_build)
     print(report["markdown"])
     return 0
 
@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--install", action="store_true", help="build-tiny: replace the embedded model")
     experiment.add_argument("--full", action="store_true",
                             help="mam-ablation: both variants with the shipped model's whole recipe and budget")
+    experiment.add_argument("--from-build", default=None, metavar="DIR",
+                            help="mam-ablation: the folder of a finished build-tiny run is the MAM variant (implies "
+                                 "--full); only the no-MAM variant is trained")
     experiment.add_argument("--answer-style", choices=ANSWER_STYLES, default=TinyBuild.answer_style,
                             help="build-tiny: the form of the training answers, e.g. for \"Is there a red circle?\": "
                             + "; ".join(f'"{example}" ({style})' for style, example in ANSWER_EXAMPLES.items())

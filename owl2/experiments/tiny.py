@@ -231,6 +231,17 @@ def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, config
     return run("stage2.toml", "stage2", aligned, build.stage2_steps)
 
 
+def recipe_steps(build: TinyBuild, configs: Path = REPO_CONFIGS) -> dict[str, int]:
+    """The steps of stages V, 0, 1 and 2: the build's, or the recipe's where the build leaves them None."""
+    from owl2.experiments.vision_pretrain import VisionPretrainConfig
+    from owl2.training.config import load_recipe
+
+    steps = {"V": build.vision_steps or VisionPretrainConfig.from_toml(configs / "vision.toml").steps}
+    for stage, own in (("0", build.stage0_steps), ("1", build.stage1_steps), ("2", build.stage2_steps)):
+        steps[stage] = own or load_recipe(configs / f"stage{stage}.toml", validate=False).train.max_steps
+    return steps
+
+
 def evaluate_tiny(model_dir: Path, eval_dir: Path, output: Path, *, limit: int | None = None) -> dict[str, Any]:
     """The shapes-world report of ``model_dir`` (``owl2 eval --task shapes``)."""
     import owl2

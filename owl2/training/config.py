@@ -235,8 +235,12 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def load_recipe(name_or_path: str | os.PathLike[str] | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """The :class:`TrainConfig` of a recipe file or packaged recipe name, with ``overrides`` applied."""
+def load_recipe(name_or_path: str | os.PathLike[str] | None = None, overrides: list[str] = (), *,
+                validate: bool = True) -> TrainConfig:
+    """The :class:`TrainConfig` of a recipe file or packaged recipe name, with ``overrides`` applied.
+
+    ``validate=False`` reads a recipe that is not complete on its own (``configs/tiny/``: the build fills in the
+    model and the data) without checking it."""
     data = _read_recipe(_resolve_recipe_file(name_or_path)) if name_or_path is not None else {}
     for text in overrides:
         keys, value = parse_override(text)
@@ -247,5 +251,6 @@ def load_recipe(name_or_path: str | os.PathLike[str] | None = None, overrides: l
                 raise RecipeError(f"override {text!r}: {key} is not a section")
         target[keys[-1]] = value
     config = _build(TrainConfig, data, "")
-    config.validate()
+    if validate:
+        config.validate()
     return config

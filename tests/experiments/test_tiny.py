@@ -3,6 +3,7 @@ on held-out scenes; and the build and ablation machinery runs end to end at toy 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -24,7 +25,14 @@ from owl2.data.shapes import (
 )
 from owl2.evaluation import evaluate
 from owl2.experiments.ablation import run_mam_ablation
-from owl2.experiments.tiny import ANSWER_EXAMPLES, EVAL_FILE, TinyBuild, build_tiny, default_model_dir
+from owl2.experiments.tiny import (
+    ANSWER_EXAMPLES,
+    EVAL_FILE,
+    TinyBuild,
+    build_tiny,
+    default_model_dir,
+    recipe_steps,
+)
 
 REPO = Path(__file__).parents[2]
 EXAMPLE = REPO / "examples" / "scene.png"
@@ -95,12 +103,28 @@ def test_build_and_ablation_run_at_toy_scale(tmp_path):
     assert tokenizer.decode(ids) == "Is there a small red circle?"
     assert json.loads((final / EVAL_FILE).read_text())["metrics"]["accuracy"] >= 0
     owl2.load(final, dtype="fp32", show_progress=False)
-    report = run_mam_ablation(tmp_path / "ablation", build=build)
+    with pytest.raises(ValueError, match=r"no build\.json"):
+        run_mam_ablation(tmp_path / "ablation", build=build, mam_build=tmp_path / "build" / "stage2")
+    report = run_mam_ablation(tmp_path / "ablation", build=build, mam_build=tmp_path / "build")
     assert set(report["results"]) == {"MAM (modality-adaptive norms and K/V)", "no MAM (shared norms and K/V)"}
+    assert not (tmp_path / "ablation" / "mam").exists()  # the build is the MAM variant
+    assert report["results"]["MAM (modality-adaptive norms and K/V)"]["per_type"] == {
+        kind: row["accuracy"] for kind, row in result["report"]["breakdown"].items()}
     off = owl2.load_model(tmp_path / "ablation" / "no-mam" / "stage2" / "final", show_progress=False)
     assert not off.config.modality_adaptive
     assert not any(".multiway.1." in n for n, _ in off.named_parameters())
-    assert "| variant | multimodal | text-only |" in (tmp_path / "ablation" / "report.md").read_text()
+    table = (tmp_path / "ablation" / "report.md").read_text()
+    assert "| variant | multimodal | text-only |" in table and "(stages V/0/1/2: 3/2/2/3)" in table
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "ablation" / "report.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_recipe_steps_fill_in_the_recipe(tmp_path):
+    (tmp_path / "vision.toml").write_text("[train]\nsteps = 11\n")
+    for stage, steps in (("0", 22), ("1", 44), ("2", 33)):
+        (tmp_path / f"stage{stage}.toml").write_text(f"[train]\nmax_steps = {steps}\n")
+    assert recipe_steps(TinyBuild(stage1_steps=7), tmp_path) == {"V": 11, "0": 22, "1": 7, "2": 33}
+    assert recipe_steps(TinyBuild())["0"] > 0  # the committed recipe reads without a model or data
 
 
 def test_build_options_on_the_command_line(capsys):
@@ -109,6 +133,7 @@ def test_build_options_on_the_command_line(capsys):
     default = build_parser().parse_args(["experiment", "build-tiny"])
     assert default.answer_style == "chained" and not default.object_pieces and not default.full
     assert build_parser().parse_args(["experiment", "mam-ablation", "--full"]).full
+    assert build_parser().parse_args(["experiment", "mam-ablation", "--from-build", "b"]).from_build == "b"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["experiment", "build-tiny", "--answer-style", "long"])
     assert "invalid choice: 'long'" in capsys.readouterr().err
