@@ -14,7 +14,9 @@
    scratch on all the data at 256 questions a step, next to the frozen stage-V vision side;
 4. the paper's two stages with ``owl2 train``: ``stage1.toml`` (vision encoder, abstractor and the MAM's image
    branch; language model frozen) and ``stage2.toml`` (everything, all data);
-5. ``owl2 eval --task shapes`` on the held-out set, and a model card with the figures.
+5. stage 3 (``stage3.toml``): a short focus on the top-or-bottom side questions, mixed 1:1 with the rest
+   (:func:`side_focus`), which stages 0-2 leave at chance;
+6. ``owl2 eval --task shapes`` on the held-out set, and a model card with the figures.
 
 A language model pre-trained on the conversations as plain text, as LLaMA-2 is, did not learn to read the visual
 tokens in stages 1 and 2 (its attention had settled on text positions; ``docs/experiments.md``), so stage 0 gives it
@@ -44,7 +46,7 @@ REPO_CONFIGS = PACKAGE_DIR.parent / "configs" / "tiny"
 IMAGE_SIZE = 64
 EVAL_FILE = "eval_results.json"
 """The held-out figures of the model card, machine-readable (the accuracy test compares with them)."""
-STAGE_DIRS = ("stage-v", "stage0", "stage1", "stage2")
+STAGE_DIRS = ("stage-v", "stage0", "stage1", "stage2", "stage3")
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 ANSWER_EXAMPLES = {"short": "yes", "restated": "red circle yes", "chained": "circle red yes",
                    "counted": "1 red circle, so yes.",
@@ -86,6 +88,8 @@ class TinyBuild:
     stage0_steps: int | None = None
     stage1_steps: int | None = None
     stage2_steps: int | None = None
+    stage3_steps: int | None = None
+    """0 leaves stage 3 out (the MAM ablation compares stages V to 2)."""
 
 
 def _corpus(records: list[dict[str, Any]]) -> list[str]:
@@ -133,7 +137,9 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     records = json.loads(train_json.read_text(encoding="utf-8"))
     mixed = data_dir / "train-mixed.json"
     atomic_write_text(mixed, json.dumps(vary_prompts(records, build.seed)))
-    paths = {"train": mixed}
+    side = data_dir / "side-focus.json"
+    atomic_write_text(side, json.dumps(side_focus(json.loads(mixed.read_text(encoding="utf-8")), build.seed)))
+    paths = {"train": mixed, "side": side}
     eval_dir = workdir / "eval"
     if not (eval_dir / "eval.jsonl").is_file():
         write_eval_set(eval_dir, scenes=build.eval_scenes, seed=build.seed, size=IMAGE_SIZE,
@@ -150,6 +156,26 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     processor = ImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE, default_policy="stretch")
     atomic_write_text(init / PREPROCESSOR_CONFIG_NAME, json.dumps(processor.to_dict(), indent=2) + "\n")
     return {**paths, "eval": eval_dir, "init": init}
+
+
+SIDE_QUESTION = "top or bottom?"
+
+
+def side_focus(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Stage 3's data: every record that asks whether an object is at the top or the bottom, and as many others
+    drawn at random, shuffled. Stages 0-2 leave these questions at chance although the model reads the vertical
+    position (``docs/experiments.md``, twelfth session)."""
+    import random
+
+    def asks_side(record: dict[str, Any]) -> bool:
+        return SIDE_QUESTION in record["conversations"][0]["value"]
+
+    side = [r for r in records if asks_side(r)]
+    others = [r for r in records if not asks_side(r)]
+    random.Random(seed).shuffle(others)
+    chosen = side + others[:len(side)]
+    random.Random(seed + 1).shuffle(chosen)
+    return chosen
 
 
 def pretrain_vision_side(workdir: Path, paths: dict[str, Path], build: TinyBuild,
@@ -210,15 +236,15 @@ def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, config
                  vision: Path | None = None) -> Path:
     """Stage V (unless ``vision``, a stage-V model directory, is given), stage 0 (the language model from scratch
     next to the frozen stage-V vision side), stage 1 (vision side and the MAM's image branch, language model frozen)
-    and stage 2 (everything); returns the final checkpoint directory."""
+    stage 2 (everything) and stage 3 (unless ``build.stage3_steps`` is 0); returns the final checkpoint directory."""
     from owl2.training.config import load_recipe
     from owl2.training.trainer import train
 
     def quoted(path: Path) -> str:
         return json.dumps(str(path))
 
-    def run(recipe: str, output: str, start: Path, steps: int | None) -> Path:
-        overrides = [f"output_dir={quoted(workdir / output)}", f"data.path={quoted(paths['train'])}",
+    def run(recipe: str, output: str, start: Path, steps: int | None, data: str = "train") -> Path:
+        overrides = [f"output_dir={quoted(workdir / output)}", f"data.path={quoted(paths[data])}",
                      f"model.path={quoted(start)}"]
         if steps is not None:
             overrides.append(f"train.max_steps={steps}")
@@ -228,17 +254,23 @@ def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, config
     start = start_from_vision(vision, paths["init"], workdir / "stage0-init", build.seed)
     language = run("stage0.toml", "stage0", start, build.stage0_steps)
     aligned = run("stage1.toml", "stage1", language, build.stage1_steps)
-    return run("stage2.toml", "stage2", aligned, build.stage2_steps)
+    tuned = run("stage2.toml", "stage2", aligned, build.stage2_steps)
+    if build.stage3_steps == 0:
+        return tuned
+    return run("stage3.toml", "stage3", tuned, build.stage3_steps, data="side")
 
 
 def recipe_steps(build: TinyBuild, configs: Path = REPO_CONFIGS) -> dict[str, int]:
-    """The steps of stages V, 0, 1 and 2: the build's, or the recipe's where the build leaves them None."""
+    """The steps of stages V, 0, 1, 2 and 3: the build's, or the recipe's where the build leaves them None."""
     from owl2.experiments.vision_pretrain import VisionPretrainConfig
     from owl2.training.config import load_recipe
 
-    steps = {"V": build.vision_steps or VisionPretrainConfig.from_toml(configs / "vision.toml").steps}
-    for stage, own in (("0", build.stage0_steps), ("1", build.stage1_steps), ("2", build.stage2_steps)):
-        steps[stage] = own or load_recipe(configs / f"stage{stage}.toml", validate=False).train.max_steps
+    steps = {"V": build.vision_steps if build.vision_steps is not None
+             else VisionPretrainConfig.from_toml(configs / "vision.toml").steps}
+    for stage, own in (("0", build.stage0_steps), ("1", build.stage1_steps), ("2", build.stage2_steps),
+                       ("3", build.stage3_steps)):
+        steps[stage] = own if own is not None else load_recipe(configs / f"stage{stage}.toml",
+                                                               validate=False).train.max_steps
     return steps
 
 
@@ -265,6 +297,9 @@ def model_card(build: TinyBuild, report: dict[str, Any], minutes: dict[str, floa
         (build.object_pieces, 'one tokenizer piece per object phrase such as "red circle" (`object_pieces`)'),
     ) if on]
     data_options = f" With {' and '.join(options)}." if options else ""
+    stage3 = ("5. Stage 3, `stage3.toml`: everything, on the top-or-bottom side questions mixed 1:1 with the "
+              "rest (`side_focus`).\n") if build.stage3_steps != 0 else ""
+    stage3_minutes = f", stage 3 {minutes['stage3']:.1f} min" if build.stage3_steps != 0 else ""
     return f"""# owl2-tiny
 
 The mPLUG-Owl2 architecture at small scale (vision encoder, visual abstractor, LLaMA decoder with the
@@ -302,9 +337,9 @@ CLIP ViT-L/14 and LLaMA-2; owl2-tiny makes its own first.
 3. The paper's stage 1, `stage1.toml`: the vision encoder, the abstractor and the MAM's image branch, with the
    language model frozen.
 4. The paper's stage 2, `stage2.toml`: everything, on all the data.
-
+{stage3}
 Training time on 2 CPU cores: stage V {minutes['stage-v']:.1f} min, stage 0 {minutes['stage0']:.1f} min, stage 1
-{minutes['stage1']:.1f} min, stage 2 {minutes['stage2']:.1f} min.
+{minutes['stage1']:.1f} min, stage 2 {minutes['stage2']:.1f} min{stage3_minutes}.
 
 ## Held-out accuracy (`owl2 eval --task shapes`, {build.eval_scenes} scenes of the `eval` stream)
 Overall: **{metrics['accuracy']:.1f} %** (caption CIDEr-D {metrics.get('caption_CIDEr', float('nan')):.1f}).

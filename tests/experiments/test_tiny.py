@@ -32,6 +32,7 @@ from owl2.experiments.tiny import (
     build_tiny,
     default_model_dir,
     recipe_steps,
+    side_focus,
 )
 
 REPO = Path(__file__).parents[2]
@@ -83,9 +84,10 @@ def test_demo_draws_and_asks(tmp_path, capsys):
 
 def test_build_and_ablation_run_at_toy_scale(tmp_path):
     build = TinyBuild(scenes=24, text_items=16, eval_scenes=3, eval_text_items=4, vocab_size=560, vision_steps=3,
-                      stage0_steps=2, stage1_steps=2, stage2_steps=3, answer_style="counted", object_pieces=True)
+                      stage0_steps=2, stage1_steps=2, stage2_steps=3, stage3_steps=2, answer_style="counted",
+                      object_pieces=True)
     result = build_tiny(tmp_path / "build", build)
-    assert result["final"] == tmp_path / "build" / "stage2" / "final"
+    assert result["final"] == tmp_path / "build" / "stage3" / "final"
     records = json.loads((tmp_path / "build" / "data" / "focus.json").read_text())
     assert all(len(r["conversations"]) == 2 for r in records)  # one question per record
     assert sum("image" not in r for r in records) == 16
@@ -108,8 +110,8 @@ def test_build_and_ablation_run_at_toy_scale(tmp_path):
     report = run_mam_ablation(tmp_path / "ablation", build=build, mam_build=tmp_path / "build")
     assert set(report["results"]) == {"MAM (modality-adaptive norms and K/V)", "no MAM (shared norms and K/V)"}
     assert not (tmp_path / "ablation" / "mam").exists()  # the build is the MAM variant
-    assert report["results"]["MAM (modality-adaptive norms and K/V)"]["per_type"] == {
-        kind: row["accuracy"] for kind, row in result["report"]["breakdown"].items()}
+    assert (tmp_path / "build" / "eval-results" / "stage2").is_dir()  # the build's stage 2: the ablation skips 3
+    assert not (tmp_path / "ablation" / "no-mam" / "stage3").exists()
     off = owl2.load_model(tmp_path / "ablation" / "no-mam" / "stage2" / "final", show_progress=False)
     assert not off.config.modality_adaptive
     assert not any(".multiway.1." in n for n, _ in off.named_parameters())
@@ -121,10 +123,22 @@ def test_build_and_ablation_run_at_toy_scale(tmp_path):
 
 def test_recipe_steps_fill_in_the_recipe(tmp_path):
     (tmp_path / "vision.toml").write_text("[train]\nsteps = 11\n")
-    for stage, steps in (("0", 22), ("1", 44), ("2", 33)):
+    for stage, steps in (("0", 22), ("1", 44), ("2", 33), ("3", 55)):
         (tmp_path / f"stage{stage}.toml").write_text(f"[train]\nmax_steps = {steps}\n")
-    assert recipe_steps(TinyBuild(stage1_steps=7), tmp_path) == {"V": 11, "0": 22, "1": 7, "2": 33}
+    assert recipe_steps(TinyBuild(stage1_steps=7, stage3_steps=0), tmp_path) == {"V": 11, "0": 22, "1": 7, "2": 33,
+                                                                                 "3": 0}
     assert recipe_steps(TinyBuild())["0"] > 0  # the committed recipe reads without a model or data
+
+
+def test_side_focus_by_hand():
+    def record(question: str) -> dict:
+        return {"conversations": [{"from": "human", "value": f"<|image|>\n{question}"}, {"from": "gpt", "value": "x"}]}
+
+    side = [record(f"Which side of the image is the {s} on, top or bottom?") for s in ("circle", "cross", "square")]
+    others = [record(f"How many {s}s are there?") for s in ("circle", "cross", "square", "diamond", "triangle")]
+    chosen = side_focus(others[:2] + side + others[2:], seed=0)
+    assert len(chosen) == 6 and all(r in chosen for r in side)  # every side question, as many others
+    assert sum(r in others for r in chosen) == 3 and chosen == side_focus(others[:2] + side + others[2:], seed=0)
 
 
 def test_build_options_on_the_command_line(capsys):
