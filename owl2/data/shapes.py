@@ -59,6 +59,7 @@ __all__ = [
     "ShapeObject",
     "MIN_RENDER_SIZE",
     "PLURALS",
+    "SIDE_OPTIONS",
     "TEXTURES",
     "VERTICAL_ORDER_PROMPT",
     "accuracy_by_type",
@@ -147,6 +148,8 @@ CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 MC_LETTERS = "ABCD"
 
 SIDES: tuple[str, ...] = ("left", "right", "top", "bottom")
+SIDE_OPTIONS = tuple(f"{SIDES[2 * axis]} or {SIDES[2 * axis + 1]}" for axis in (0, 1))
+"""How a side question offers its answers, per axis: ``"left or right"``, ``"top or bottom"``."""
 SIDE_MARGIN = 0.02
 """An object is on a side only when its whole box is at least this far past the image's midline."""
 RELATION_MARGIN = 0.02
@@ -541,8 +544,7 @@ def _position_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str
     sided = [(o, ref, axis, side) for o, ref in refs for axis in (0, 1) if (side := side_of(o, axis))]
     if sided:
         _, ref, axis, _side = rng.choice(sided)
-        options = "left or right" if axis == 0 else "top or bottom"
-        items.append((_short(f"Which side of the image is the {ref} on, {options}?"), _side))
+        items.append((_short(f"Which side of the image is the {ref} on, {SIDE_OPTIONS[axis]}?"), _side))
     return items
 
 
@@ -611,7 +613,7 @@ def binding_drills(scene: Scene, rng: random.Random | int | str) -> list[QAItem]
         if ref := _refer(obj, scene, (("colour",), ("size", "colour"))):
             pairs.append(("shape", f"What shape is the {ref} object?", obj.shape))
         if ref := _refer(obj, scene):
-            for axis, options in ((0, "left or right"), (1, "top or bottom")):
+            for axis, options in enumerate(SIDE_OPTIONS):
                 if side := side_of(obj, axis):
                     pairs.append(("position", f"Which side of the image is the {ref} on, {options}?", side))
     for key, values, phrase in (("colour", tuple(COLOURS), "{} object"), ("shape", SHAPES, "{}")):
@@ -667,22 +669,15 @@ def listed_answer(scene: Scene, question: str, *, marked: bool = False) -> str:
     """
     first = question.split("\n")[0]
     ordered = _left_to_right(scene)
-    if match := re.fullmatch(r"How many (\w+)(?: shapes)? are there\?", first):
-        word = match.group(1)
-        key = "shape" if word in _SINGULAR else "colour" if word in COLOURS else None
-        if key is None:
-            raise ValueError(f"not a count of one shape or colour: {question!r}")
-        value = _SINGULAR.get(word, word)
+    if counted := _counted(question):
+        key, value = counted
         entries = [(getattr(o, key), getattr(o, key) == value) for o in ordered]
         answer = str(sum(hit for _, hit in entries))
     else:
         if match := re.fullmatch(r"What (colour|shape) is the ((?:(?:small|large) )?\w+)(?: object)?\?", first):
             asked, wanted = match.group(1), _attributes(match.group(2).split())
-            found = [o for o in scene.objects if _matches(o, wanted)]
-            if len(found) != 1:
-                raise ValueError(f"not a question about one object of this scene: {question!r}")
             keys = ("size", "colour", "shape") if "size" in wanted else ("colour", "shape")
-            answer = getattr(found[0], asked)
+            answer = getattr(_the_object(scene, match.group(2), question), asked)
         else:
             _, wanted = _asked_existence(question)
             keys = tuple(k for k in ("size", "colour", "shape") if k in wanted)
@@ -719,14 +714,10 @@ def chained_answer(scene: Scene, question: str) -> str:
     """
     first = question.split("\n")[0]
     ordered = _left_to_right(scene)
-    if match := re.fullmatch(r"How many (\w+)(?: shapes)? are there\?", first):
-        word = match.group(1)
-        if word in COLOURS:
-            listed = [o.shape for o in ordered if o.colour == word]
-        elif word in _SINGULAR:
-            listed = [o.colour for o in ordered if o.shape == _SINGULAR[word]]
-        else:
-            raise ValueError(f"not a count of one shape or colour: {question!r}")
+    if counted := _counted(question):
+        key, value = counted
+        other = "colour" if key == "shape" else "shape"
+        listed = [getattr(o, other) for o in ordered if getattr(o, key) == value]
         return f"{first.split(' are there')[0].removeprefix('How many ')} {' '.join(listed) or 'none'} {len(listed)}"
     words, wanted = _asked_existence(question)
     colour = wanted.pop("colour", None)
@@ -749,19 +740,15 @@ def chained_position_answer(scene: Scene, question: str, answer: str) -> str:
     one does.
     """
     first = question.split("\n")[0]
-    if match := re.fullmatch(r"Which side of the image is the (.+) on, (?:left or right|top or bottom)\?", first):
+    if match := re.fullmatch(rf"Which side of the image is the (.+) on, (?:{'|'.join(SIDE_OPTIONS)})\?", first):
         return f"{match.group(1)} {answer}"
     relations = "|".join(_RELATIONS)
     match = re.fullmatch(rf"Is the (.+) ({relations}) the (.+)\?", first)
     if match is None:
         raise ValueError(f"not a position question: {question!r}")
     axis = _RELATIONS[match.group(2)][0]
-    placed = []
-    for reference in (match.group(1), match.group(3)):
-        found = [o for o in scene.objects if _matches(o, _attributes(reference.split()))]
-        if len(found) != 1:
-            raise ValueError(f"{reference!r} does not name one object of the scene: {question!r}")
-        placed.append((found[0].centre[axis], reference))
+    placed = [(_the_object(scene, reference, question).centre[axis], reference)
+              for reference in (match.group(1), match.group(3))]
     return f"{' '.join(reference for _, reference in sorted(placed))} {answer}"
 
 
@@ -818,6 +805,29 @@ def _asked_existence(question: str) -> tuple[list[str], dict[str, str]]:
         raise ValueError(f"not an existence question: {question!r}")
     words = match.group(1).split()
     return words, _attributes(words)
+
+
+def _counted(question: str) -> tuple[str, str] | None:
+    """What a count of one shape or colour counts (``"How many circles are there?"`` -> ``("shape", "circle")``,
+    ``"How many red shapes are there?"`` -> ``("colour", "red")``); None for any other question."""
+    match = re.fullmatch(r"How many (\w+)(?: shapes)? are there\?", question.split("\n")[0])
+    if match is None:
+        return None
+    word = match.group(1)
+    if word in _SINGULAR:
+        return "shape", _SINGULAR[word]
+    if word in COLOURS:
+        return "colour", word
+    raise ValueError(f"not a count of one shape or colour: {question!r}")
+
+
+def _the_object(scene: Scene, reference: str, question: str) -> ShapeObject:
+    """The one object of ``scene`` that ``reference`` (``"small red circle"``) names; ``ValueError`` otherwise."""
+    found = [o for o in scene.objects if _matches(o, _attributes(reference.split()))]
+    if len(found) != 1:
+        raise ValueError(f"not a question about one object of this scene: {reference!r} does not name one object "
+                         f"({len(found)} match): {question!r}")
+    return found[0]
 
 
 def _attributes(words: Sequence[str]) -> dict[str, str]:

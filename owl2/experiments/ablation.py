@@ -25,6 +25,7 @@ from owl2.experiments.tiny import (
     prepare,
     pretrain_vision_side,
     recipe_steps,
+    results_dir,
     train_stages,
 )
 from owl2.utils import atomic_write_text, pyplot, save_figure
@@ -76,8 +77,7 @@ def run_mam_ablation(workdir: str | os.PathLike[str], *, scenes: int | None = No
         started = time.perf_counter()
         final = train_stages(run_dir, {**shared, "init": init}, build, configs, vision=vision)
         minutes = (time.perf_counter() - started) / 60
-        # build_tiny's results folder, so that a reused build's evaluation is read back rather than run again
-        report = evaluate_tiny(final, shared["eval"], run_dir / "eval-results" / final.parent.name)
+        report = evaluate_tiny(final, shared["eval"], results_dir(run_dir, final))  # a reused build's is read back
         breakdown = report["breakdown"]
         text_types = set(TEXT_QUESTION_TYPES)
         results[name] = {

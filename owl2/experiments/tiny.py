@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -106,8 +107,6 @@ def vary_prompts(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any
     """The training records with the prompt written the ways users write it: half without the newline after the
     image placeholder (``owl2 ask`` and the official CLI put the text right after the image), and a third of the
     short-answer questions without the "Answer the question using a single word or phrase." suffix."""
-    import random
-
     rng = random.Random(f"owl2-tiny/prompts/{seed}")
     varied = []
     for record in records:
@@ -135,10 +134,10 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
                                      text_items=build.text_items, answer_style=build.answer_style,
                                      vertical_orders=build.vertical_orders)
     records = json.loads(train_json.read_text(encoding="utf-8"))
-    mixed = data_dir / "train-mixed.json"
-    atomic_write_text(mixed, json.dumps(vary_prompts(records, build.seed)))
-    side = data_dir / "side-focus.json"
-    atomic_write_text(side, json.dumps(side_focus(json.loads(mixed.read_text(encoding="utf-8")), build.seed)))
+    mixed, side = data_dir / "train-mixed.json", data_dir / "side-focus.json"
+    mixed_records = vary_prompts(records, build.seed)
+    atomic_write_text(mixed, json.dumps(mixed_records))
+    atomic_write_text(side, json.dumps(side_focus(mixed_records, build.seed)))
     paths = {"train": mixed, "side": side}
     eval_dir = workdir / "eval"
     if not (eval_dir / "eval.jsonl").is_file():
@@ -158,17 +157,16 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     return {**paths, "eval": eval_dir, "init": init}
 
 
-SIDE_QUESTION = "top or bottom?"
-
-
 def side_focus(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
     """Stage 3's data: every record that asks whether an object is at the top or the bottom, and as many others
     drawn at random, shuffled. Stages 0-2 leave these questions at chance although the model reads the vertical
     position (``docs/experiments.md``, twelfth session)."""
-    import random
+    from owl2.data.shapes import SIDE_OPTIONS
+
+    asked = f"{SIDE_OPTIONS[1]}?"
 
     def asks_side(record: dict[str, Any]) -> bool:
-        return SIDE_QUESTION in record["conversations"][0]["value"]
+        return asked in record["conversations"][0]["value"]
 
     side = [r for r in records if asks_side(r)]
     others = [r for r in records if not asks_side(r)]
@@ -274,6 +272,12 @@ def recipe_steps(build: TinyBuild, configs: Path = REPO_CONFIGS) -> dict[str, in
     return steps
 
 
+def results_dir(workdir: Path, final: Path) -> Path:
+    """Where the held-out evaluation of ``final`` (a stage's final checkpoint under ``workdir``) goes: one folder per
+    stage, as the evaluation resumes from the predictions it finds."""
+    return workdir / "eval-results" / final.parent.name
+
+
 def evaluate_tiny(model_dir: Path, eval_dir: Path, output: Path, *, limit: int | None = None) -> dict[str, Any]:
     """The shapes-world report of ``model_dir`` (``owl2 eval --task shapes``)."""
     import owl2
@@ -362,8 +366,7 @@ def build_tiny(workdir: str | os.PathLike[str], build: TinyBuild | None = None, 
     trained = time.perf_counter()
     minutes = {"prepare": (prepared - started) / 60, "total": (trained - prepared) / 60,
                **{stage: _stage_minutes(workdir / stage) for stage in STAGE_DIRS}}
-    # one results folder per final model: the evaluation resumes from the predictions it finds
-    report = evaluate_tiny(final, paths["eval"], workdir / "eval-results" / final.parent.name)
+    report = evaluate_tiny(final, paths["eval"], results_dir(workdir, final))
     config = json.loads((final / "config.json").read_text(encoding="utf-8"))
     probe = json.loads((workdir / "stage-v" / PROBE_FILE).read_text(encoding="utf-8"))
     atomic_write_text(final / "README.md", model_card(build, report, minutes, config, probe))
