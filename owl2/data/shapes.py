@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from owl2.processing.tokenizer import IMAGE_PLACEHOLDER
+
 __all__ = [
     "ANSWER_STYLES",
     "BACKGROUNDS",
@@ -63,6 +65,7 @@ __all__ = [
     "TEXTURES",
     "VERTICAL_ORDER_PROMPT",
     "accuracy_by_type",
+    "asked_shape_count",
     "binding_drills",
     "caption",
     "chained_answer",
@@ -74,6 +77,7 @@ __all__ = [
     "read_eval_set",
     "render_scene",
     "restyled",
+    "scene_of_training_image",
     "scene_questions",
     "score_answer",
     "side_of",
@@ -798,6 +802,14 @@ def choice_answer(choices: Sequence[str], letter: str) -> str:
     return f"{choices[MC_LETTERS.index(letter)]} {letter}"
 
 
+def asked_shape_count(scene: Scene, question: str) -> int:
+    """How many objects of ``scene`` have the shape (and the size) an existence question asks about, whatever their
+    colour: the number of colours its :func:`chained_answer` lists. ``question`` may carry the image placeholder."""
+    _, wanted = _asked_existence(question.removeprefix(IMAGE_PLACEHOLDER).lstrip("\n"))
+    wanted.pop("colour", None)
+    return sum(_matches(o, wanted) for o in scene.objects)
+
+
 def _asked_existence(question: str) -> tuple[list[str], dict[str, str]]:
     """The words after "Is there a" and the attributes they ask for (``{"colour": "red", "shape": "circle"}``)."""
     match = re.fullmatch(r"Is there an? ((?:(?:small|large) )?(?:\w+ )?\w+)\?", question.split("\n")[0])
@@ -940,6 +952,15 @@ def _training_image(seed: int, index: int) -> str:
     return f"images/train-{seed}-{index:06d}.png"
 
 
+def scene_of_training_image(image: str) -> Scene:
+    """The scene behind a training record's image path (``"images/train-0-000377.png"``, :func:`_training_image`),
+    at the writers' default ``max_objects`` and ``zoom``: for labels the record does not carry."""
+    match = re.fullmatch(r"images/train-(\d+)-(\d+)\.png", image)
+    if match is None:
+        raise ValueError(f"not the image of a training scene: {image!r}")
+    return training_scene(int(match.group(1)), int(match.group(2)))
+
+
 def write_training_set(
     directory: str | os.PathLike[str],
     *,
@@ -1068,7 +1089,7 @@ def restyled(scene: Scene, items: list[QAItem], answer_style: str) -> list[QAIte
 def _llava_record(record_id: str, items: Sequence[QAItem], image: str | None) -> dict[str, Any]:
     conversations = []
     for k, item in enumerate(items):
-        value = f"<|image|>\n{item.question}" if image is not None and k == 0 else item.question
+        value = f"{IMAGE_PLACEHOLDER}\n{item.question}" if image is not None and k == 0 else item.question
         conversations += [{"from": "human", "value": value}, {"from": "gpt", "value": item.answer}]
     record: dict[str, Any] = {"id": record_id}
     if image is not None:

@@ -38,6 +38,7 @@ from owl2.data.shapes import (
     Scene,
     ShapeObject,
     accuracy_by_type,
+    asked_shape_count,
     binding_drills,
     chained_answer,
     chained_position_answer,
@@ -51,6 +52,7 @@ from owl2.data.shapes import (
     render_scene,
     restated_answer,
     restyled,
+    scene_of_training_image,
     scene_questions,
     score_answer,
     stream_rng,
@@ -481,6 +483,10 @@ def test_chained_answers_by_hand():
         "Is there a green triangle?": "triangle none no",
     }
     _check_yes_no_answers(existence, lambda question: chained_answer(scene, question))
+    for question, answer in existence.items():  # as a training record has it too, with the image placeholder
+        listed = answer.split()[1 + (answer.split()[0] in SIZES):-1]
+        assert asked_shape_count(scene, f"<|image|>\n{question}") == len(listed) - (listed == ["none"])
+    assert asked_shape_count(scene, "Is there a blue circle?") == 2  # whatever the colour
     counts = {  # what is counted, left to right: the colours of a shape, the shapes of a colour
         "How many circles are there?": "circles red red 2",
         "How many red shapes are there?\nAnswer the question using a single word or phrase.":
@@ -528,6 +534,7 @@ def test_chained_answers_follow_the_scene():
                 colours = [o.colour for o in sorted(scene.objects, key=lambda o: (o.x, o.y)) if o.shape == shape
                            and (words[0] not in SIZES or o.size == words[0])]
                 assert words[1 + (words[0] in SIZES):-1] == (colours or ["none"])
+                assert asked_shape_count(scene, item.question) == len(colours)
             if item.type == "position" and item.answer in ("yes", "no"):
                 subject = re.match(r"Is the (.+?) (?:to the|above|below)", item.question).group(1)
                 before = any(w in item.question for w in ("left of", "above"))
@@ -742,6 +749,12 @@ def test_focus_set(tmp_path):
              for r in focus]
     existence = [t for t in turns if t[0].startswith("Is there")]
     assert len(existence) == 16 and all(re.fullmatch(r"[a-z ]+ (yes|no)", answer) for _, answer in existence)
+    for record in focus:  # the image names the scene its answers come from
+        if record["conversations"][0]["value"].startswith("<|image|>\nIs there"):
+            question, answer = (turn["value"] for turn in record["conversations"])
+            assert chained_answer(scene_of_training_image(record["image"]), question.split("\n")[1]) == answer
+    with pytest.raises(ValueError, match="not the image of a training scene"):
+        scene_of_training_image("images/eval-0-000001.png")
     assert sum(question == CAPTION_PROMPT for question, _ in turns) == 8 and sum("image" not in r for r in focus) == 4
     for question, answer in turns:
         if MC_PROMPT in question:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from owl2.cli.main import build_parser
 from owl2.cli.main import main as cli
 from owl2.data.shapes import (
     ANSWER_STYLES,
+    SHAPES,
     Scene,
     ShapeObject,
     chained_answer,
@@ -21,6 +23,7 @@ from owl2.data.shapes import (
     listed_answer,
     restated_answer,
     score_answer,
+    training_scene,
     write_eval_set,
 )
 from owl2.evaluation import evaluate
@@ -32,7 +35,7 @@ from owl2.experiments.tiny import (
     build_tiny,
     default_model_dir,
     recipe_steps,
-    side_focus,
+    stage3_focus,
 )
 
 REPO = Path(__file__).parents[2]
@@ -130,15 +133,30 @@ def test_recipe_steps_fill_in_the_recipe(tmp_path):
     assert recipe_steps(TinyBuild())["0"] > 0  # the committed recipe reads without a model or data
 
 
-def test_side_focus_by_hand():
-    def record(question: str) -> dict:
-        return {"conversations": [{"from": "human", "value": f"<|image|>\n{question}"}, {"from": "gpt", "value": "x"}]}
+def test_stage3_focus_by_hand():
+    def record(kind: str, question: str, index: int = 0) -> dict:
+        turns = [{"from": "human", "value": f"<|image|>\n{question}"}, {"from": "gpt", "value": "x"}]
+        return {"id": f"shapes-train-0-{index:06d}-{kind}-0-focus", "image": f"images/train-0-{index:06d}.png",
+                "conversations": turns}
 
-    side = [record(f"Which side of the image is the {s} on, top or bottom?") for s in ("circle", "cross", "square")]
-    others = [record(f"How many {s}s are there?") for s in ("circle", "cross", "square", "diamond", "triangle")]
-    chosen = side_focus(others[:2] + side + others[2:], seed=0)
-    assert len(chosen) == 6 and all(r in chosen for r in side)  # every side question, as many others
-    assert sum(r in others for r in chosen) == 3 and chosen == side_focus(others[:2] + side + others[2:], seed=0)
+    # training scenes of seed 0 with a shape present twice, and with shapes present once and not at all
+    scenes = {index: Counter(o.shape for o in training_scene(0, index).objects) for index in range(40)}
+    twice = [(i, s) for i, shapes in scenes.items() for s, n in shapes.items() if n == 2][:2]
+    once = [(i, s) for i, shapes in scenes.items() for s, n in shapes.items() if n == 1][:2]
+    absent = [(i, s) for i, shapes in scenes.items() for s in SHAPES if s not in shapes][:1]
+    several = [record("existence", f"Is there a red {s}?", i) for i, s in twice]
+    single = [record("existence", f"Is there a red {s}?", i) for i, s in once + absent]
+    side = [record("position", f"Which side of the image is the {s} on, top or bottom?") for s in ("circle", "cross")]
+    others = [record("count", f"How many {s}s are there?") for s in ("circle", "cross", "square", "diamond")]
+    others += [record("position", "Which side of the image is the circle on, left or right?")]
+    records = others[:2] + single + side + several + others[2:]
+    chosen = stage3_focus(records, seed=0)
+    # every side question and every existence question about a shape present more than once, as many about one or
+    # none, and as many records again drawn from the rest
+    assert len(several) == 2 and len(single) == 3
+    assert len(chosen) == 2 * (2 + 2 + 2) and all(r in chosen for r in side + several)
+    assert sum(r in single for r in chosen) >= 2 and len({id(r) for r in chosen}) == len(chosen)
+    assert chosen == stage3_focus(records, seed=0) and chosen != stage3_focus(records, seed=1)
 
 
 def test_build_options_on_the_command_line(capsys):
