@@ -223,8 +223,8 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from owl2.data.shapes import ANSWER_STYLES
-    from owl2.experiments.tiny import ANSWER_EXAMPLES, TinyBuild
+    from owl2.data.shapes import ANSWER_EXAMPLES, ANSWER_STYLES
+    from owl2.experiments.tiny import TinyBuild
 
     parser = argparse.ArgumentParser(prog="owl2", description="mPLUG-Owl2 in plain PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     experiment = commands.add_parser(
         "experiment", help="build-tiny (train the embedded model) or mam-ablation (the paper's Table 5, small)",
-        description="build-tiny: the shapes-world data, a tokenizer, stages V and 0 to 2 with configs/tiny/, the "
+        description="build-tiny: the shapes-world data, a tokenizer, stages V and 0 to 3 with configs/tiny/, the "
         "held-out evaluation and the model card (--install replaces the embedded model). mam-ablation: trains the "
         "tiny model with and without the Modality-Adaptive Module on the same data and budget and reports "
         "multimodal and text-only accuracy side by side.",

@@ -45,6 +45,7 @@ from PIL import Image, ImageDraw
 from owl2.processing.tokenizer import IMAGE_PLACEHOLDER
 
 __all__ = [
+    "ANSWER_EXAMPLES",
     "ANSWER_STYLES",
     "BACKGROUNDS",
     "CAPTION_PROMPT",
@@ -854,6 +855,11 @@ def _matches(obj: ShapeObject, wanted: Mapping[str, str]) -> bool:
 
 ANSWER_STYLES = ("short", "restated", "chained", "counted", "listed", "marked")
 """The forms :func:`write_training_set` can give the training answers (``answer_style``)."""
+ANSWER_EXAMPLES = {"short": "yes", "restated": "red circle yes", "chained": "circle red yes",
+                   "counted": "1 red circle, so yes.",
+                   "listed": "red circle, blue cross, so yes.", "marked": "red circle 1, blue cross, so yes."}
+"""How each style answers "Is there a red circle?" about a red circle and a blue cross, left to right (the CLI's
+help and the model card quote it: a model answers in the style it was trained on)."""
 _SO = ", so "  # between a listed answer's list and its conclusion
 LISTED_TYPES = ("existence", "colour", "shape", "count")
 """The question types whose answers ``answer_style="listed"`` rewrites (the total count keeps its short answer)."""

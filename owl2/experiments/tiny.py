@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from owl2.data.shapes import ANSWER_EXAMPLES, SHORT_ANSWER_PROMPT
 from owl2.experiments.vision_pretrain import PROBE_FILE
 from owl2.training.optim import VISION_SIDE
 from owl2.utils import atomic_write_text
@@ -48,12 +49,6 @@ IMAGE_SIZE = 64
 EVAL_FILE = "eval_results.json"
 """The held-out figures of the model card, machine-readable (the accuracy test compares with them)."""
 STAGE_DIRS = ("stage-v", "stage0", "stage1", "stage2", "stage3")
-SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
-ANSWER_EXAMPLES = {"short": "yes", "restated": "red circle yes", "chained": "circle red yes",
-                   "counted": "1 red circle, so yes.",
-                   "listed": "red circle, blue cross, so yes.", "marked": "red circle 1, blue cross, so yes."}
-"""How each training answer style answers "Is there a red circle?" about a red circle and a blue cross (the model
-card quotes it: the model answers in the style it was trained on)."""
 
 
 def default_model_dir() -> Path:
@@ -113,7 +108,7 @@ def vary_prompts(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any
         turns = [dict(turn) for turn in record["conversations"]]
         for turn in turns[::2]:
             if rng.random() < 1 / 3:
-                turn["value"] = turn["value"].replace(f"\n{SHORT_ANSWER_SUFFIX}", "")
+                turn["value"] = turn["value"].replace(f"\n{SHORT_ANSWER_PROMPT}", "")
         if turns[0]["value"].startswith("<|image|>\n") and rng.random() < 0.5:
             turns[0]["value"] = "<|image|>" + turns[0]["value"].removeprefix("<|image|>\n")
         varied.append({**record, "conversations": turns})

@@ -21,6 +21,8 @@ import pytest
 
 from owl2.data import SupervisedDataset, read_records
 from owl2.data.shapes import (
+    ANSWER_EXAMPLES,
+    ANSWER_STYLES,
     BACKGROUNDS,
     CAPTION_PROMPT,
     COLOURS,
@@ -539,6 +541,16 @@ def test_chained_answers_follow_the_scene():
                 subject = re.match(r"Is the (.+?) (?:to the|above|below)", item.question).group(1)
                 before = any(w in item.question for w in ("left of", "above"))
                 assert chained.answer.startswith(subject + " ") == (before == (item.answer == "yes"))
+
+
+def test_the_answer_examples_are_the_answer_styles():
+    scene = Scene((ShapeObject("circle", "red", "large", 0.2, 0.5, 0.2),
+                   ShapeObject("cross", "blue", "small", 0.7, 0.5, 0.12)), "grey")
+    question = "Is there a red circle?"
+    made = {"short": "yes", "restated": restated_answer(question, "yes"), "chained": chained_answer(scene, question),
+            "counted": counted_existence_answer(scene, question), "listed": listed_answer(scene, question),
+            "marked": listed_answer(scene, question, marked=True)}
+    assert made == ANSWER_EXAMPLES and set(made) == set(ANSWER_STYLES)
 
 
 def test_marked_listed_answer_by_hand():

@@ -14,14 +14,7 @@ import owl2
 from owl2.cli.main import build_parser
 from owl2.cli.main import main as cli
 from owl2.data.shapes import (
-    ANSWER_STYLES,
     SHAPES,
-    Scene,
-    ShapeObject,
-    chained_answer,
-    counted_existence_answer,
-    listed_answer,
-    restated_answer,
     score_answer,
     training_scene,
     write_eval_set,
@@ -29,7 +22,6 @@ from owl2.data.shapes import (
 from owl2.evaluation import evaluate
 from owl2.experiments.ablation import run_mam_ablation
 from owl2.experiments.tiny import (
-    ANSWER_EXAMPLES,
     EVAL_FILE,
     TinyBuild,
     build_tiny,
@@ -169,13 +161,3 @@ def test_build_options_on_the_command_line(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["experiment", "build-tiny", "--answer-style", "long"])
     assert "invalid choice: 'long'" in capsys.readouterr().err
-
-
-def test_the_card_examples_are_the_answer_styles():
-    scene = Scene((ShapeObject("circle", "red", "large", 0.2, 0.5, 0.2),
-                   ShapeObject("cross", "blue", "small", 0.7, 0.5, 0.12)), "grey")
-    question = "Is there a red circle?"
-    made = {"short": "yes", "restated": restated_answer(question, "yes"), "chained": chained_answer(scene, question),
-            "counted": counted_existence_answer(scene, question), "listed": listed_answer(scene, question),
-            "marked": listed_answer(scene, question, marked=True)}
-    assert made == ANSWER_EXAMPLES and set(made) == set(ANSWER_STYLES)
