@@ -39,6 +39,7 @@ from typing import Any
 
 from owl2.data.shapes import ANSWER_EXAMPLES, SHORT_ANSWER_PROMPT
 from owl2.experiments.vision_pretrain import PROBE_FILE
+from owl2.processing.tokenizer import IMAGE_PLACEHOLDER
 from owl2.training.optim import VISION_SIDE
 from owl2.utils import atomic_write_text
 
@@ -87,6 +88,11 @@ class TinyBuild:
     stage3_steps: int | None = None
     """0 leaves stage 3 out (the MAM ablation compares stages V to 2)."""
 
+    @property
+    def runs_stage3(self) -> bool:
+        """Whether stage 3 runs (and its data is written): unless ``stage3_steps`` is 0."""
+        return self.stage3_steps != 0
+
 
 def _corpus(records: list[dict[str, Any]]) -> list[str]:
     """Every training text as the template renders it, so USER:/ASSISTANT: become pieces of their own."""
@@ -109,8 +115,8 @@ def vary_prompts(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any
         for turn in turns[::2]:
             if rng.random() < 1 / 3:
                 turn["value"] = turn["value"].replace(f"\n{SHORT_ANSWER_PROMPT}", "")
-        if turns[0]["value"].startswith("<|image|>\n") and rng.random() < 0.5:
-            turns[0]["value"] = "<|image|>" + turns[0]["value"].removeprefix("<|image|>\n")
+        if turns[0]["value"].startswith(f"{IMAGE_PLACEHOLDER}\n") and rng.random() < 0.5:
+            turns[0]["value"] = IMAGE_PLACEHOLDER + turns[0]["value"].removeprefix(f"{IMAGE_PLACEHOLDER}\n")
         varied.append({**record, "conversations": turns})
     return varied
 
@@ -129,11 +135,13 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
                                      text_items=build.text_items, answer_style=build.answer_style,
                                      vertical_orders=build.vertical_orders)
     records = json.loads(train_json.read_text(encoding="utf-8"))
-    mixed, focus = data_dir / "train-mixed.json", data_dir / "stage3-focus.json"
+    mixed = data_dir / "train-mixed.json"
     mixed_records = vary_prompts(records, build.seed)
     atomic_write_text(mixed, json.dumps(mixed_records))
-    atomic_write_text(focus, json.dumps(stage3_focus(mixed_records, build.seed)))
-    paths = {"train": mixed, "stage3": focus}
+    paths = {"train": mixed}
+    if build.runs_stage3:
+        paths["stage3"] = data_dir / "stage3-focus.json"
+        atomic_write_text(paths["stage3"], json.dumps(stage3_focus(mixed_records, build.seed)))
     eval_dir = workdir / "eval"
     if not (eval_dir / "eval.jsonl").is_file():
         write_eval_set(eval_dir, scenes=build.eval_scenes, seed=build.seed, size=IMAGE_SIZE,
@@ -259,7 +267,7 @@ def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, config
     language = run("stage0.toml", "stage0", start, build.stage0_steps)
     aligned = run("stage1.toml", "stage1", language, build.stage1_steps)
     tuned = run("stage2.toml", "stage2", aligned, build.stage2_steps)
-    if build.stage3_steps == 0:
+    if not build.runs_stage3:
         return tuned
     return run("stage3.toml", "stage3", tuned, build.stage3_steps, data="stage3")
 
@@ -309,8 +317,8 @@ def model_card(build: TinyBuild, report: dict[str, Any], minutes: dict[str, floa
     data_options = f" With {' and '.join(options)}." if options else ""
     stage3 = ("5. Stage 3, `stage3.toml`: everything, on the top-or-bottom side questions and the existence questions "
               "about a shape present more than once (with as many about one or none), mixed 1:1 with the rest "
-              "(`stage3_focus`).\n") if build.stage3_steps != 0 else ""
-    stage3_minutes = f", stage 3 {minutes['stage3']:.1f} min" if build.stage3_steps != 0 else ""
+              "(`stage3_focus`).\n") if build.runs_stage3 else ""
+    stage3_minutes = f", stage 3 {minutes['stage3']:.1f} min" if build.runs_stage3 else ""
     return f"""# owl2-tiny
 
 The mPLUG-Owl2 architecture at small scale (vision encoder, visual abstractor, LLaMA decoder with the
