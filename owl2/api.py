@@ -1,4 +1,4 @@
-"""The Python API: ``pipe = owl2.load(path)``, then ``pipe.chat``, ``pipe.generate``, ``pipe.stream``, ``pipe.score``.
+"""The Python API: ``pipe = owl2.load(path)``, then ``pipe.chat``, ``generate``, ``stream``, ``score``, ``rate``.
 
 A pipeline bundles the model, its tokenizer and image processor, and a generation engine (which keeps the visual
 tokens of images it has seen). Prompts are either OpenAI-style message lists or a plain question string plus
@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from owl2.checkpoint.io import load_model, parse_dtype, resolve_checkpoint
 from owl2.generation import GenerationEngine, GenerationRequest, GenerationResult, SamplingParams
 from owl2.model.modeling import Owl2ForCausalLM
+
+if TYPE_CHECKING:
+    from owl2.rating import Rating
 
 Messages = list[dict[str, Any]]
 Prompt = str | Messages
@@ -103,6 +106,32 @@ class Pipeline:
         loglik = self.engine.loglikelihoods(request.prompt_ids, request.images, continuations)
         return loglik.softmax(0).tolist()
 
+    def rate(
+        self,
+        items: Any,
+        *,
+        task: str = "quality",
+        prompt: str = "scorer",
+        levels: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        weights: Sequence[float] | None = None,
+        batch_size: int = 8,
+        num_frames: int | None = None,
+        show_progress: bool = False,
+    ) -> list[Rating]:
+        """Rate images and videos as the Q-Align family of scorers does: one :class:`~owl2.rating.Rating` per item.
+
+        ``items``: images (path, bytes, PIL image, array) and videos (a video file path, a list of frames, or an
+        :class:`owl2.rating.Video`), mixed freely. ``task``: ``"quality"`` or ``"aesthetics"``. ``prompt``:
+        ``"scorer"`` (Q-Align's scorer classes, DeQA-Score), ``"eval"`` (Q-Align's evaluation scripts) or a template
+        of its own with one ``<|image|>``. ``levels`` / ``weights``: another word scale (default excellent..bad
+        weighted 5..1). ``batch_size`` items share one prefill; ``num_frames`` samples that many frames of each
+        video evenly (default: one per second of a video file, every frame of a list).
+        """
+        from owl2.rating import rate
+
+        return rate(self, items, task=task, prompt=prompt, levels=levels, weights=weights, batch_size=batch_size,
+                    num_frames=num_frames, show_progress=show_progress)
+
     def continuation_ids(self, prompt_ids: Sequence[int], choice: str) -> list[int]:
         """Token ids of ``choice`` as it would follow the prompt (a leading space, as after ``ASSISTANT:``)."""
         ids = self.tokenizer.encode(" " + choice.strip(), add_bos=False)
@@ -128,11 +157,16 @@ def load(
     *,
     policy: str | None = None,
     show_progress: bool = True,
+    adapter: str | os.PathLike[str] | None = None,
 ) -> Pipeline:
     """Load a checkpoint directory (or hub id) with its tokenizer and image processor into a :class:`Pipeline`.
 
     With no path, the embedded ``owl2-tiny`` (:func:`default_model`). ``device`` defaults to CUDA when available,
-    else the CPU; ``dtype`` to bfloat16.
+    else the CPU; ``dtype`` to bfloat16. ``adapter``: a LoRA adapter directory, owl2's own
+    (:func:`owl2.training.lora.save_adapter`) or the layout Q-Align and DeQA-Score publish
+    (``adapter_model.bin`` + ``non_lora_trainables.bin``), merged into the loaded weights
+    (:func:`owl2.training.lora.merge_into`; owl2's own layout needs peft). The tokenizer and image processor come
+    from the base checkpoint.
     """
     from owl2.processing.image import load_image_processor
     from owl2.processing.tokenizer import load_tokenizer
@@ -141,4 +175,8 @@ def load(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(directory, dtype=parse_dtype(dtype) or torch.bfloat16, device=device,
                        show_progress=show_progress)
+    if adapter is not None:
+        from owl2.training.lora import merge_into
+
+        model = merge_into(model, adapter)
     return Pipeline(model, load_tokenizer(directory), load_image_processor(directory), policy=policy)

@@ -1,4 +1,4 @@
-"""``owl2 merge BASE ADAPTER OUT``: fold a LoRA adapter into its base checkpoint (needs the ``train`` extra)."""
+"""``owl2 merge BASE ADAPTER OUT``: fold a LoRA adapter (owl2's or Q-Align's layout) into its base checkpoint."""
 
 from __future__ import annotations
 
@@ -24,12 +24,14 @@ def register(commands: Any) -> None:
     merge = commands.add_parser(
         "merge",
         help="merge a LoRA adapter into its base checkpoint",
-        description="Load BASE (owl2 or official checkpoint), apply the LoRA adapter directory ADAPTER (saved by "
-        "owl2.training.lora.save_adapter), fold it into the weights and write a plain owl2 checkpoint to OUT, "
-        "tokenizer and preprocessor files included. Needs peft (pip install owl2[train]).",
+        description="Load BASE (owl2 or official checkpoint), apply the LoRA adapter directory ADAPTER, fold it into "
+        "the weights and write a plain owl2 checkpoint to OUT, tokenizer and preprocessor files included. Two adapter "
+        "layouts are accepted: owl2's own (owl2 train lora, owl2.training.lora.save_adapter; needs peft: pip install "
+        "owl2[train]) and the one Q-Align and DeQA-Score publish (adapter_config.json, adapter_model.bin, "
+        "non_lora_trainables.bin; merged with plain torch, no peft needed).",
     )
     merge.add_argument("base", help="base checkpoint directory or Hugging Face hub id")
-    merge.add_argument("adapter", help="LoRA adapter directory")
+    merge.add_argument("adapter", help="LoRA adapter directory (owl2 or Q-Align / DeQA-Score layout)")
     merge.add_argument("out", help="output directory")
     merge.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                        help="dtype of the merged weights (default: the base's recorded dtype, else fp32)")

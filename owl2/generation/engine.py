@@ -287,6 +287,15 @@ class GenerationEngine:
         return sum(per_image if t == OFFICIAL_IMAGE_TOKEN else 1 for t in request.prompt_ids)
 
     # ---------------------------------------------------------------------------------------------------- scoring
+    def next_token_logits(self, rows: Sequence[Sequence[int]], images: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Float32 logits [B, V] that follow each official-form prompt in ``rows`` (one batched prefill, no decode).
+
+        Rows are left-padded together, so each row's logits equal those of the row alone."""
+        batch = self.prepare(rows, images)
+        self.check_context(batch["attention_mask"].sum(1))
+        with torch.inference_mode():
+            return self.model(**batch, logits_to_keep=1).logits[:, -1].float()
+
     def loglikelihoods(
         self,
         prompt_ids: Sequence[int],

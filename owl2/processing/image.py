@@ -74,9 +74,11 @@ __all__ = [
     "ImageError",
     "ImageProcessor",
     "ImageSource",
+    "checkpoint_policy",
     "expand_to_square",
     "load_image",
     "load_image_processor",
+    "policy_of_aspect_ratio",
     "stretch_to_square",
 ]
 
@@ -429,6 +431,9 @@ class ImageProcessor:
         if any(s == 0.0 for s in self.image_std):
             raise ValueError(f"image_std must not contain 0, got {self.image_std}")
         self.default_policy = _check_policy(default_policy)
+        #: The policy the checkpoint's ``config.json`` names (``image_aspect_ratio``), set by
+        #: :func:`load_image_processor`; it overrides a task's own default policy in evaluation.
+        self.checkpoint_policy: str | None = None
         self._table = self._value_table()
 
     # -------------------------------------------------------------------------------------------- configuration
@@ -613,24 +618,56 @@ def _check_policy(policy: str) -> str:
     return policy
 
 
+def policy_of_aspect_ratio(value: Any) -> str | None:
+    """The policy that a checkpoint's ``image_aspect_ratio`` (``config.json``) selects in the official
+    ``process_images``: ``"pad"`` letterboxes, ``"resize"`` stretches, any other value (training's ``"square"``)
+    leaves the image to the CLIP step alone (``crop``). ``None`` when the key is absent."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"image_aspect_ratio must be a string, got {value!r}")
+    return {"pad": "pad", "resize": "stretch"}.get(value, "crop")
+
+
+def checkpoint_policy(directory: str | os.PathLike[str]) -> str | None:
+    """The image policy named by ``image_aspect_ratio`` in the ``config.json`` of a checkpoint directory, if any.
+
+    The Q-Align family's checkpoints say ``"pad"``; the released mPLUG-Owl2 says nothing."""
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+        return None
+    value = read_json_object(config_path).get("image_aspect_ratio")
+    try:
+        return policy_of_aspect_ratio(value)
+    except ValueError as exc:
+        raise ValueError(f"{config_path}: {exc}") from None
+
+
 def load_image_processor(path: str | os.PathLike[str]) -> ImageProcessor:
     """The :class:`ImageProcessor` for a checkpoint directory (its ``preprocessor_config.json``) or a config file.
 
     A directory without ``preprocessor_config.json`` gives the defaults, which equal the released checkpoint's config
-    (converted checkpoints may not carry the file). A path that does not exist raises ``FileNotFoundError``; a file
-    that is not a JSON object, or holds invalid values, raises ``ValueError``.
+    (converted checkpoints may not carry the file). For a directory, ``image_aspect_ratio`` in its ``config.json``
+    sets ``default_policy`` and ``checkpoint_policy`` (:func:`checkpoint_policy`). A path that does not exist raises
+    ``FileNotFoundError``; a file that is not a JSON object, or holds invalid values, raises ``ValueError``.
     """
     path = Path(path)
+    named = None
     if path.is_dir():
+        named = checkpoint_policy(path)
         config_path = path / PREPROCESSOR_CONFIG_NAME
         if not config_path.is_file():
-            return ImageProcessor()
+            processor = ImageProcessor(default_policy=named or DEFAULT_POLICY)
+            processor.checkpoint_policy = named
+            return processor
     elif path.is_file():
         config_path = path
     else:
         raise FileNotFoundError(f"no checkpoint directory or preprocessor config at {str(path)!r}")
     config = read_json_object(config_path)
     try:
-        return ImageProcessor.from_dict(config)
+        processor = ImageProcessor.from_dict(config, default_policy=named or DEFAULT_POLICY)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{config_path}: {exc}") from exc
+    processor.checkpoint_policy = named
+    return processor

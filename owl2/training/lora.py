@@ -17,12 +17,20 @@ Int8LoraLinear` adapters on the targeted ones -- QLoRA's idea with our int8 kern
 required. Such an adapter is merged into the float base checkpoint.
 
 peft is an optional dependency (``pip install owl2[train]``); it is imported on first use.
+
+Besides owl2's own adapter directories, :func:`merge_into` and :func:`merge_adapter` read the layout that the
+LLaVA-style training code of Q-Align and DeQA-Score publishes (``adapter_config.json``, ``adapter_model.bin`` and
+``non_lora_trainables.bin``; see :func:`adapter_layout`). That layout is merged with plain torch, without peft:
+the fully trained tensors replace the base's, then each LoRA pair is folded in as
+``W + scale * B @ A`` (``scale = lora_alpha / r``) computed in float32.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -31,9 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from owl2.checkpoint.io import (
+    RECOMPUTED_KEYS,
     CheckpointError,
     copy_processing_files,
     load_model,
@@ -64,6 +74,10 @@ QUANTIZE_MODES = ("int8",)
 SETTINGS_FILE = "owl2_lora.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# The LLaVA-style layout of Q-Align / DeQA-Score: peft's pickled weights plus the fully trained tensors.
+ADAPTER_WEIGHTS_PICKLE = "adapter_model.bin"
+NON_LORA_FILE = "non_lora_trainables.bin"
+LAYOUTS = ("owl2", "llava")
 
 
 @dataclass
@@ -304,6 +318,199 @@ def load_adapter(
     return model
 
 
+# ------------------------------------------------------------------------------------- the two adapter layouts
+def adapter_layout(directory: str | os.PathLike[str]) -> str:
+    """Which layout the adapter directory uses: ``"owl2"`` or ``"llava"``.
+
+    ``"owl2"``: :func:`save_adapter`'s directory (``owl2_lora.json``), or any peft adapter saved as
+    ``adapter_model.safetensors``; loaded through peft. ``"llava"``: what Q-Align's and DeQA-Score's training code
+    publishes, ``adapter_model.bin`` (or ``.safetensors``) with ``non_lora_trainables.bin`` (the tensors trained at
+    full rank: abstractor, vision tower); a peft adapter saved as ``adapter_model.bin`` alone is read the same way.
+    Raises :class:`CheckpointError` naming what is missing.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"no LoRA adapter directory at {directory}")
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise CheckpointError(f"{directory} is not a LoRA adapter directory: {ADAPTER_CONFIG} is missing")
+    if (directory / SETTINGS_FILE).is_file():
+        return "owl2"
+    has_safetensors = (directory / ADAPTER_WEIGHTS).is_file()
+    has_pickle = (directory / ADAPTER_WEIGHTS_PICKLE).is_file()
+    if (directory / NON_LORA_FILE).is_file():
+        if not (has_safetensors or has_pickle):
+            raise CheckpointError(f"{directory} has {NON_LORA_FILE} but no LoRA weights: expected "
+                                  f"{ADAPTER_WEIGHTS_PICKLE} or {ADAPTER_WEIGHTS}")
+        return "llava"
+    if has_safetensors:
+        return "owl2"
+    if has_pickle:
+        return "llava"
+    raise CheckpointError(f"{directory} is not a LoRA adapter directory: expected {ADAPTER_WEIGHTS} (owl2, peft) "
+                          f"or {ADAPTER_WEIGHTS_PICKLE} with {NON_LORA_FILE} (Q-Align, DeQA-Score) beside "
+                          f"{ADAPTER_CONFIG}")
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` file; pickles are opened with ``weights_only=True`` so no code in them can run."""
+    if file.suffix == ".safetensors":
+        return load_file(file)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message spans many lines and suggests weights_only=False; keep only the reason.
+        reason = next((line.strip() for line in str(exc).splitlines() if "nsupported" in line), "not a tensor file")
+        raise CheckpointError(f"{file}: refused to unpickle with weights_only=True ({reason}); only plain tensor "
+                              "state dicts are loaded") from None
+    except (RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"{file} is not a readable torch file: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{file} does not hold a state dict of tensors")
+    return state
+
+
+_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])(?:\.default)?\.weight")
+# peft's wrappers put their own names into parameter names; the model's own names are without them.
+_PEFT_WRAPPERS = re.compile(r"\.(?:base_layer|modules_to_save\.default)\.")
+
+
+def _model_key(key: str) -> str:
+    """The model's name for a key saved from peft's wrapper (``base_model.model.model.x`` -> ``model.x``)."""
+    key = key.removeprefix("base_model.model.")
+    return _PEFT_WRAPPERS.sub(".", key)
+
+
+def _pattern_value(patterns: Any, module: str, default: Any) -> Any:
+    # peft's rank_pattern / alpha_pattern: a key matches a module name that ends with it after a dot.
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
+            return value
+    return default
+
+
+def _llava_config(directory: Path) -> dict[str, Any]:
+    config = read_json_object(directory / ADAPTER_CONFIG)
+    where = directory / ADAPTER_CONFIG
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise CheckpointError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA")
+    for flag in ("use_dora", "fan_in_fan_out"):
+        if config.get(flag):
+            raise CheckpointError(f"{where}: {flag} adapters are not supported")
+    for name in ("r", "lora_alpha"):
+        if not isinstance(config.get(name), (int, float)) or config[name] <= 0:
+            raise CheckpointError(f"{where}: {name} must be a positive number, got {config.get(name)!r}")
+    return config
+
+
+@dataclass
+class _Merge:
+    """One adapter's changes, checked against the model before anything is written."""
+
+    replace: list[tuple[torch.Tensor, torch.Tensor]]  # (model tensor, new value)
+    lora: list[tuple[nn.Linear, torch.Tensor, torch.Tensor, float]]  # (layer, A, B, scale)
+
+
+def _plan_llava(model: Owl2ForCausalLM, directory: Path) -> _Merge:
+    config = _llava_config(directory)
+    weights_file = directory / ADAPTER_WEIGHTS_PICKLE
+    if not weights_file.is_file():
+        weights_file = directory / ADAPTER_WEIGHTS
+    targets = model.state_dict(keep_vars=True)
+    modules = dict(model.named_modules())
+    plan = _Merge([], [])
+
+    def replacement(file: Path, key: str, tensor: torch.Tensor) -> None:
+        name = _model_key(key)
+        if name not in targets:
+            if RECOMPUTED_KEYS.search(name):
+                return  # buffers owl2 recomputes (as in checkpoints)
+            raise CheckpointError(f"{file.name}: key {key!r} maps to {name!r}, which is not a tensor of the model")
+        if tensor.shape != targets[name].shape:
+            raise CheckpointError(f"{file.name}: key {key!r} has shape {list(tensor.shape)}, the model's {name} has "
+                                  f"{list(targets[name].shape)}")
+        plan.replace.append((targets[name], tensor))
+
+    # LLaVA's loader order: the fully trained tensors first, then the LoRA pairs on top of them.
+    non_lora = directory / NON_LORA_FILE
+    if non_lora.is_file():
+        for key, tensor in _read_tensors(non_lora).items():
+            replacement(non_lora, key, tensor)
+
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, tensor in _read_tensors(weights_file).items():
+        match = _LORA_KEY.fullmatch(key)
+        if match is None:
+            if ".lora_" in key:
+                raise CheckpointError(f"{weights_file.name}: key {key!r} is a LoRA tensor of a kind owl2 does not "
+                                      "merge (only lora_A / lora_B weights of linear layers)")
+            replacement(weights_file, key, tensor)  # peft's modules_to_save: full tensors
+            continue
+        pairs.setdefault(_model_key(match["module"]), {})[match["side"]] = (key, tensor)
+
+    for name, sides in pairs.items():
+        key = next(iter(sides.values()))[0]
+        module = modules.get(name)
+        if module is None:
+            raise CheckpointError(f"{weights_file.name}: key {key!r} targets {name!r}, which is not a module of the "
+                                  "model")
+        if not isinstance(module, nn.Linear):
+            raise CheckpointError(f"{weights_file.name}: key {key!r} targets {name!r}, a {type(module).__name__}, "
+                                  "not a float linear layer (load the base unquantised to merge)")
+        if set(sides) != {"A", "B"}:
+            missing = "lora_B" if "A" in sides else "lora_A"
+            raise CheckpointError(f"{weights_file.name}: key {key!r} has no {missing} partner for {name!r}")
+        (key_a, a), (key_b, b) = sides["A"], sides["B"]
+        rank = a.shape[0]
+        if a.dim() != 2 or a.shape[1] != module.in_features:
+            raise CheckpointError(f"{weights_file.name}: key {key_a!r} has shape {list(a.shape)}, expected "
+                                  f"[r, {module.in_features}] for {name!r}")
+        if b.dim() != 2 or b.shape != (module.out_features, rank):
+            raise CheckpointError(f"{weights_file.name}: key {key_b!r} has shape {list(b.shape)}, expected "
+                                  f"[{module.out_features}, {rank}] for {name!r}")
+        r = _pattern_value(config.get("rank_pattern"), name, config["r"])
+        if rank != r:
+            raise CheckpointError(f"{weights_file.name}: key {key_a!r} has rank {rank} but {ADAPTER_CONFIG} says r "
+                                  f"{r}")
+        alpha = _pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        plan.lora.append((module, a, b, float(scale)))
+    if not plan.lora and not plan.replace:
+        raise CheckpointError(f"{directory}: the adapter holds no tensors")
+    return plan
+
+
+@torch.no_grad()
+def _apply(plan: _Merge) -> None:
+    for target, value in plan.replace:
+        target.copy_(value)  # copy_ casts to the model's dtype and device
+    for module, a, b, scale in plan.lora:
+        weight = module.weight
+        delta = (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)) * scale
+        weight.copy_(weight.float() + delta)
+
+
+def merge_into(model: Owl2ForCausalLM, directory: str | os.PathLike[str]) -> Owl2ForCausalLM:
+    """Fold the adapter in ``directory`` (either layout, :func:`adapter_layout`) into ``model``; returns the model.
+
+    The result is a plain :class:`Owl2ForCausalLM` with the adapter merged into its weights. ``"owl2"`` adapters go
+    through peft (:func:`load_adapter` with a float base, then ``merge_and_unload``). ``"llava"`` adapters (Q-Align,
+    DeQA-Score) are merged with plain torch and need no peft: every key is checked against the model first -- a key
+    that names no tensor or module of the model, a non-linear target or a shape mismatch raises
+    :class:`CheckpointError` naming the key, with the model untouched -- then the fully trained tensors are copied in
+    and ``W + (lora_alpha / r) * B @ A`` (``alpha / sqrt(r)`` for rsLoRA) is computed in float32 and stored in the
+    weight's dtype.
+    """
+    _check_base(model)
+    directory = Path(directory)
+    if adapter_layout(directory) == "llava":
+        _apply(_plan_llava(model, directory))
+        return model
+    merged = load_adapter(model, directory, quantize_base=False).merge_and_unload()
+    merged.train(model.training)
+    return merged
+
+
 def merge_adapter(
     base_path: str | os.PathLike[str],
     adapter_dir: str | os.PathLike[str],
@@ -311,21 +518,23 @@ def merge_adapter(
     dtype: torch.dtype | str | None = None,
     show_progress: bool = True,
 ) -> list[Path]:
-    """Fold the adapter in ``adapter_dir`` into the base checkpoint and save a plain owl2 checkpoint.
+    """Fold the adapter in ``adapter_dir`` (owl2's or Q-Align's layout) into the base checkpoint and save a plain
+    owl2 checkpoint.
 
     The base is loaded in float32 (also for adapters trained over an int8 base) so the merge
-    ``W + scaling * B @ A`` is exact to float32; the result is saved in ``dtype`` (default: the base's recorded
-    ``torch_dtype``, else float32) with :func:`owl2.save_model`, and the tokenizer and image-processor files of
-    the base directory are copied. ``owl2.load_model(out_dir)`` then gives base+adapter's logits. Returns the weight
-    files written.
+    ``W + scaling * B @ A`` is exact to float32 (:func:`merge_into`); the result is saved in ``dtype`` (default: the
+    base's recorded ``torch_dtype``, else float32) with :func:`owl2.save_model`, and the tokenizer and
+    image-processor files of the base directory are copied. ``owl2.load_model(out_dir)`` then gives
+    base+adapter's logits. Returns the weight files written.
     """
     base_dir = resolve_checkpoint(base_path)
     adapter_dir = Path(adapter_dir)
-    read_settings(adapter_dir)  # a clear error for a wrong directory before the (slow) base load
+    # Clear errors for a wrong directory before the (slow) base load.
+    if adapter_layout(adapter_dir) == "owl2":
+        read_settings(adapter_dir)
     out_dtype = parse_dtype(dtype) if dtype is not None else _recorded_dtype(base_dir)
     model = load_model(base_dir, dtype=torch.float32, show_progress=show_progress)
-    adapted = load_adapter(model, adapter_dir, quantize_base=False)
-    merged = adapted.merge_and_unload()
+    merged = merge_into(model, adapter_dir)
     files = save_model(merged, out_dir, dtype=out_dtype)
     copy_processing_files(base_dir, out_dir)
     return files
@@ -340,11 +549,14 @@ def _recorded_dtype(directory: Path) -> torch.dtype:
 
 
 __all__ = [
+    "LAYOUTS",
     "LORA_PRESETS",
     "LoraSettings",
+    "adapter_layout",
     "apply_lora",
     "load_adapter",
     "merge_adapter",
+    "merge_into",
     "read_settings",
     "save_adapter",
     "target_module_names",
