@@ -201,3 +201,28 @@ def test_fixture_files_are_the_recorded_ones():
     text = json.dumps(manifest)
     for path in sorted(Path(CHECKPOINT).glob("*.bin")):
         assert hashlib.sha256(path.read_bytes()).hexdigest() in text
+
+
+def write_lossless_video(path: Path, frames: list[Image.Image], fps: int) -> None:
+    """A PNG-in-AVI clip: its decoded frames equal ``frames`` exactly."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("png", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "rgb24"
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(image)))
+        container.mux(stream.encode())
+
+
+def test_a_video_file_is_sampled_at_one_frame_per_second(pipe, tmp_path):
+    """Six frames at 2 fps: Q-Align's rule keeps frames 0, 2 and 4, and the file rates as those frames do."""
+    frames = [frame(f"vB_f{i % 4}") for i in range(6)]
+    clip = tmp_path / "clip.avi"
+    write_lossless_video(clip, frames, fps=2)
+    by_file, by_frames, two = pipe.rate([clip, [frames[0], frames[2], frames[4]], Video(clip, num_frames=2)])
+    assert by_file.score == pytest.approx(by_frames.score, abs=1e-6)
+    assert two.score == pytest.approx(pipe.rate([[frames[1], frames[4]]])[0].score, abs=1e-6)
+    with pytest.raises(ValueError, match=r"item 0 \(short.avi\).*samples no frame"):
+        write_lossless_video(tmp_path / "short.avi", frames[:1], fps=2)
+        pipe.rate([tmp_path / "short.avi"])
