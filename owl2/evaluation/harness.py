@@ -4,7 +4,10 @@ Predictions go to ``<output>/<task>.predictions.jsonl`` as each batch finishes (
 per sample. A rerun reads that file and only runs the samples that are missing, so a killed run loses at most the
 batch in flight and a finished run is re-scored without inference. The report is written at the end:
 ``<task>.report.json`` (every metric), ``<task>.report.md`` (a table) and ``<task>.png`` (per-category bars, when
-the task has categories).
+the task has categories, or the figure a report draws itself, such as the IQA scatter plot).
+
+Task modes: ``generate`` (greedy decoding), ``loglikelihood`` (the most likely continuation) and ``rate``
+(``pipe.rate`` with the task's ``rating_options()``; the score, level probabilities and std are cached).
 """
 
 from __future__ import annotations
@@ -78,6 +81,13 @@ class Evaluator:
         self.show_progress = show_progress
 
     # ---------------------------------------------------------------------------------------------- inference
+    def image_policy(self, task: Task) -> str:
+        """The pipeline's explicit policy, else the one the checkpoint's ``config.json`` names (a Q-Align scorer's
+        ``pad``), else the task's (the official evaluation scripts')."""
+        if self.pipe is None:  # re-scoring cached predictions
+            return task.policy
+        return self.pipe.policy or getattr(self.pipe.image_processor, "checkpoint_policy", None) or task.policy
+
     def _pixels(self, sample: Sample, policy: str) -> torch.Tensor | None:
         if not sample.images:
             return None
@@ -85,7 +95,8 @@ class Evaluator:
 
     def _generate(self, task: Task, samples: Sequence[Sample]) -> list[dict[str, Any]]:
         params = SamplingParams(max_new_tokens=task.max_new_tokens, min_new_tokens=task.min_new_tokens)
-        requests = [GenerationRequest(self.pipe.tokenizer.encode_prompt(s.prompt), self._pixels(s, task.policy), params)
+        policy = self.image_policy(task)
+        requests = [GenerationRequest(self.pipe.tokenizer.encode_prompt(s.prompt), self._pixels(s, policy), params)
                     for s in samples]
         results = self.pipe.engine.generate(requests)
         return [{"id": s.id, "prediction": r.text.strip()} for s, r in zip(samples, results, strict=True)]
@@ -95,11 +106,18 @@ class Evaluator:
         for sample in samples:
             prompt_ids = self.pipe.tokenizer.encode_prompt(sample.prompt)
             continuations = [self.pipe.continuation_ids(prompt_ids, c) for c in sample.continuations]
-            logprobs = self.pipe.engine.loglikelihoods(prompt_ids, self._pixels(sample, task.policy), continuations)
+            pixels = self._pixels(sample, self.image_policy(task))
+            logprobs = self.pipe.engine.loglikelihoods(prompt_ids, pixels, continuations)
             best = int(torch.argmax(logprobs))
             records.append({"id": sample.id, "prediction": sample.continuations[best],
                             "logprobs": [round(float(x), 6) for x in logprobs]})
         return records
+
+    def _rate(self, task: Task, samples: Sequence[Sample]) -> list[dict[str, Any]]:
+        options = getattr(task, "rating_options", dict)()  # rating word and prompt (owl2.evaluation.tasks.iqa)
+        ratings = self.pipe.rate([s.images[0] for s in samples], batch_size=self.batch_size, **options)
+        return [{"id": s.id, "prediction": float(r.score), "probs": [float(p) for p in r.probs], "std": float(r.std)}
+                for s, r in zip(samples, ratings, strict=True)]
 
     # -------------------------------------------------------------------------------------------------- public
     def run(self, task: Task, data: str | os.PathLike[str], output_dir: str | os.PathLike[str], *,
@@ -119,7 +137,7 @@ class Evaluator:
         done = {k: v for k, v in known.items() if k in ids}
         todo = [s for s in samples if s.id not in done]
         writer = _PredictionWriter(path, known)
-        infer = self._score_choices if task.mode == "loglikelihood" else self._generate
+        infer = {"loglikelihood": self._score_choices, "rate": self._rate}.get(task.mode, self._generate)
         batches = [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
         try:
             for batch in progress(batches, total=len(batches), desc=f"{task.name}", enabled=self.show_progress,
@@ -131,19 +149,25 @@ class Evaluator:
             writer.close()
         report = task.score(samples, {s.id: done[s.id] for s in samples})
         result = EvalResult(task.name, report, path, ran=len(todo))
-        result.report_paths = write_report(task, report, output_dir, num_samples=len(samples))
+        result.report_paths = write_report(task, report, output_dir, num_samples=len(samples),
+                                           image_policy=self.image_policy(task))
         return result
 
 
-def write_report(task: Task, report: TaskReport, output_dir: Path, *, num_samples: int) -> list[Path]:
-    """``<task>.report.json``, ``<task>.report.md`` and, with categories, ``<task>.png``."""
+def write_report(task: Task, report: TaskReport, output_dir: Path, *, num_samples: int,
+                 image_policy: str | None = None) -> list[Path]:
+    """``<task>.report.json``, ``<task>.report.md`` and, with categories, ``<task>.png``. ``image_policy``: the
+    policy the images were preprocessed with, when not the task's own."""
+    settings = {**task.settings(), **({"image_policy": image_policy} if image_policy else {})}
     from owl2.evaluation.report import markdown_report, plot_breakdown
 
     payload = {"task": task.name, "samples": num_samples, "metrics": report.metrics, "breakdown": report.breakdown,
-               "settings": task.settings()}
+               "settings": settings}
     paths = [output_dir / f"{task.name}.report.json", output_dir / f"{task.name}.report.md"]
     atomic_write_text(paths[0], json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(paths[1], markdown_report(task.name, report, num_samples, task.settings()))
-    if report.breakdown and plot_breakdown(task.name, report, output_dir / f"{task.name}.png"):
-        paths.append(output_dir / f"{task.name}.png")
-    return paths
+    figure = output_dir / f"{task.name}.png"
+    draw = getattr(report, "plot", None)  # a report that draws its own figure (the IQA scatter plot)
+    drawn = bool(report.breakdown and plot_breakdown(task.name, report, figure)) or (callable(draw) and draw(figure))
+    atomic_write_text(paths[1], markdown_report(task.name, report, num_samples, settings,
+                                                figure=figure.name if drawn else None))
+    return [*paths, figure] if drawn else paths

@@ -5,6 +5,7 @@
 * :mod:`.choice`: multiple-choice letter extraction, accuracy, MMBench CircularEval.
 * :mod:`.mme`: MME yes/no parsing, accuracy / accuracy+, perception and cognition scores.
 * :mod:`.pope`: POPE answer parsing, accuracy / precision / recall / F1 / yes-ratio per split.
+* :mod:`.iqa`: SRCC, KRCC, PLCC raw and after the IQA literature's 4-parameter logistic fit.
 """
 
 from .caption import PTB_DROPPED_TOKENS, bleu, caption_scores, caption_tokenize, cider_d, rouge_l
@@ -16,6 +17,7 @@ from .choice import (
     multiple_choice_accuracy,
     options_as_dict,
 )
+from .iqa import fit_logistic, iqa_scores, krcc, plcc, plcc_logistic, srcc
 from .mme import COGNITION_SUBTASKS, PERCEPTION_SUBTASKS, mme_scores, parse_mme_answer
 from .pope import parse_pope_answer, pope_metrics, pope_scores
 from .vqa import (
@@ -45,6 +47,9 @@ __all__ = [
     "exact_match",
     "exact_match_accuracy",
     "extract_choice",
+    "fit_logistic",
+    "iqa_scores",
+    "krcc",
     "mme_scores",
     "multiple_choice_accuracy",
     "normalize_gqa_answer",
@@ -52,9 +57,12 @@ __all__ = [
     "options_as_dict",
     "parse_mme_answer",
     "parse_pope_answer",
+    "plcc",
+    "plcc_logistic",
     "pope_metrics",
     "pope_scores",
     "rouge_l",
+    "srcc",
     "vqa_accuracy",
     "vqa_score",
 ]
