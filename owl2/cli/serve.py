@@ -26,7 +26,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_images_per_request=args.max_images,
         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
         max_body_bytes=int(args.max_body_mb * 2**20), images=images, lenient=args.lenient,
-        default_temperature=args.default_temperature)
+        default_temperature=args.default_temperature, max_rate_items=args.max_rate_items,
+        max_video_frames=args.max_video_frames, prefill_rows=args.prefill_rows, prefill_tokens=args.prefill_tokens,
+        max_rate_queue=args.max_rate_queue)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -51,8 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
 def register(commands: Any) -> None:
     serve = commands.add_parser(
         "serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page",
-        description="Serve POST /v1/chat/completions (streaming included), GET /v1/models, /health, /metrics and "
-        "a chat page at /. Needs the serve extra (pip install owl2[serve]).")
+        description="Serve POST /v1/chat/completions (streaming included), POST /v1/rate (Q-Align-family ratings), "
+        "GET /v1/models, /health, /metrics and a chat page at /. Needs the serve extra (pip install owl2[serve]).")
     serve.add_argument("--model", default=None,
                        help="checkpoint directory or hub id (default: the embedded owl2-tiny)")
     serve.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16")
@@ -78,6 +80,15 @@ def register(commands: Any) -> None:
     serve.add_argument("--lenient", action="store_true", help="ignore unknown request fields instead of 400")
     serve.add_argument("--default-temperature", type=float, default=1.0,
                        help="temperature of requests that give none (OpenAI's default: 1)")
+    serve.add_argument("--max-rate-items", type=int, default=64, help="images or videos per /v1/rate request")
+    serve.add_argument("--max-video-frames", type=int, default=16, help="frames per video item of /v1/rate")
+    serve.add_argument("--prefill-rows", type=int, default=16,
+                       help="rating items per batched prefill (one such prefill runs between two decode steps)")
+    serve.add_argument("--prefill-tokens", type=int, default=4096,
+                       help="positions per batched rating prefill: items x the longest item's prompt, images "
+                       "counted as their visual tokens")
+    serve.add_argument("--max-rate-queue", type=int, default=1024,
+                       help="images (video frames count one each) of ratings waiting before 429")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--replicas", type=int, default=1, help="N > 1: N copies behind one endpoint (Ray Serve)")
     serve.add_argument("--ray-address", default=None,

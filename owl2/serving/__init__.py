@@ -1,9 +1,10 @@
-"""Serving: an OpenAI-compatible HTTP server with continuous batching, a chat page, and Ray Serve replicas."""
+"""Serving: an OpenAI-compatible HTTP server with continuous batching, ratings (``POST /v1/rate``), a chat page,
+and Ray Serve replicas."""
 
-from owl2.serving.batcher import ContinuousBatcher, QueueFullError
+from owl2.serving.batcher import ContinuousBatcher, PrefillRow, QueueFullError
 from owl2.serving.images import ImagePolicy
 
-__all__ = ["ContinuousBatcher", "ImagePolicy", "QueueFullError", "ServerSettings", "create_app"]
+__all__ = ["ContinuousBatcher", "ImagePolicy", "PrefillRow", "QueueFullError", "ServerSettings", "create_app"]
 
 
 def __getattr__(name: str):  # the app needs FastAPI (the "serve" extra); the batcher does not

@@ -1,10 +1,12 @@
 """The OpenAI-compatible HTTP server: ``create_app(pipeline, ServerSettings(...))`` -> a FastAPI app.
 
-Routes: ``POST /v1/chat/completions`` (plain and SSE streaming), ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus text) and the chat page at ``/``. Requests of all clients share decode steps through
-a :class:`~owl2.serving.batcher.ContinuousBatcher`. Every malformed request gets OpenAI's error JSON with a 4xx
-status: 400 for invalid input, 401 for a missing or wrong API key, 404 for an unknown model or route, 413 for a
-body over the size limit, 429 when the queue is full.
+Routes: ``POST /v1/chat/completions`` (plain and SSE streaming), ``POST /v1/rate`` (Q-Align-family ratings of
+images and videos, :mod:`owl2.serving.rating`), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus
+text) and the chat page at ``/``. Requests of all clients share forwards through a
+:class:`~owl2.serving.batcher.ContinuousBatcher`: chat completions share decode steps, ratings share batched
+prefills between them. Every malformed request gets OpenAI's error JSON with a 4xx status: 400 for invalid input,
+401 for a missing or wrong API key, 404 for an unknown model or route, 413 for a body over the size limit, 429 when
+the queue is full.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the body model of the route from its real annotation.
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -28,18 +31,21 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from owl2.generation.engine import GenerationRequest, StepEvent
-from owl2.serving.batcher import ContinuousBatcher, QueueFullError, Submission
+from owl2.serving.batcher import ContinuousBatcher, PrefillRow, PrefillSubmission, QueueFullError, Submission
 from owl2.serving.images import ImagePolicy, fetch_image
 from owl2.serving.metrics import ServerMetrics
 from owl2.serving.protocol import (
     ChatCompletionRequest,
     LenientChatCompletionRequest,
+    LenientRateRequest,
+    RateRequest,
     completion_id,
     error_body,
     now,
     token_logprob,
     usage,
 )
+from owl2.serving.rating import InvalidRating, RatingJob, build_job, check_limits, rating_list
 
 
 @dataclass
@@ -61,6 +67,16 @@ class ServerSettings:
     """Ignore unknown request fields instead of refusing them."""
     default_temperature: float = 1.0
     """Used when a request gives none (OpenAI's default is 1)."""
+    max_rate_items: int = 64
+    """Items (images or videos) per ``/v1/rate`` request."""
+    max_video_frames: int = 16
+    """Frames per video item of ``/v1/rate``."""
+    prefill_rows: int = 16
+    """Rating rows per batched prefill (one runs between two decode steps)."""
+    prefill_tokens: int = 4096
+    """Positions per batched rating prefill: rows x the longest row (images counted as their visual tokens)."""
+    max_rate_queue: int = 1024
+    """Images (video frames counted one each) of ratings that may wait before 429."""
 
 
 class APIError(Exception):
@@ -129,6 +145,18 @@ class _Sink:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
+class _RowSink:
+    """Hands the worker thread's per-row results of a prefill-only submission to the request's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[tuple[int, torch.Tensor | BaseException]] = asyncio.Queue()
+
+    def __call__(self, row: int, result: "torch.Tensor | BaseException") -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (row, result))
+
+
 class Owl2Server:
     """The state behind the routes: pipeline, batcher, settings, metrics."""
 
@@ -139,17 +167,22 @@ class Owl2Server:
         self.context_length = engine.context_length
         self.max_prompt_tokens = min(settings.max_prompt_tokens or self.context_length, self.context_length - 1)
         self.batcher = ContinuousBatcher(engine, max_batch_size=settings.max_batch_size,
-                                         max_queue=settings.max_queue)
+                                         max_queue=settings.max_queue, prefill_rows=settings.prefill_rows,
+                                         prefill_tokens=settings.prefill_tokens,
+                                         prefill_queue_images=settings.max_rate_queue)
         self.metrics = ServerMetrics(self.batcher, engine.image_cache)
 
     # --------------------------------------------------------------------------------------------- requests
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.settings.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                           f"{self.settings.model_name!r}", param="model", code="model_not_found")
+
     async def build(self, body: ChatCompletionRequest) -> "tuple[list[GenerationRequest], int]":
         """One generation request per choice and the prompt's length in tokens (images counted as their visual
         tokens), or :class:`APIError`."""
         settings = self.settings
-        if body.model is not None and body.model != settings.model_name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
-                           f"{settings.model_name!r}", param="model", code="model_not_found")
+        self.check_model(body.model)
         urls = [part.image_url.url for m in body.messages if isinstance(m.content, list)
                 for part in m.content if part.type == "image_url"]
         if len(urls) > settings.max_images_per_request:
@@ -210,6 +243,25 @@ class Owl2Server:
             raise APIError(429, str(exc), "rate_limit_error", code="queue_full") from exc
         return submissions, sinks
 
+    async def build_rating(self, body: RateRequest) -> RatingJob:
+        """The rows and read-out of a rating request, or :class:`APIError`; images are fetched and decoded in the
+        thread pool."""
+        self.check_model(body.model)
+        settings = self.settings
+        try:
+            check_limits(body, max_items=settings.max_rate_items, max_frames=settings.max_video_frames)
+            return await run_in_threadpool(build_job, self.pipeline, body, settings.images, self.context_length)
+        except InvalidRating as exc:
+            raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
+
+    def submit_rating(self, rows: list[PrefillRow]) -> "tuple[PrefillSubmission, _RowSink]":
+        self.batcher.start()
+        sink = _RowSink(asyncio.get_running_loop())
+        try:
+            return self.batcher.submit_prefill(rows, sink), sink
+        except QueueFullError as exc:
+            raise APIError(429, str(exc), "rate_limit_error", code="queue_full") from exc
+
     def token_text(self, token_id: int) -> str:
         """The token as text, its SentencePiece space marker as a space; a byte piece as its (partial) character."""
         piece = self.pipeline.tokenizer.token_pieces([token_id])[0]
@@ -239,16 +291,53 @@ def _owl2_messages(body: ChatCompletionRequest, images: list[Any]) -> list[dict[
     return out
 
 
+async def _collect_ratings(job: RatingJob, sink: _RowSink, request: Request,
+                           submission: PrefillSubmission) -> torch.Tensor:
+    """The level logits [items, levels] of every row, as the rows finish; a failed row fails the request with its
+    item named, and a client that goes away cancels the rows not yet run."""
+    levels: list[torch.Tensor | None] = [None] * len(job.rows)
+    remaining = len(job.rows)
+    while remaining:
+        try:
+            row, result = await asyncio.wait_for(sink.queue.get(), timeout=0.1)
+        except asyncio.TimeoutError:
+            row, result = -1, None
+        if await _client_gone(request):
+            submission.cancel()
+            raise APIError(499, "client disconnected")
+        if result is None:
+            continue
+        if isinstance(result, BaseException):
+            if isinstance(result, ValueError):
+                raise APIError(400, f"items[{row}]: {result}", param=f"items[{row}]")
+            raise APIError(500, f"items[{row}]: {type(result).__name__}: {result}", "server_error")
+        levels[row] = job.scale.gather(result[None])[0]  # keep the few level logits, not the whole vocabulary
+        remaining -= 1
+    return torch.stack([lv for lv in levels if lv is not None])
+
+
+async def _client_gone(request: Request) -> bool:
+    """Whether the client hung up. Asked at most every 0.1 s, and also while results keep arriving: a request whose
+    rows finish faster than that would otherwise never look, and run to the end for nobody."""
+    now = time.monotonic()
+    if now - getattr(request.state, "disconnect_checked", 0.0) < 0.1:
+        return False
+    request.state.disconnect_checked = now
+    return await request.is_disconnected()
+
+
 async def _next_event(sink: _Sink, request: Request, submissions: list[Submission]) -> StepEvent:
     """The next event of ``sink``; cancels the request's submissions when its client goes away."""
     while True:
         try:
-            event = await asyncio.wait_for(sink.queue.get(), timeout=0.1)
+            event: StepEvent | BaseException | None = await asyncio.wait_for(sink.queue.get(), timeout=0.1)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                for submission in submissions:
-                    submission.cancel()
-                raise APIError(499, "client disconnected") from None
+            event = None
+        if await _client_gone(request):
+            for submission in submissions:
+                submission.cancel()
+            raise APIError(499, "client disconnected")
+        if event is None:
             continue
         if isinstance(event, BaseException):
             raise APIError(500 if not isinstance(event, ValueError) else 400, str(event),
@@ -273,6 +362,7 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
     app.state.server = server
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     body_model = LenientChatCompletionRequest if settings.lenient else ChatCompletionRequest
+    rate_model = LenientRateRequest if settings.lenient else RateRequest
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -283,12 +373,11 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         server.metrics.requests.labels(status="400").inc()
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                           code="invalid_json")
-        where = ".".join(loc)
-        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e['msg']}"
+        where = _field_path(first.get("loc", ()))
+        problems = "; ".join(f"{_field_path(e.get('loc', ())) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
                              for e in exc.errors()[:5])
         return _error(400, f"invalid request: {problems}", param=where or None)
 
@@ -355,7 +444,33 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
                              "model": settings.model_name, "choices": choices,
                              "usage": usage(prompt_tokens * len(requests), completion_tokens)})
 
+    @app.post("/v1/rate", dependencies=[Depends(authorize)])
+    async def rate(body: rate_model, request: Request) -> Response:  # type: ignore[valid-type]
+        started = time.perf_counter()
+        job = await server.build_rating(body)
+        if await request.is_disconnected():  # gave up while its images were decoded: nothing to run
+            raise APIError(499, "client disconnected")
+        submission, sink = server.submit_rating(job.rows)
+        server.metrics.prompt_tokens.inc(job.prompt_tokens)
+        try:
+            level_logits = await _collect_ratings(job, sink, request, submission)
+        finally:
+            submission.cancel()
+        ratings = job.scale.read(level_logits)
+        server.metrics.rated(started, len(ratings))
+        return JSONResponse(rating_list(settings.model_name, ratings, job.prompt_tokens))
+
     return app
+
+
+def _field_path(loc: Sequence[Any]) -> str:
+    """A pydantic error location as a path, ``("body", "items", 3, "image_url")`` -> ``items[3].image_url``."""
+    path = ""
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path
 
 
 async def _collect(server: Owl2Server, body: ChatCompletionRequest, request: Request, sink: _Sink,

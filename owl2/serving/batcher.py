@@ -1,17 +1,38 @@
-"""Continuous batching: concurrent requests share decode steps.
+"""Continuous batching: concurrent requests share decode steps, and prefill-only rows share batched prefills.
 
-One worker thread owns the model. Each iteration it
+Two kinds of work go through one worker thread that owns the model:
 
-1. picks the next token of every running row from the logits it holds for it, and tells the row's submitter;
-2. drops rows that finished or whose client went away, and runs one decode step for the rest;
-3. admits waiting requests up to ``max_batch_size``: they are prefilled together (left-padded, images encoded
-   through the engine's content cache) and their key/value rows are merged into the running cache
-   (:func:`owl2.model.cache.gather_rows`), so they take part in the next step.
+- **generation rows** (:meth:`ContinuousBatcher.submit`): a chat completion's prompt, prefilled once and then
+  decoded token by token in the running batch;
+- **prefill-only rows** (:meth:`ContinuousBatcher.submit_prefill`): a prompt whose only result is the logits at
+  its last position, e.g. a Q-Align rating (the level words' logits at ``... The quality of the image is``). They
+  never decode and need no key/value cache.
 
-A row's tokens do not depend on which rows share its steps: each row keeps its own sampling state
-(:class:`owl2.generation.engine.RowDecoder`), padding is masked, and RoPE positions are per row. The waiting line
-is bounded: :meth:`ContinuousBatcher.submit` raises :class:`QueueFullError` when it is full (the server answers
-429). ``max_batch_size=1`` serves one request at a time (the baseline of ``benchmarks/serve_load.py``).
+The parts, as in vLLM:
+
+- :class:`Scheduler` holds the waiting lines and their bounds and decides what runs in an iteration: which waiting
+  generation requests join the running batch (up to ``max_batch_size``), and which prefill-only rows form this
+  iteration's prefill batch (FIFO, up to ``prefill_rows`` rows and ``prefill_tokens`` positions counted as rows x
+  the longest row, since rows are left-padded to it; a row longer than the budget runs alone).
+- :class:`RunningBatch` is the cache side: the running generation rows, their shared :class:`KVCache` and the
+  next-token logits of each row. Finished or cancelled rows are dropped and newcomers merged with
+  :func:`owl2.model.cache.gather_rows`.
+- :class:`Runner` makes the model calls: one decode step, the prefill of newcomers merged into the running batch,
+  and one prefill-only batch (``GenerationEngine.next_token_logits``, the very call ``Pipeline.rate`` makes).
+
+Each iteration of the worker: (1) emit every running row's next token and decode one step for those still going;
+(2) prefill the admitted newcomers and merge them; (3) run at most one prefill-only batch. Prefill-only rows get
+their own forward rather than riding in the newcomers' prefill because that prefill allocates and merges cache rows
+(wasted on rows that never decode), and because a separate, budgeted batch bounds what a backlog of ratings costs
+the decoding rows: one bounded forward per decode step, so a request of 64 images is split over several iterations
+and chat tokens keep flowing between them. When nothing decodes, prefill batches run back to back.
+
+A row's result does not depend on which rows share its forward: padding is masked, RoPE positions are per row and
+each generation row keeps its own sampling state (:class:`owl2.generation.engine.RowDecoder`). A failure stays with
+the rows that caused it: a newcomer or prefill-only batch that fails is retried row by row, and only the failing
+row gets the error. The waiting lines are bounded: ``submit`` and ``submit_prefill`` raise :class:`QueueFullError`
+when theirs is full (the server answers 429). ``max_batch_size=1`` decodes one request at a time (the baseline of
+``benchmarks/serve_load.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +40,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,9 +54,14 @@ from owl2.generation.engine import (
     step_logprobs,
 )
 from owl2.model.cache import KVCache, gather_rows
+from owl2.model.inputs import OFFICIAL_IMAGE_TOKEN
 
 EventSink = Callable[[StepEvent | BaseException], None]
 """Called from the worker thread with each step's event of a request, or with the error that ended it."""
+
+PrefillSink = Callable[[int, torch.Tensor | BaseException], None]
+"""Called from the worker thread once per row of a prefill-only submission: the row's index and its last-position
+logits [V] (float32, on the CPU), or the error that failed the row."""
 
 
 class QueueFullError(RuntimeError):
@@ -55,6 +81,151 @@ class Submission:
         self.cancelled = True
 
 
+@dataclass(frozen=True)
+class PrefillRow:
+    """One prefill-only row: official-form ``prompt_ids`` (one -200 per image) and ``images`` [n, 3, S, S]."""
+
+    prompt_ids: Sequence[int]
+    images: torch.Tensor | None = None
+
+    @property
+    def image_count(self) -> int:
+        return 0 if self.images is None else int(self.images.shape[0])
+
+    def positions(self, tokens_per_image: int) -> int:
+        """Sequence positions the row occupies, each image counted as its visual tokens."""
+        images = sum(1 for t in self.prompt_ids if t == OFFICIAL_IMAGE_TOKEN)
+        return len(self.prompt_ids) - images + images * tokens_per_image
+
+
+@dataclass
+class PrefillSubmission:
+    """Prefill-only rows of one request, run in order; :meth:`cancel` drops the rows not yet run."""
+
+    rows: list[PrefillRow]
+    sink: PrefillSink
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    failed: bool = False
+    """A row failed: the request is lost, so its remaining rows are not run."""
+    scheduled: int = 0
+    """Rows handed to the runner so far."""
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class BatcherStats:
+    running: int = 0
+    waiting: int = 0  # requests of both kinds waiting for their first forward
+    steps: int = 0  # decode steps run
+    prefills: int = 0  # prefill batches of generation newcomers run
+    generated_tokens: int = 0
+    cancelled: int = 0  # requests (of both kinds) dropped because their client went away
+    peak_batch: int = 0
+    waiting_prefill_rows: int = 0
+    prefill_only_batches: int = 0
+    prefill_only_rows: int = 0  # rows that got their logits
+    peak_prefill_only_rows: int = 0  # the largest prefill-only batch
+    prefill_only_during_decode: int = 0  # prefill-only batches run in an iteration that also decoded
+
+
+# ------------------------------------------------------------------------------------------------------- scheduler
+class Scheduler:
+    """The waiting lines, their bounds, and what runs next. Not thread-safe: the batcher calls it under its lock."""
+
+    def __init__(self, *, max_queue: int, prefill_queue_images: int, prefill_rows: int, prefill_tokens: int,
+                 tokens_per_image: int) -> None:
+        self.max_queue = max_queue
+        self.prefill_queue_images = prefill_queue_images
+        self.prefill_rows = prefill_rows
+        self.prefill_tokens = prefill_tokens
+        self.tokens_per_image = tokens_per_image
+        self.waiting: deque[Submission] = deque()
+        self.prefill: deque[PrefillSubmission] = deque()
+        self.queued_images = 0  # images (or one per image-less row) of the prefill rows not yet run
+        self.queued_rows = 0
+        self.cancelled = 0
+
+    @staticmethod
+    def _cost(row: PrefillRow) -> int:
+        return max(row.image_count, 1)
+
+    def add(self, submission: Submission) -> None:
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
+        self.waiting.append(submission)
+
+    def add_prefill(self, submission: PrefillSubmission) -> None:
+        """Queue the rows; refused when rows already wait and these would pass the bound. An empty line takes any
+        submission, so a request over the bound on its own (the server's per-request limits allow it) is not
+        refused forever."""
+        cost = sum(self._cost(r) for r in submission.rows)
+        if self.queued_rows and self.queued_images + cost > self.prefill_queue_images:
+            raise QueueFullError(f"the rating queue is full ({self.queued_images} images waiting, limit "
+                                 f"{self.prefill_queue_images}); retry later")
+        self.prefill.append(submission)
+        self.queued_images += cost
+        self.queued_rows += len(submission.rows)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefill)
+
+    @property
+    def depth(self) -> int:
+        return len(self.waiting) + len(self.prefill)
+
+    def admit(self, free: int) -> list[Submission]:
+        """Up to ``free`` waiting generation requests, skipping those cancelled while they waited."""
+        taken: list[Submission] = []
+        while self.waiting and len(taken) < free:
+            submission = self.waiting.popleft()
+            if submission.cancelled:
+                self.cancelled += 1
+            else:
+                taken.append(submission)
+        return taken
+
+    def next_prefill(self) -> list[tuple[PrefillSubmission, int]]:
+        """This iteration's prefill-only batch: (submission, row index) pairs in arrival order, within the budget."""
+        batch: list[tuple[PrefillSubmission, int]] = []
+        longest = 0
+        while self.prefill:
+            submission = self.prefill[0]
+            if submission.cancelled or submission.failed:
+                self._release(submission.rows[submission.scheduled:])
+                self.prefill.popleft()
+                if not submission.failed:  # a failed request was not given up by its client
+                    self.cancelled += 1
+                continue
+            while submission.scheduled < len(submission.rows):
+                row = submission.rows[submission.scheduled]
+                widest = max(longest, row.positions(self.tokens_per_image))
+                if batch and (len(batch) + 1 > self.prefill_rows or (len(batch) + 1) * widest > self.prefill_tokens):
+                    return batch
+                batch.append((submission, submission.scheduled))
+                self._release([row])
+                submission.scheduled += 1
+                longest = widest
+            self.prefill.popleft()
+        return batch
+
+    def _release(self, rows: Sequence[PrefillRow]) -> None:
+        self.queued_images -= sum(self._cost(r) for r in rows)
+        self.queued_rows -= len(rows)
+
+    def drain(self) -> tuple[list[Submission], list[tuple[PrefillSubmission, int]]]:
+        """Everything still waiting (at shutdown): generation requests and the prefill rows not yet run."""
+        generation = list(self.waiting)
+        rows = [(s, i) for s in self.prefill for i in range(s.scheduled, len(s.rows))]
+        self.waiting.clear()
+        self.prefill.clear()
+        self.queued_images = self.queued_rows = 0
+        return generation, rows
+
+
+# ----------------------------------------------------------------------------------------------------------- cache
 @dataclass
 class _Row:
     submission: Submission
@@ -62,29 +233,144 @@ class _Row:
 
 
 @dataclass
-class BatcherStats:
-    running: int = 0
-    waiting: int = 0
-    steps: int = 0  # decode steps run
-    prefills: int = 0  # prefill batches run
-    generated_tokens: int = 0
-    cancelled: int = 0
-    peak_batch: int = 0
+class RunningBatch:
+    """The decoding rows, their key/value cache and each row's next-token logits [len(rows), V]."""
+
+    rows: list[_Row] = field(default_factory=list)
+    cache: KVCache | None = None
+    logits: torch.Tensor | None = None
+
+    def fail(self, error: BaseException) -> None:
+        """End every row with ``error`` and forget the cache."""
+        for row in self.rows:
+            row.submission.sink(error)
+        self.rows, self.cache, self.logits = [], None, None
+
+    def room(self, rows: Sequence[_Row] | None = None) -> int:
+        """Cache positions the rows can still write: the largest remaining output budget."""
+        return max(row.decoder.max_new_tokens - row.decoder.count for row in (self.rows if rows is None else rows))
 
 
+# ---------------------------------------------------------------------------------------------------------- runner
+class Runner:
+    """The model calls of the batcher; it holds no queue and no lock."""
+
+    def __init__(self, engine: GenerationEngine, stats: BatcherStats) -> None:
+        self.engine = engine
+        self.stats = stats
+
+    def step(self, batch: RunningBatch) -> None:
+        """Emit every row's next token, drop finished and cancelled rows, decode one step for the others."""
+        assert batch.cache is not None and batch.logits is not None
+        rows = batch.rows
+        decoders = [row.decoder for row in rows]
+        chosen = decode_step(decoders, batch.logits)
+        logprobs = step_logprobs(decoders, batch.logits)
+        keep: list[int] = []
+        for i, row in enumerate(rows):
+            if row.submission.cancelled:
+                self.stats.cancelled += 1
+                continue
+            event = row.decoder.advance(i, chosen[i], None if logprobs is None else logprobs[i])
+            self.stats.generated_tokens += 1
+            row.submission.sink(event)
+            if not row.decoder.finished:
+                keep.append(i)
+        if not keep:
+            batch.rows, batch.cache, batch.logits = [], None, None
+            return
+        kept = [rows[i] for i in keep]
+        cache = batch.cache
+        if len(keep) < len(rows):
+            cache = gather_rows([(cache, keep)], room=batch.room(kept))
+        feed = torch.tensor([chosen[i] for i in keep], device=self.engine.model.device)
+        out = self.engine.model(feed[:, None], cache=cache, logits_to_keep=1)
+        self.stats.steps += 1
+        batch.rows, batch.cache, batch.logits = kept, cache, out.logits[:, -1].float()
+
+    def join(self, batch: RunningBatch, newcomers: list[Submission]) -> None:
+        """Prefill ``newcomers`` together and merge them into the running batch; a newcomer that fails gets its
+        error and the others still join."""
+        engine = self.engine
+        try:
+            prepared = engine.prepare([s.request.prompt_ids for s in newcomers],
+                                      [s.request.images for s in newcomers])
+            lengths = prepared["attention_mask"].sum(1).cpu()
+            engine.check_context(lengths)
+            fresh = engine.model.new_cache(*prepared["input_ids"].shape)
+            out = engine.model(**prepared, cache=fresh, logits_to_keep=1)
+        except Exception as exc:  # the newcomers' own problem: the running rows go on
+            if len(newcomers) > 1:  # find which of them it is: the others still join
+                for submission in newcomers:
+                    self.join(batch, [submission])
+                return
+            newcomers[0].sink(exc)
+            return
+        self.stats.prefills += 1
+        device = engine.model.device
+        joined = [
+            _Row(s, RowDecoder(s.request, engine.decode, engine.eos_ids,
+                               min(s.request.params.max_new_tokens, engine.context_length - int(n)), device))
+            for s, n in zip(newcomers, lengths, strict=True)
+        ]
+        everyone = batch.rows + joined
+        parts = [(batch.cache, range(len(batch.rows)))] if batch.rows and batch.cache is not None else []
+        merged = gather_rows([*parts, (fresh, range(len(joined)))], room=batch.room(everyone))
+        new_logits = out.logits[:, -1].float()
+        old = batch.logits if batch.rows else None
+        batch.rows, batch.cache = everyone, merged
+        batch.logits = new_logits if old is None else torch.cat([old, new_logits])
+
+    def prefill_only(self, rows: list[tuple[PrefillSubmission, int]]) -> None:
+        """One forward for ``rows``; each row's logits (or error) go to its submission's sink."""
+        rows = [(s, i) for s, i in rows if not (s.cancelled or s.failed)]  # a client may have left since
+        if not rows:
+            return
+        try:
+            logits = self.engine.next_token_logits([s.rows[i].prompt_ids for s, i in rows],
+                                                   [s.rows[i].images for s, i in rows]).cpu()
+        except Exception as exc:
+            if len(rows) > 1:  # retry one by one: only the row at fault fails
+                for pair in rows:
+                    self.prefill_only([pair])
+                return
+            submission, index = rows[0]
+            submission.failed = True
+            submission.sink(index, exc)
+            return
+        self.stats.prefill_only_batches += 1
+        self.stats.prefill_only_rows += len(rows)
+        self.stats.peak_prefill_only_rows = max(self.stats.peak_prefill_only_rows, len(rows))
+        for (submission, index), row_logits in zip(rows, logits, strict=True):
+            submission.sink(index, row_logits)
+
+
+# --------------------------------------------------------------------------------------------------------- batcher
 class ContinuousBatcher:
-    """Runs :class:`GenerationRequest` s of many clients through one :class:`GenerationEngine`."""
+    """Runs generation requests and prefill-only rows of many clients through one :class:`GenerationEngine`.
 
-    def __init__(self, engine: GenerationEngine, *, max_batch_size: int = 8, max_queue: int = 64) -> None:
+    ``max_batch_size``: generation rows decoded together; ``max_queue``: generation requests waiting.
+    ``prefill_rows`` / ``prefill_tokens``: the budget of one prefill-only batch (rows, and rows x the longest row's
+    positions); ``prefill_queue_images``: images of prefill-only rows that may wait (an image-less row counts one).
+    """
+
+    def __init__(self, engine: GenerationEngine, *, max_batch_size: int = 8, max_queue: int = 64,
+                 prefill_rows: int = 16, prefill_tokens: int = 4096, prefill_queue_images: int = 1024) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if prefill_rows < 1 or prefill_tokens < 1 or prefill_queue_images < 1:
+            raise ValueError(f"prefill_rows, prefill_tokens and prefill_queue_images must be at least 1, got "
+                             f"{prefill_rows}, {prefill_tokens}, {prefill_queue_images}")
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.stats = BatcherStats()
-        self._waiting: deque[Submission] = deque()
+        self.scheduler = Scheduler(max_queue=max_queue, prefill_queue_images=prefill_queue_images,
+                                   prefill_rows=prefill_rows, prefill_tokens=prefill_tokens,
+                                   tokens_per_image=engine.model.config.tokens_per_image)
+        self.runner = Runner(engine, self.stats)
         self._wake = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -109,120 +395,83 @@ class ContinuousBatcher:
         """Queue ``request``; ``sink`` receives its events. Raises :class:`QueueFullError` when the line is full."""
         submission = Submission(request, sink)
         with self._wake:
-            if self._closed:
-                raise RuntimeError("the batcher is closed")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
-            self._waiting.append(submission)
-            self.stats.waiting = len(self._waiting)
+            self._check_open()
+            self.scheduler.add(submission)
+            self._update_waiting()
+            self._wake.notify()
+        return submission
+
+    def submit_prefill(self, rows: Sequence[PrefillRow], sink: PrefillSink) -> PrefillSubmission:
+        """Queue prefill-only ``rows``; ``sink(i, logits)`` receives row i's last-position logits [V] (float32,
+        CPU), or ``sink(i, error)``. Raises :class:`QueueFullError` when the rating line is full."""
+        if not rows:
+            raise ValueError("a prefill submission needs at least one row")
+        submission = PrefillSubmission(list(rows), sink)
+        with self._wake:
+            self._check_open()
+            self.scheduler.add_prefill(submission)
+            self._update_waiting()
             self._wake.notify()
         return submission
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return self.scheduler.depth
 
     # ------------------------------------------------------------------------------------------------- worker
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+
+    def _update_waiting(self) -> None:
+        self.stats.waiting = self.scheduler.depth
+        self.stats.waiting_prefill_rows = self.scheduler.queued_rows
+        self.stats.cancelled += self.scheduler.cancelled
+        self.scheduler.cancelled = 0
+
+    def _advance(self, batch: RunningBatch, newcomers: list[Submission]) -> None:
+        """One decode step, then the newcomers' prefill; a failure ends the rows it touched, never the worker."""
+        try:
+            if batch.rows:
+                self.runner.step(batch)
+        except Exception as exc:
+            batch.fail(exc)
+        if not newcomers:
+            return
+        try:
+            self.runner.join(batch, newcomers)
+        except Exception as exc:  # past the prefill (the merge): newcomers not yet in the batch are told too
+            joined = {id(row.submission) for row in batch.rows}
+            batch.fail(exc)
+            for submission in newcomers:
+                if id(submission) not in joined:
+                    submission.sink(exc)
+
     def _run(self) -> None:
-        rows: list[_Row] = []
-        cache: KVCache | None = None
-        logits: torch.Tensor | None = None  # [len(rows), V]: the next-token logits of every running row
+        batch = RunningBatch()
         while True:
             with self._wake:
-                while not rows and not self._waiting and not self._closed:
+                while not batch.rows and not self.scheduler.has_work() and not self._closed:
                     self._wake.wait()
                 if self._closed:
                     break
-                newcomers = self._admit(self.max_batch_size - len(rows))
-            try:
-                with torch.inference_mode():
-                    if rows:
-                        assert cache is not None and logits is not None
-                        rows, cache, logits = self._step(rows, cache, logits)
-                    if newcomers:
-                        rows, cache, logits = self._join(rows, cache, logits, newcomers)
-            except Exception as exc:  # a failed step ends the rows in it, never the worker
-                for row in rows:
-                    row.submission.sink(exc)
-                rows, cache, logits = [], None, None
-            self.stats.running = len(rows)
-            self.stats.peak_batch = max(self.stats.peak_batch, len(rows))
+                newcomers = self.scheduler.admit(self.max_batch_size - len(batch.rows))
+                prefill = self.scheduler.next_prefill()
+                self._update_waiting()
+            decoding = bool(batch.rows)
+            with torch.inference_mode():
+                self._advance(batch, newcomers)
+                if prefill:
+                    self.runner.prefill_only(prefill)
+                    self.stats.prefill_only_during_decode += int(decoding)
+            self.stats.running = len(batch.rows)
+            self.stats.peak_batch = max(self.stats.peak_batch, len(batch.rows))
         error = RuntimeError("the server is shutting down")
-        for row in rows:
-            row.submission.sink(error)
-        for submission in self._waiting:
+        batch.fail(error)
+        with self._wake:
+            waiting, rows = self.scheduler.drain()
+            self._update_waiting()
+        for submission in waiting:
             submission.sink(error)
-        self._waiting.clear()
-
-    def _admit(self, free: int) -> list[Submission]:
-        """Up to ``free`` waiting submissions, skipping those cancelled while they waited (lock held)."""
-        taken: list[Submission] = []
-        while self._waiting and len(taken) < free:
-            submission = self._waiting.popleft()
-            if submission.cancelled:
-                self.stats.cancelled += 1
-            else:
-                taken.append(submission)
-        self.stats.waiting = len(self._waiting)
-        return taken
-
-    def _step(self, rows: list[_Row], cache: KVCache, logits: torch.Tensor
-              ) -> tuple[list[_Row], KVCache | None, torch.Tensor | None]:
-        """Emit every row's next token, drop finished and cancelled rows, decode one step for the others."""
-        decoders = [row.decoder for row in rows]
-        chosen = decode_step(decoders, logits)
-        logprobs = step_logprobs(decoders, logits)
-        keep: list[int] = []
-        for i, row in enumerate(rows):
-            if row.submission.cancelled:
-                self.stats.cancelled += 1
-                continue
-            event = row.decoder.advance(i, chosen[i], None if logprobs is None else logprobs[i])
-            self.stats.generated_tokens += 1
-            row.submission.sink(event)
-            if not row.decoder.finished:
-                keep.append(i)
-        if not keep:
-            return [], None, None
-        if len(keep) < len(rows):
-            cache = gather_rows([(cache, keep)], room=self._room([rows[i] for i in keep]))
-        device = self.engine.model.device
-        feed = torch.tensor([chosen[i] for i in keep], device=device)
-        out = self.engine.model(feed[:, None], cache=cache, logits_to_keep=1)
-        self.stats.steps += 1
-        return [rows[i] for i in keep], cache, out.logits[:, -1].float()
-
-    def _join(self, rows: list[_Row], cache: KVCache | None, logits: torch.Tensor | None,
-              newcomers: list[Submission]) -> tuple[list[_Row], KVCache | None, torch.Tensor | None]:
-        """Prefill ``newcomers`` together and merge them into the running batch."""
-        engine = self.engine
-        try:
-            batch = engine.prepare([s.request.prompt_ids for s in newcomers], [s.request.images for s in newcomers])
-            lengths = batch["attention_mask"].sum(1).cpu()
-            engine.check_context(lengths)
-            fresh = engine.model.new_cache(*batch["input_ids"].shape)
-            out = engine.model(**batch, cache=fresh, logits_to_keep=1)
-        except Exception as exc:  # the newcomers' own problem: the running rows go on
-            if len(newcomers) > 1:  # find which of them it is: the others still join
-                for submission in newcomers:
-                    rows, cache, logits = self._join(rows, cache, logits, [submission])
-                return rows, cache, logits
-            newcomers[0].sink(exc)
-            return rows, cache, logits
-        self.stats.prefills += 1
-        device = engine.model.device
-        joined = [
-            _Row(s, RowDecoder(s.request, engine.decode, engine.eos_ids,
-                               min(s.request.params.max_new_tokens, engine.context_length - int(n)), device))
-            for s, n in zip(newcomers, lengths, strict=True)
-        ]
-        everyone = rows + joined
-        parts = [(cache, range(len(rows)))] if rows and cache is not None else []
-        merged = gather_rows([*parts, (fresh, range(len(joined)))], room=self._room(everyone))
-        new_logits = out.logits[:, -1].float()
-        return everyone, merged, new_logits if logits is None or not rows else torch.cat([logits, new_logits])
-
-    @staticmethod
-    def _room(rows: list[_Row]) -> int:
-        """Cache positions the rows can still write: the largest remaining output budget."""
-        return max(row.decoder.max_new_tokens - row.decoder.count for row in rows)
+        for prefill_submission, index in rows:
+            prefill_submission.sink(index, error)

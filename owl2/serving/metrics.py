@@ -16,8 +16,8 @@ class ServerMetrics:
 
     def __init__(self, batcher: Any, image_cache: Any) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("owl2_requests", "Chat completion requests by HTTP status", ["status"],
-                                registry=self.registry)
+        self.requests = Counter("owl2_requests", "API requests (chat completions and ratings) by HTTP status",
+                                ["status"], registry=self.registry)
         self.prompt_tokens = Counter("owl2_prompt_tokens", "Prompt tokens received (images counted as their tokens)",
                                      registry=self.registry)
         self.generation_tokens = Counter("owl2_generation_tokens", "Tokens generated", registry=self.registry)
@@ -25,8 +25,13 @@ class ServerMetrics:
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.ttft = Histogram("owl2_time_to_first_token_seconds", "Time from queueing to the first token",
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.rated_items = Counter("owl2_rated_items", "Images and videos rated", registry=self.registry)
+        self.rate_latency = Histogram("owl2_rate_latency_seconds", "Time from arrival to the ratings of a request",
+                                      buckets=_LATENCY_BUCKETS, registry=self.registry)
         Gauge("owl2_queue_depth", "Requests waiting for a batch slot", registry=self.registry).set_function(
             lambda: batcher.queue_depth)
+        Gauge("owl2_rating_rows_waiting", "Rating items waiting for a batched prefill",
+              registry=self.registry).set_function(lambda: batcher.stats.waiting_prefill_rows)
         Gauge("owl2_running_requests", "Requests in the running batch", registry=self.registry).set_function(
             lambda: batcher.stats.running)
         Gauge("owl2_image_cache_entries", "Encoded images kept by content", registry=self.registry).set_function(
@@ -41,6 +46,11 @@ class ServerMetrics:
         self.requests.labels(status="200").inc()
         self.generation_tokens.inc(completion_tokens)
         self.latency.observe(time.perf_counter() - started)
+
+    def rated(self, started: float, items: int) -> None:
+        self.requests.labels(status="200").inc()
+        self.rated_items.inc(items)
+        self.rate_latency.observe(time.perf_counter() - started)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,4 +1,4 @@
-"""The OpenAI Chat Completions wire format: request validation and response bodies.
+"""The wire format: OpenAI Chat Completions, owl2's rating requests (``POST /v1/rate``), and the response bodies.
 
 Requests are validated with pydantic. Unknown fields are an error (``strict``, the default) or ignored
 (``lenient``), and a field the model cannot honour with a non-default value (``presence_penalty=0.5``, ``tools``,
@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from owl2.generation.sampling import MAX_LOGPROBS
 
@@ -124,6 +124,87 @@ class ChatCompletionRequest(_Strict):
 
 class LenientChatCompletionRequest(ChatCompletionRequest):
     """The same request, ignoring fields it does not know (``owl2 serve --lenient``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# ------------------------------------------------------------------------------------------------------- rating
+MAX_LEVELS = 16
+"""Level words per scale (and weights); Q-Align uses 5, Q-Boost three groups of 3."""
+MAX_LEVEL_GROUPS = 8
+MAX_LEVEL_CHARS = 64
+MAX_WEIGHT = 1e6
+
+
+def _url_object(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"url": value}
+    if not isinstance(value, dict):
+        raise ValueError(f'an image is a URL string or {{"url": url}}, got {type(value).__name__}')
+    return value
+
+
+MediaURL = Annotated[ImageURL, BeforeValidator(_url_object)]
+_ITEM_FORMS = 'an item is {"image_url": url} or {"video": [url, ...]}'
+
+
+class RateItem(_Strict):
+    """An image, ``{"image_url": url}`` or ``{"image_url": {"url": url}}``, or a video, ``{"video": [url, ...]}``
+    (its frames in order, each a URL string or ``{"url": url}``)."""
+
+    image_url: MediaURL | None = None
+    video: list[MediaURL] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_object(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError(f'{_ITEM_FORMS}, got {type(value).__name__}')
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RateItem:
+        if (self.image_url is None) == (self.video is None):
+            raise ValueError(f"{_ITEM_FORMS}, exactly one of them")
+        return self
+
+
+class RateRequest(_Strict):
+    """``POST /v1/rate``: rate images and videos with a Q-Align-family scorer (see docs/serving.md)."""
+
+    model: str | None = None
+    items: list[RateItem] = Field(min_length=1)
+    task: Literal["quality", "aesthetics"] = "quality"
+    prompt: Literal["scorer", "eval"] = "scorer"
+    levels: list[Any] | None = None
+    """Level words, best first, or groups of words of equal length (averaged level by level)."""
+    weights: list[Annotated[float, Field(allow_inf_nan=False, ge=-MAX_WEIGHT, le=MAX_WEIGHT)]] | None = Field(
+        default=None, min_length=2, max_length=MAX_LEVELS)
+    """One per level (default n .. 1); bounded so that the score's spread stays a finite number."""
+    user: str | None = None
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, value: list[Any] | None) -> list[Any] | None:
+        if value is None:
+            return None
+        shape = (f"levels must be 2 to {MAX_LEVELS} words, best first, or up to {MAX_LEVEL_GROUPS} lists of such "
+                 f"words of equal length")
+        groups = [value] if all(isinstance(v, str) for v in value) else value
+        if not groups or len(groups) > MAX_LEVEL_GROUPS or not all(isinstance(g, list) for g in groups):
+            raise ValueError(shape)
+        for group in groups:
+            if not 2 <= len(group) <= MAX_LEVELS or not all(isinstance(w, str) for w in group):
+                raise ValueError(shape)
+            for word in group:
+                if not word.strip() or len(word) > MAX_LEVEL_CHARS:
+                    raise ValueError(f"level words must be non-empty and at most {MAX_LEVEL_CHARS} characters, "
+                                     f"got {word[:MAX_LEVEL_CHARS + 1]!r}")
+        return value
+
+
+class LenientRateRequest(RateRequest):
+    """The same request, ignoring top-level fields it does not know (``owl2 serve --lenient``)."""
 
     model_config = ConfigDict(extra="ignore")
 

@@ -97,7 +97,8 @@ def start_server(model: Path, *extra: str, timeout: float = 90.0) -> ServerProce
 def server(tiny_checkpoint) -> Iterator[ServerProcess]:
     """One server for a test module; small limits so that the bad-input corpus can reach each of them."""
     process = start_server(tiny_checkpoint, "--max-body-mb", "2", "--max-images", "4",
-                           "--max-new-tokens", "64", "--max-queue", "8")
+                           "--max-new-tokens", "64", "--max-queue", "8", "--max-rate-items", "4",
+                           "--max-video-frames", "3")
     yield process
     process.stop()
 

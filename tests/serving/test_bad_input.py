@@ -1,8 +1,9 @@
-"""A corpus of malformed requests: each gets OpenAI's error JSON with the right 4xx code, and afterwards the
-server still answers correctly and its memory has not grown."""
+"""A corpus of malformed requests, for chat completions and for ratings: each gets OpenAI's error JSON with the right
+4xx code, and afterwards (for ratings: meanwhile) the server still answers correctly and its memory has not grown."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import struct
@@ -101,6 +102,125 @@ CORPUS: list[tuple[str, object, int]] = [
      400),
     ("body over the size limit", _image_request(_b64(b"\x00" * (3 * 2**20))), 413),
 ]
+
+
+# ------------------------------------------------------------------------------------------ POST /v1/rate
+RATE = "/v1/rate"
+_GOOD = data_url(scene("teal"))
+
+
+def _rate(*items: object, **extra: object) -> dict:
+    return {"items": list(items), **extra}
+
+
+def _raw_rate(fragment: str) -> bytes:
+    """A body with a number JSON can spell but pydantic must refuse (``1e999`` is infinite, ``NaN``)."""
+    return ('{"items": [{"image_url": "' + _GOOD + '"}], ' + fragment + "}").encode()
+
+
+# (name, body, status, words the message must hold): the server (conftest) allows 4 items and 3 frames a video
+RATE_CORPUS: list[tuple[str, object, int, str]] = [
+    ("not json", b'{"items": [', 400, "json"),
+    ("no items", {"task": "quality"}, 400, "items"),
+    ("empty items", _rate(), 400, "items: list should have at least 1 item"),
+    ("items a string", {"items": "cat.png"}, 400, "items"),
+    ("items a huge number", {"items": 10**40}, 400, "items"),
+    ("too many items", _rate(*[{"image_url": _GOOD}] * 5), 400, "5 items in one request; the limit is 4"),
+    ("item a string", _rate(_GOOD), 400, "items[0]: an item is"),
+    ("item a number", _rate({"image_url": _GOOD}, 7), 400, "items[1]: an item is"),
+    ("item empty", _rate({}), 400, "items[0]: an item is"),
+    ("image and video in one item", _rate({"image_url": _GOOD, "video": [_GOOD]}), 400, "exactly one"),
+    ("unknown item field", _rate({"image": _GOOD}), 400, "items[0].image"),
+    ("image_url a number", _rate({"image_url": 5}), 400, "items[0].image_url: an image is a url string"),
+    ("image_url without url", _rate({"image_url": {}}), 400, "items[0].image_url.url"),
+    ("empty url", _rate({"image_url": ""}), 400, "items[0].image_url.url"),
+    ("video with no frames", _rate({"video": []}), 400, "items[0].video: list should have at least 1 item"),
+    ("video a string", _rate({"video": _GOOD}), 400, "items[0].video"),
+    ("video frame a number", _rate({"video": [_GOOD, 3]}), 400, "items[0].video[1]"),
+    ("too many frames", _rate({"image_url": _GOOD}, {"video": [_GOOD] * 4}), 400,
+     "items[1].video: 4 frames; the limit is 3"),
+    ("unsupported url scheme", _rate({"image_url": _GOOD}, {"image_url": "ftp://x/cat.png"}), 400,
+     "items[1].image_url: unsupported image url"),
+    ("bare path", _rate({"image_url": "/etc/hostname"}), 400, "items[0].image_url"),
+    ("file url not allowed", _rate({"image_url": "file:///etc/passwd"}), 400, "items[0].image_url: file://"),
+    ("http url not allowed", _rate({"image_url": "http://127.0.0.1:9/cat.png"}), 400, "items[0].image_url: http"),
+    ("invalid base64", _rate({"image_url": "data:image/png;base64,@@@notbase64@@@"}), 400, "items[0].image_url"),
+    ("not an image", _rate({"image_url": _b64(b"hello, I am text, not a picture")}), 400, "items[0].image_url"),
+    ("truncated frame", _rate({"video": [_GOOD, _b64(_TRUNCATED)]}), 400, "items[0].video[1]"),
+    ("decompression bomb", _rate({"image_url": _GOOD}, {"image_url": _b64(_bomb_png())}), 400,
+     "items[1].image_url"),
+    ("unknown task", _rate({"image_url": _GOOD}, task="sharpness"), 400, "task: input should be 'quality'"),
+    ("task a number", _rate({"image_url": _GOOD}, task=12), 400, "task"),
+    ("unknown prompt", _rate({"image_url": _GOOD}, prompt="custom"), 400, "prompt"),
+    ("a prompt template", _rate({"image_url": _GOOD}, prompt="USER: <|image|> rate it"), 400, "prompt"),
+    ("infinite weight", _raw_rate('"weights": [1e999, 4, 3, 2, 1]'), 400, "weights[0]: input should be a finite"),
+    ("NaN weight", _raw_rate('"weights": [NaN, 4, 3, 2, 1]'), 400, "finite"),
+    ("huge weights", _rate({"image_url": _GOOD}, weights=[1e300, 1, 1, 1, 1]), 400, "weights[0]"),
+    ("weights of the wrong count", _rate({"image_url": _GOOD}, weights=[1, 2]), 400, "weights: got 2 weights"),
+    ("equal weights", _rate({"image_url": _GOOD}, weights=[1, 1, 1, 1, 1]), 400, "weights"),
+    ("weights a string", _rate({"image_url": _GOOD}, weights="5,4,3,2,1"), 400, "weights"),
+    ("one level word", _rate({"image_url": _GOOD}, levels=["good"]), 400, "levels"),
+    ("level numbers", _rate({"image_url": _GOOD}, levels=[1, 2]), 400, "levels"),
+    ("level groups of unequal length", _rate({"image_url": _GOOD}, levels=[["a", "b"], ["c", "d", "e"]]), 400,
+     "levels: level groups must have the same length"),
+    ("a thousand levels", _rate({"image_url": _GOOD}, levels=["w"] * 1000), 400, "levels"),
+    ("a huge level word", _rate({"image_url": _GOOD}, levels=["x" * 10000, "y"]), 400, "levels"),
+    ("an empty level word", _rate({"image_url": _GOOD}, levels=["good", " "]), 400, "levels"),
+    ("unknown field", _rate({"image_url": _GOOD}, temperature=0), 400, "temperature"),
+    ("unknown model", _rate({"image_url": _GOOD}, model="gpt-4o"), 404, "gpt-4o"),
+    ("body over the size limit", _rate({"image_url": _b64(b"\x00" * (3 * 2**20))}), 413, "limit"),
+]
+
+
+def _send_rate(client: httpx.AsyncClient | httpx.Client, body: object) -> object:
+    """The response, or (for the async client) the coroutine that gives it."""
+    if isinstance(body, bytes):
+        return client.post(RATE, content=body, headers={"content-type": "application/json"})
+    return client.post(RATE, json=body)
+
+
+def _check_rate_error(response: httpx.Response, status: int, words: str, name: str) -> None:
+    _check_error(response, status, name)
+    message = response.json()["error"]["message"]
+    assert "\n" not in message and words.lower() in message.lower(), f"{name}: {message!r}"
+
+
+def test_every_malformed_rating_gets_its_error_while_good_requests_succeed(server, tiny_pipeline):
+    """The rating corpus sent all at once, with a good rating and a good chat among it: every bad request gets its
+    4xx and a message naming the field or item, the good ones their right answers, and nothing hangs."""
+    good_rating = _rate({"image_url": _GOOD}, {"video": [data_url(scene("red")), data_url(scene("blue"))]})
+    want = tiny_pipeline.rate([scene("teal"), [scene("red"), scene("blue")]])
+    chat = _image_request(data_url(scene("green")), "What colour is it?")
+    want_chat = expected_answer(tiny_pipeline, chat["messages"], 4)
+
+    async def burst(url: str) -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=64)) as client:
+            bad = [_send_rate(client, body) for _, body, _, _ in RATE_CORPUS]
+            replies = await asyncio.gather(*bad, client.post(RATE, json=good_rating), client.post(CHAT, json=chat))
+            return list(replies[:-2]), replies[-2], replies[-1]
+
+    def check_good(rating: httpx.Response, reply: httpx.Response) -> None:
+        assert rating.status_code == 200, rating.text
+        for got, expected in zip(rating.json()["data"], want, strict=True):
+            assert got["score"] == pytest.approx(expected.score, abs=1e-5)
+            assert got["logits"] == pytest.approx(list(expected.logits), abs=1e-5)
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == want_chat
+
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        bad, rating, reply = asyncio.run(burst(server.url))
+        for (name, _, status, words), response in zip(RATE_CORPUS, bad, strict=True):
+            _check_rate_error(response, status, words, name)
+        check_good(rating, reply)
+        before = rss_bytes(server.pid)
+        for _ in range(3):
+            bad, rating, reply = asyncio.run(burst(server.url))
+            for (name, _, status, words), response in zip(RATE_CORPUS, bad, strict=True):
+                _check_rate_error(response, status, words, name)
+            check_good(rating, reply)
+        after = rss_bytes(server.pid)
+        health = wait_idle(client)
+    assert health["status"] == "ok" and health["running"] == 0 and health["waiting"] == 0
+    assert after - before < 40 * 2**20, f"the server grew by {(after - before) / 2**20:.1f} MiB over 3 rounds"
 
 
 def wait_idle(client: httpx.Client, timeout: float = 10.0) -> dict:

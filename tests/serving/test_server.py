@@ -86,6 +86,20 @@ def test_a_client_that_goes_away_frees_its_slot(tiny_pipeline):
         assert ok.status_code == 200
 
 
+def test_a_plain_client_that_leaves_is_noticed_while_tokens_stream_fast(tiny_pipeline):
+    """Tokens arrive far more often than every 0.1 s: the server must still look for the hang-up between them."""
+    app = create_app(tiny_pipeline, ServerSettings(model_name="tiny", max_batch_size=1))
+    stats = app.state.server.batcher.stats
+    endless = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "min_tokens": 480}
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            client.post(CHAT, json=endless, timeout=0.3)
+        deadline = time.monotonic() + 20
+        while stats.cancelled < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert stats.cancelled == 1 and stats.generated_tokens < 480
+
+
 def test_images_are_encoded_once_per_content(tiny_pipeline):
     app = create_app(tiny_pipeline, ServerSettings(model_name="tiny"))
     cache = tiny_pipeline.engine.image_cache
