@@ -22,7 +22,7 @@ from owl2.model.inputs import OFFICIAL_IMAGE_TOKEN
 from owl2.rating.scale import Rating, RatingScale, render_rating_prompt
 from owl2.utils import progress
 
-__all__ = ["RatingRow", "Video", "rate", "rating_row", "video_frames"]
+__all__ = ["RatingRow", "Video", "check_fits", "rate", "rating_row", "video_frames"]
 
 
 @dataclass(frozen=True)
@@ -86,14 +86,17 @@ def rating_row(tokenizer: Any, image_processor: Any, item: Any, *, task: str = "
     return RatingRow(ids, pixels, media)
 
 
-def check_fits(row: RatingRow, tokens_per_image: int, context_length: int, where: str) -> None:
-    """A clear error when the row's visual tokens and text do not fit in the context."""
+def check_fits(row: RatingRow, tokens_per_image: int, context_length: int, where: str,
+               hint: str = "sample fewer frames (num_frames=N)") -> int:
+    """The positions the row takes, or a clear error (``where``: the item, ``hint``: what to do) when its visual
+    tokens and text do not fit in the context."""
     frames = row.prompt_ids.count(OFFICIAL_IMAGE_TOKEN)
     positions = len(row.prompt_ids) - frames + frames * tokens_per_image
     if positions >= context_length:
         what = f"{frames} frames ({frames} x {tokens_per_image} visual tokens)" if row.media == "video" else "the image"
         raise ValueError(f"{where}: {what} and the prompt take {positions} positions, more than the context of "
-                         f"{context_length}; sample fewer frames (num_frames=N)")
+                         f"{context_length}; {hint}")
+    return positions
 
 
 def _as_items(items: Any) -> list[Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from owl2.rating import Rating, RatingScale
-from owl2.rating.rate import rating_row
+from owl2.rating.rate import check_fits, rating_row
 from owl2.serving.batcher import PrefillRow
 from owl2.serving.images import ImagePolicy, fetch_image
 from owl2.serving.protocol import RateRequest
@@ -67,15 +67,11 @@ def build_job(pipeline: Any, body: RateRequest, policy: ImagePolicy, context_len
                              prompt=body.prompt, policy=pipeline.policy)
         except ValueError as exc:
             raise InvalidRating(f"items[{i}]: {exc}", f"items[{i}]") from exc
-        prefill = PrefillRow(row.prompt_ids, row.pixels)
-        positions = prefill.positions(tokens_per_image)
-        if positions >= context_length:  # the check of check_fits, worded for HTTP clients (no num_frames here)
-            what = f"{prefill.image_count} frames" if item.video is not None else "the image"
-            raise InvalidRating(f"items[{i}]: {what} and the prompt take {positions} positions, more than the "
-                                f"model's context of {context_length}; send fewer frames", f"items[{i}]",
-                                "context_length_exceeded")
-        prompt_tokens += positions
-        rows.append(prefill)
+        try:
+            prompt_tokens += check_fits(row, tokens_per_image, context_length, f"items[{i}]", "send fewer frames")
+        except ValueError as exc:
+            raise InvalidRating(str(exc), f"items[{i}]", "context_length_exceeded") from exc
+        rows.append(PrefillRow(row.prompt_ids, row.pixels))
     return RatingJob(rows, scale, prompt_tokens)
 
 

@@ -250,7 +250,7 @@ def test_fetching_does_not_block_the_server_and_long_videos_are_refused(tiny_pip
                                  timeout=60)
             assert refused.status_code == 400
             assert refused.json()["error"]["message"].startswith("items[1]: 60 frames")
-            assert "more than the model's context of 512; send fewer frames" in refused.json()["error"]["message"]
+            assert "more than the context of 512; send fewer frames" in refused.json()["error"]["message"]
     finally:
         images.shutdown()
 
