@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     from owl2.cli.serve import register as register_serve
 
     register_serve(commands)
+    from owl2.cli.rate import register as register_rate
+
+    register_rate(commands)
     return parser
 
 

@@ -169,6 +169,30 @@ def test_a_killed_run_resumes_to_the_same_file(folder, tmp_path, capsys):
     assert out.read_text() == complete  # batch size 1: the re-rated item gives the very same numbers
 
 
+def test_an_interrupted_run_keeps_every_finished_batch(folder, tmp_path, monkeypatch, capsys):
+    calls = []
+    rate = owl2.api.Pipeline.rate
+
+    def interrupted(self, items, **kwargs):
+        calls.append(len(items))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second batch is rated
+        return rate(self, items, **kwargs)
+
+    monkeypatch.setattr(owl2.api.Pipeline, "rate", interrupted)
+    out = tmp_path / "ratings.csv"
+    args = [*BASE, "--batch-size", "2", "--output", str(out), str(folder)]
+    with pytest.raises(KeyboardInterrupt):
+        cli(args)
+    assert [r["path"] for r in read_csv(out)] == expected_paths(folder)[:2]
+    assert leftovers(tmp_path) == []
+    monkeypatch.setattr(owl2.api.Pipeline, "rate", rate)
+    capsys.readouterr()
+    assert cli(args) == 0
+    assert "rated 1, kept 2" in capsys.readouterr().err
+    assert [r["path"] for r in read_csv(out)] == expected_paths(folder)
+
+
 def test_a_bad_file_stops_with_exit_2_and_keeps_finished_work(folder, tmp_path, capsys):
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")  # sorts between b.png and sub/c.png
     out = tmp_path / "ratings.csv"
