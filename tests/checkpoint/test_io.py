@@ -166,3 +166,23 @@ def test_shard_writer_respects_the_size_limit(tmp_path):
     files = writer.finish()
     assert len(files) == 3
     assert all(f.stat().st_size < 1000 + 500 for f in files)
+
+
+def test_atomic_output_gives_normal_file_modes(tmp_path):
+    """A new file gets 0666 less the umask (not mkstemp's 0600); a replaced file keeps its mode."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.txt"
+        with atomic_output(fresh, "w") as handle:
+            handle.write("x")
+        assert fresh.stat().st_mode & 0o777 == 0o644
+        kept = tmp_path / "kept.txt"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        with atomic_output(kept, "w") as handle:
+            handle.write("new")
+        assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "new"
+    finally:
+        os.umask(umask)
