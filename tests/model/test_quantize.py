@@ -9,8 +9,9 @@ import owl2
 from owl2.model.quantize import DynamicInt8Linear, WeightOnlyInt8Linear
 from tests.conftest import OFFICIAL_TINY, max_abs, official
 
-# Measured cost on the fixture model: logits within 0.11 of fp32 (bf16 alone: 0.03-0.06); greedy tokens unchanged.
-LOGIT_TOL = 0.15
+# Measured cost on the fixture model: logits within 0.21 of fp32 (int8-dynamic's 7-bit activations; weight-only int8
+# 0.08; bf16 alone: 0.03-0.06); greedy tokens unchanged.
+LOGIT_TOL = 0.25
 
 
 @pytest.mark.parametrize(("mode", "dtype", "kind"), [("int8-dynamic", torch.float32, DynamicInt8Linear),
