@@ -26,12 +26,18 @@ baseline's full-vocabulary head) times what batching gains in GEMM efficiency. O
 every parallel op of a multi-threaded run waits for a descheduled thread, which penalises the many small ops of
 batch 1 far more than batch 32; ``--threads 1 --runs 3`` gives steadier figures there.
 
+The official scorers only run in float16 (``.half()`` pixels and weights); the last row runs the baseline that way
+(the same weights rounded to float16), which is what a user of the official code gets on a CPU. The column
+``x fp16 official`` compares with it; ``x baseline`` with the baseline in ``--dtype``, the algorithm alone.
+
     python benchmarks/rate.py [--images 32] [--dtype fp32|bf16] [--batch 1 8 32] [--runs 1] [--threads N] [--profile]
+                              [--no-official-fp16]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import cProfile
 import json
 import os
@@ -59,7 +65,7 @@ from owl2.processing.tokenizer import load_tokenizer
 from owl2.rating import PROMPTS, RatingScale
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "llama2-tokenizer"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = [(640, 480), (480, 640), (512, 512), (800, 450), (450, 800), (1024, 256), (300, 900), (720, 720)]
 
 
@@ -206,6 +212,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 steadies the numbers on a machine shared with other "
                              "jobs, where every parallel op waits for a descheduled thread")
+    parser.add_argument("--no-official-fp16", dest="official_fp16", action="store_false",
+                        help="skip the float16 run of the baseline (the official scorers cast pixels and weights "
+                             "to float16, so float16 is the only dtype they run in; on a CPU without float16 "
+                             "matmuls that is their real speed)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,6 +223,9 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     pipe = build_pipeline(dtype)
     official = OfficialStyleScorer(pipe)
+    # What the official scorers must run: .half() pixels need a float16 model. The same weights, rounded to fp16.
+    fp16_pipe = Pipeline(copy.deepcopy(pipe.model).half(), pipe.tokenizer, pipe.image_processor)
+    official_fp16 = OfficialStyleScorer(fp16_pipe) if args.official_fp16 and dtype != torch.float16 else None
     images = synthetic_images(args.images)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, {args.images} images "
           f"({len(set(i.size for i in images))} sizes), {pipe.model.config.tokens_per_image} visual tokens per image; "
@@ -225,6 +238,9 @@ def main() -> None:
         ("official-style", 1, lambda: time_official(official, images)),
         *(("owl2 pipe.rate", b, lambda b=b: time_owl2(pipe, images, b)) for b in args.batch),
     ]
+    if official_fp16 is not None:
+        official_fp16.rate(warm[:1])
+        cases.append(("official-style fp16", 1, lambda: time_official(official_fp16, images)))
     best = [float("inf")] * len(cases)
     scores: list[list[float]] = [[] for _ in cases]
     for _ in range(args.runs):
@@ -232,15 +248,18 @@ def main() -> None:
             seconds, scores[i] = run()
             best[i] = min(best[i], seconds)
     baseline = args.images / best[0]
-    print(f"{'':22} {'batch':>5} {'images/s':>9} {'x baseline':>10} {'max |d score|':>14}")
+    fp16_baseline = args.images / best[-1] if official_fp16 is not None else None
+    print(f"{'':22} {'batch':>5} {'images/s':>9} {'x baseline':>10} {'x fp16 official':>16} {'max |d score|':>14}")
     results = []
     for (name, batch, _), seconds, got in zip(cases, best, scores, strict=True):
         speed = args.images / seconds
         diff = float(np.max(np.abs(np.subtract(got, scores[0]))))
+        versus_fp16 = speed / fp16_baseline if fp16_baseline else None
         results.append({"impl": name, "batch": batch, "images_per_s": speed, "ratio": speed / baseline,
-                        "max_abs_score_diff": diff})
+                        "ratio_vs_fp16_official": versus_fp16, "max_abs_score_diff": diff})
         shown = "-" if name == "official-style" else f"{diff:.2e}"
-        print(f"{name:22} {batch:5d} {speed:9.2f} {speed / baseline:10.2f} {shown:>14}")
+        fp16_shown = "-" if versus_fp16 is None else f"{versus_fp16:.2f}"
+        print(f"{name:22} {batch:5d} {speed:9.2f} {speed / baseline:10.2f} {fp16_shown:>16} {shown:>14}")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
     check = images[:args.check]
