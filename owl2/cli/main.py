@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from owl2.checkpoint import CheckpointError, convert_checkpoint
+from owl2.cli import ADAPTER_HELP
 from owl2.model.config import ConfigError
 
 
@@ -41,7 +42,7 @@ def _load_pipeline(args: argparse.Namespace):  # -> owl2.api.Pipeline (imported 
     from owl2.api import load
 
     print(f"loading {args.model or 'owl2-tiny (the embedded default)'} ...", file=sys.stderr, flush=True)
-    return load(args.model, dtype=args.dtype, device=args.device, policy=args.policy)
+    return load(args.model, dtype=args.dtype, device=args.device, policy=args.policy, adapter=args.adapter)
 
 
 def _ask(args: argparse.Namespace) -> int:
@@ -129,6 +130,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="checkpoint directory or Hugging Face hub id (default: the embedded owl2-tiny)")
+    parser.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     parser.add_argument("--image", action="append", help="image file (repeat for several)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from owl2.cli import ADAPTER_HELP
 from owl2.rating.scale import LEVELS, PROMPTS, TASKS
 from owl2.utils import atomic_write_text, progress
 
@@ -324,11 +325,18 @@ def _rate_all(pipe: Any, todo: Sequence[Path], settings: Settings, args: argpars
         yield from records
 
 
+def _model_name(model: str | None, adapter: str | None) -> str:
+    """The model a rating came from, as the resume check compares it: an adapter makes another model."""
+    name = model or "owl2-tiny"
+    return name if adapter is None else f"{name} + {adapter}"
+
+
 def _load(args: argparse.Namespace, directory: Path) -> Any:
     from owl2.api import load
 
     print(f"loading {args.model or 'owl2-tiny (the embedded default)'} ...", file=sys.stderr, flush=True)
-    return load(directory, dtype=args.dtype, device=args.device, policy=args.policy, show_progress=not args.quiet)
+    return load(directory, dtype=args.dtype, device=args.device, policy=args.policy, adapter=args.adapter,
+                show_progress=not args.quiet)
 
 
 def _print_table(records: Sequence[dict[str, Any]]) -> None:
@@ -358,7 +366,8 @@ def _rate(args: argparse.Namespace) -> int:
     # The policy in effect is a setting of every record; reading it from the checkpoint's configs (not loading the
     # weights) lets a finished run be resumed without loading the model at all.
     policy = args.policy or load_image_processor(directory).default_policy
-    settings = Settings(args.task, args.prompt, policy, args.num_frames, args.model or "owl2-tiny")
+    settings = Settings(args.task, args.prompt, policy, args.num_frames,
+                        _model_name(args.model, args.adapter))
     keys = [record_key(rating_record(p, "video" if _is_video(p) else "image", settings, error="")) for p in paths]
     todo = [p for p, k in zip(paths, keys, strict=True) if sink is None or not sink.done(k)]
     kept = len(paths) - len(todo)
@@ -409,6 +418,7 @@ def register(commands: Any) -> None:
                       help="frames sampled evenly from each video (default: one per second, as Q-Align does)")
     rate.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16")
     rate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    rate.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     rate.add_argument("--policy", choices=["crop", "pad", "stretch"], default=None,
                       help="how images become squares (default: the checkpoint's; Q-Align's is pad)")
     rate.add_argument("--output", default=None, metavar="FILE",

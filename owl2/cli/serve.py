@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from owl2.cli import ADAPTER_HELP
+
 
 def settings_from_args(args: argparse.Namespace) -> Any:
     from owl2.serving.app import ServerSettings
@@ -35,7 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
     from owl2.serving.replicas import ServeOptions, build_app, run_ray
 
     options = ServeOptions(model=args.model, dtype=args.dtype, device=args.device, policy=args.policy,
-                           settings=settings_from_args(args))
+                           adapter=args.adapter, settings=settings_from_args(args))
     url = f"http://{args.host}:{args.port}"
     if args.replicas > 1 or args.ray_address:
         run_ray(options, replicas=args.replicas, host=args.host, port=args.port, address=args.ray_address,
@@ -59,6 +61,7 @@ def register(commands: Any) -> None:
                        help="checkpoint directory or hub id (default: the embedded owl2-tiny)")
     serve.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16")
     serve.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    serve.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     serve.add_argument("--policy", choices=["crop", "pad", "stretch"], default=None)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -30,6 +30,7 @@ class ServeOptions:
     dtype: str | None = None
     device: str | None = None
     policy: str | None = None
+    adapter: str | None = None
     settings: ServerSettings = field(default_factory=ServerSettings)
 
 
@@ -44,7 +45,7 @@ def build_app(options: ServeOptions) -> Any:
     from owl2.serving.app import create_app
 
     pipeline = load(options.model, dtype=options.dtype, device=options.device, policy=options.policy,
-                    show_progress=False)
+                    adapter=options.adapter, show_progress=False)
     return create_app(pipeline, options.settings)
 
 

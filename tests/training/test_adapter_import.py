@@ -284,3 +284,19 @@ def test_pickled_code_is_never_run(qalign_adapter, tmp_path, file):
     # The payload is live: an unrestricted unpickler would have run it.
     torch.load(directory / file, weights_only=False)
     assert marker.is_dir()
+
+
+def test_rate_cli_takes_an_adapter(qalign_adapter, tmp_path):
+    """``owl2 rate --adapter`` rates with the adapted scorer; its ratings are another model's for the resume check."""
+    directory = qalign_adapter[0]
+    image = FIXTURES / "qalign" / "images" / "chelsea_square.png"
+    adapted = owl2.load(QALIGN, dtype="fp32", device="cpu", show_progress=False, adapter=directory)
+    output = tmp_path / "ratings.jsonl"
+    args = ["rate", "--model", str(QALIGN), "--dtype", "fp32", "--device", "cpu", "--quiet", "--output", str(output),
+            str(image)]
+    assert main([*args, "--adapter", str(directory)]) == 0
+    record = json.loads(output.read_text().splitlines()[0])
+    assert record["score"] == pytest.approx(adapted.rate([image])[0].score, abs=1e-6)
+    assert main(args) == 0  # without the adapter: rated again, not taken from the file
+    plain = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(plain) == 2 and plain[0]["score"] != pytest.approx(plain[1]["score"], abs=1e-6)
