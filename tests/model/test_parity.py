@@ -115,7 +115,10 @@ def test_left_padded_batch_gives_rows_alone_answer(tiny_fp32, tiny_bf16, oracle,
         oracle["input_ids_leftpad"], oracle["attention_mask_leftpad"], pixel_values=oracle["images_batch"]
     )
     new = model.generate(**batch, max_new_tokens=8)
-    assert torch.equal(new, reference["generate_leftpad_rows_alone_new_tokens"])
+    # In bf16 a near-tie late in row 1 goes either way with the CPU's bf16 kernels (AVX2 without native bf16 picks
+    # the fp32 answer): either rows-alone answer is right, the official padded answer is not.
+    alone = [reference["generate_leftpad_rows_alone_new_tokens"], oracle["generate_leftpad_rows_alone_new_tokens"]]
+    assert any(torch.equal(new, tokens) for tokens in alone)
     # The official code gets the padded row wrong; make sure the fixture really tells the two apart.
     assert not torch.equal(new, reference["generate_leftpad_official_new_tokens"])
 
