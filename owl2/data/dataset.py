@@ -10,6 +10,11 @@ goes on.
 Text-only samples carry ``pixel_values=None`` and never get a dummy image (the official trainer encodes a zero image
 for every text-only sample and throws the result away); :func:`collate` leaves ``pixel_values`` out of a batch
 without images, so the vision tower is skipped entirely.
+
+Soft labels (DeQA-Score, :mod:`owl2.data.quality`): a record with a ``soft_label`` has it attached to the level word
+of its answer, the token right after the last ``level_prefix`` (``"The quality of the image is"``) among the answer
+tokens, which must be the first piece of one of ``levels``. :func:`collate` then adds ``soft_labels``,
+``level_positions`` and ``level_ids`` to the batch (:mod:`owl2.training.losses` reads them).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from owl2.data.masking import DEFAULT_TEMPLATE, IGNORE_INDEX, tokenize_conversation, truncate
+from owl2.data.masking import DEFAULT_TEMPLATE, IGNORE_INDEX, TokenizedConversation, tokenize_conversation, truncate
 from owl2.data.records import BadRecord, Record, read_records, report_skip
 from owl2.processing.conversation import ConversationTemplate
 from owl2.processing.image import ImageError, ImageProcessor
@@ -49,8 +54,13 @@ class SupervisedDataset(Dataset):
     (``config.tokens_per_image``). ``image_processor``: default the released 448 px processor; ``image_policy``
     ``"pad"`` as in official training.
 
+    ``levels`` and ``level_prefix``: where a record's ``soft_label`` applies (module docstring; default Q-Align's
+    five words and ``"The quality of the image is"``); its length must be the number of levels.
+
     ``__getitem__`` gives a dict: ``id``, ``input_ids`` (official form, ``-200`` per image), ``labels``, ``images``
-    (the image sources), ``num_images``, ``length`` (expanded) and ``pixel_values`` (``[n, 3, S, S]`` or ``None``).
+    (the image sources), ``num_images``, ``length`` (expanded) and ``pixel_values`` (``[n, 3, S, S]`` or ``None``);
+    a sample with a soft label also has ``soft_label`` (floats, best level first), ``level_position`` (index of the
+    level word in ``input_ids``) and ``level_ids`` (each level's token id).
     """
 
     def __init__(
@@ -66,13 +76,23 @@ class SupervisedDataset(Dataset):
         image_policy: str | None = TRAINING_IMAGE_POLICY,
         check_files: bool = True,
         verify_tokenization: bool = False,
+        levels: Sequence[str] | None = None,
+        level_prefix: str | None = None,
     ) -> None:
+        # Imported here so that `python -m owl2.data.quality` does not find its module already imported by the
+        # package's __init__.
+        from owl2.data.quality import LEVELS, QUALITY_PREFIX
+
         self.tokenizer = tokenizer
         self.template = template
         self.max_length = max_length
         self.tokens_per_image = tokens_per_image
         self.image_processor = image_processor if image_processor is not None else ImageProcessor()
         self.image_policy = image_policy
+        self.levels = tuple(levels if levels is not None else LEVELS)
+        self.level_prefix = level_prefix if level_prefix is not None else QUALITY_PREFIX
+        self._level_ids: list[int] | None = None
+        self._prefix_ids: list[int] | None = None
         self.skipped: list[tuple[str, str]] = []
         """``(id, reason)`` of every record skipped so far (reading, tokenising, or a broken image at load time)."""
 
@@ -84,6 +104,7 @@ class SupervisedDataset(Dataset):
         self._images: list[list[Any]] = []
         self._tokens: list[np.ndarray] = []
         self._targets: list[np.ndarray] = []
+        self._soft: list[tuple[list[float], int] | None] = []
         lengths: list[int] = []
         for record in parsed:
             try:
@@ -91,6 +112,9 @@ class SupervisedDataset(Dataset):
                     tokenizer, record.turns, template, system=record.system, verify=verify_tokenization
                 )
                 sample = truncate(sample, max_length, tokens_per_image)
+                soft = None if record.soft_label is None else (record.soft_label, self._level_position(sample))
+                if soft is not None and len(soft[0]) != len(self.levels):
+                    raise BadRecord(f"a soft label of {len(soft[0])} values for {len(self.levels)} levels")
             except BadRecord as exc:
                 report_skip(self.skipped, record.id, str(exc))
                 continue
@@ -98,6 +122,7 @@ class SupervisedDataset(Dataset):
             self._images.append(list(record.images))
             self._tokens.append(np.asarray(sample.input_ids, dtype=np.int32))
             self._targets.append(np.asarray(sample.labels, dtype=np.int32) != IGNORE_INDEX)
+            self._soft.append(soft)
             lengths.append(sample.expanded_length(tokens_per_image))
         self.lengths: list[int] = lengths
         """Expanded length of each sample (what the model sees), for the length-grouped sampler."""
@@ -108,6 +133,35 @@ class SupervisedDataset(Dataset):
         return len(self._ids)
 
     @property
+    def level_ids(self) -> list[int]:
+        """The token id of each level word (:func:`~owl2.data.quality.level_token_ids`), best first."""
+        if self._level_ids is None:
+            from owl2.data.quality import level_token_ids
+
+            self._level_ids = level_token_ids(self.tokenizer, self.levels)
+        return self._level_ids
+
+    @property
+    def num_soft_labels(self) -> int:
+        """How many samples carry a soft label."""
+        return sum(soft is not None for soft in self._soft)
+
+    def _level_position(self, sample: TokenizedConversation) -> int:
+        """Index of the level word in ``sample.input_ids``: the answer token right after the last occurrence of the
+        level prefix among the answer tokens (DeQA-Score finds it the same way, by the prefix)."""
+        if self._prefix_ids is None:
+            self._prefix_ids = self.tokenizer.encode(self.level_prefix, add_bos=False)
+        prefix = self._prefix_ids
+        ids, labels = sample.input_ids, sample.labels
+        for start in range(len(ids) - len(prefix) - 1, -1, -1):
+            end = start + len(prefix)
+            if ids[start:end] == prefix and all(label != IGNORE_INDEX for label in labels[start:end + 1]):
+                if ids[end] not in self.level_ids:
+                    raise BadRecord(f"the word after {self.level_prefix!r} is not one of the levels {self.levels}")
+                return end
+        raise BadRecord(f"a soft label, but no answer holds {self.level_prefix!r} and a level word after it")
+
+    @property
     def ids(self) -> list[str]:
         """The record id of each (kept) sample, in dataset order."""
         return list(self._ids)
@@ -116,7 +170,7 @@ class SupervisedDataset(Dataset):
         """Sample ``index`` without its pixels (nothing is loaded)."""
         ids = self._tokens[index].tolist()
         labels = np.where(self._targets[index], self._tokens[index], IGNORE_INDEX).tolist()
-        return {
+        sample = {
             "id": self._ids[index],
             "input_ids": ids,
             "labels": labels,
@@ -124,6 +178,10 @@ class SupervisedDataset(Dataset):
             "num_images": len(self._images[index]),
             "length": self.lengths[index],
         }
+        soft = self._soft[index]
+        if soft is not None:
+            sample.update(soft_label=list(soft[0]), level_position=soft[1], level_ids=list(self.level_ids))
+        return sample
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         tried = 0
@@ -162,7 +220,10 @@ def collate(
 
     Returns ``input_ids``/``attention_mask``/``labels`` ``[B, T]`` in owl2's expanded form (each image id becomes the
     model's ``tokens_per_image`` image positions, labelled ``-100``; padding labelled ``-100``) and, when the batch has
-    at least one image, ``pixel_values`` ``[sum of n, 3, S, S]`` in sample order. ``config``: the model's
+    at least one image, ``pixel_values`` ``[sum of n, 3, S, S]`` in sample order. When a sample has a soft label,
+    also ``soft_labels`` ``[B, L]`` (float32), ``level_ids`` ``[B, L]`` and ``level_positions`` ``[B]``: the level
+    word's index in the expanded sequence, -1 in rows without a soft label (whose other two rows are zeros).
+    ``config``: the model's
     :class:`~owl2.model.config.Owl2Config` (its layout; default the most recently loaded model's). ``pad_token_id``:
     use ``tokenizer.pad_token_id``.
     """
@@ -192,6 +253,8 @@ def collate(
         raise ValueError("the samples' pixel_values do not match their number of images")
     if pixels:
         batch["pixel_values"] = torch.cat(pixels)
+    if any(s.get("soft_label") is not None for s in samples):
+        batch.update(_soft_label_rows(samples, batch["input_ids"], config))
     for sample, row_mask in zip(samples, batch["attention_mask"], strict=True):
         if int(row_mask.sum()) != sample["length"]:
             raise ValueError(
@@ -200,3 +263,26 @@ def collate(
             )
     return batch
 
+
+
+def _soft_label_rows(samples: Sequence[dict[str, Any]], input_ids: torch.Tensor,
+                     config: Any | None) -> dict[str, torch.Tensor]:
+    from owl2.model.modeling import default_layout_config
+
+    per_image = (config or default_layout_config()).tokens_per_image
+    width = max(len(s["soft_label"]) for s in samples if s.get("soft_label") is not None)
+    soft = torch.zeros(len(samples), width, dtype=torch.float32)
+    level_ids = torch.zeros(len(samples), width, dtype=torch.long)
+    positions = torch.full((len(samples),), -1, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        if sample.get("soft_label") is None:
+            continue
+        official = sample["level_position"]
+        images_before = sum(1 for token in sample["input_ids"][:official] if token < 0)
+        # Every image before the level word stands for tokens_per_image positions after expansion.
+        positions[row] = official + (per_image - 1) * images_before
+        soft[row] = torch.tensor(sample["soft_label"], dtype=torch.float32)
+        level_ids[row] = torch.tensor(sample["level_ids"], dtype=torch.long)
+        if int(input_ids[row, positions[row]]) not in sample["level_ids"]:
+            raise ValueError(f"sample {sample['id']!r}: the expanded level position holds no level word")
+    return {"soft_labels": soft, "level_ids": level_ids, "level_positions": positions}

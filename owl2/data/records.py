@@ -11,6 +11,10 @@ blank lines ignored); the format is chosen per record:
   (``{"type": "text", "text"}``, ``{"type": "image" | "image_url", ...}`` which stand where they are, as in
   :func:`owl2.processing.render_conversation`). Mixing image parts with a top-level ``"images"`` list is rejected.
 
+Either format may carry a ``"soft_label"`` (``"level_probs"``, DeQA-Score's name for it, is read too): a list of
+non-negative numbers, one per rating level, best first (:mod:`owl2.data.quality`). The dataset trains it at the level
+word of the last answer when the recipe turns the soft-label loss on (``[loss] soft_label_weight``).
+
 Placeholder rule (official ``preprocess_multimodal``: training data is ``"<|image|>\\n" + text``): when a record has
 images but *no* ``<|image|>`` anywhere, one ``"<|image|>\\n"`` per image is prepended to the first user turn. When it
 has placeholders, they stay where they are (the official LLaVA-derived code moves a placeholder to the front of its
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -59,6 +64,8 @@ class Record:
     turns: list[tuple[str, str]]
     images: list[Any] = field(default_factory=list)
     system: str | None = None
+    soft_label: list[float] | None = None
+    """A distribution over rating levels (best first) for the level word of the last answer, or None."""
 
     @property
     def num_images(self) -> int:
@@ -153,7 +160,20 @@ def parse_record(
     turns = _check_structure(turns)
     turns = _apply_placeholder_rule(turns, len(images))
     resolved = [_resolve_image(image, Path(image_root), check_files) for image in images]
-    return Record(record_id, turns, resolved, system)
+    return Record(record_id, turns, resolved, system, _soft_label(raw))
+
+
+def _soft_label(raw: Mapping[str, Any]) -> list[float] | None:
+    value = raw.get("soft_label", raw.get("level_probs"))
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in value)):
+        raise BadRecord(f"'soft_label' must be a non-empty list of numbers, got {value!r:.80}")
+    probs = [float(p) for p in value]
+    if not all(math.isfinite(p) and p >= 0 for p in probs) or sum(probs) <= 0:
+        raise BadRecord(f"'soft_label' must hold finite non-negative numbers with a positive sum, got {probs}")
+    return probs
 
 
 def _parse_llava(raw: Mapping[str, Any]) -> tuple[str | None, list[tuple[str, str]], list[Any]]:

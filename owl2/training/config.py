@@ -1,6 +1,6 @@
 """Training recipes: one TOML file per run, plus ``section.key=value`` overrides from the command line.
 
-A recipe has a few top-level keys and five sections (every key has a default; see the dataclasses below)::
+A recipe has a few top-level keys and six sections (every key has a default; see the dataclasses below)::
 
     stage = "stage2"            # "stage1", "stage2" or "language" (what trains: owl2.training.optim)
     output_dir = "runs/stage2"
@@ -11,6 +11,7 @@ A recipe has a few top-level keys and five sections (every key has a default; se
     [train]  batch_size = 2               # per process; plus grad_accum, max_steps/epochs, bf16, checkpoints ...
     [optim]  lr = 2e-5                    # owl2.training.optim.OptimConfig
     [lora]   enabled = false              # owl2.training.lora.LoraSettings
+    [loss]   soft_label_weight = 0.0      # DeQA-Score's KL at the level word (owl2.training.losses)
 
 Recipes shipped with the package (``owl2 train stage1``) live in ``owl2/training/recipes/``; a recipe may name another
 with ``base = "stage2"`` and change only what differs. Relative paths in a recipe file are resolved against the file's
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owl2.data.quality import LEVELS, QUALITY_PREFIX
 from owl2.training.optim import STAGES, OptimConfig
 
 if sys.version_info >= (3, 11):
@@ -110,6 +112,20 @@ class LoraSection:
 
 
 @dataclass
+class LossSection:
+    ce_weight: float = 1.0
+    """Weight of the next-token cross-entropy over the answer tokens (without the level words of soft-labelled
+    samples while ``soft_label_weight`` > 0)."""
+    soft_label_weight: float = 0.0
+    """Weight of DeQA-Score's KL loss at the level word of samples with a ``soft_label`` (0: off; their soft labels
+    are then ignored and the level word is an ordinary cross-entropy target)."""
+    levels: tuple[str, ...] = LEVELS
+    """The rating level words, best first, in the order of the soft labels."""
+    level_prefix: str = QUALITY_PREFIX
+    """The answer words right before the level word (how the level word is found)."""
+
+
+@dataclass
 class TrainConfig:
     stage: str = "stage2"
     output_dir: str = "runs/owl2"
@@ -119,6 +135,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    loss: LossSection = field(default_factory=LossSection)
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -135,6 +152,11 @@ class TrainConfig:
                 raise RecipeError(f"train.{key} must be at least 1, got {getattr(self.train, key)}")
         if self.train.max_steps < 0 or self.train.save_every < 0 or self.train.epochs <= 0:
             raise RecipeError("train.max_steps and train.save_every must be >= 0 and train.epochs > 0")
+        if min(self.loss.ce_weight, self.loss.soft_label_weight) < 0 or not (
+                self.loss.ce_weight > 0 or self.loss.soft_label_weight > 0):
+            raise RecipeError("loss.ce_weight and loss.soft_label_weight must be >= 0, and one of them > 0")
+        if not self.loss.levels or not self.loss.level_prefix.strip():
+            raise RecipeError("loss.levels and loss.level_prefix must not be empty")
         if self.model.init_config is not None and self.model.tokenizer is None:
             raise RecipeError("a randomly initialised model (model.init_config) needs model.tokenizer")
 

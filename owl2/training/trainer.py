@@ -5,6 +5,11 @@ the number of target tokens of the *global* step (all micro-batches of all ranks
 processes with batch 2 compute the same loss and the same update. Text-only batches skip the vision tower. In stage 1
 (and with LoRA on the image branch only) text-only samples reach no trainable parameter and are left out.
 
+With ``[loss] soft_label_weight`` > 0 the samples that carry a soft label (DeQA-Score, :mod:`owl2.training.losses`)
+add a KL loss at their level word, averaged over the soft-labelled samples of the global step, and their level word
+leaves the cross-entropy; the step's loss is ``ce_weight * CE + soft_label_weight * KL``. Batches without soft labels
+train exactly as before (with ``ce_weight`` 1, the default).
+
 Outputs under ``output_dir``: ``recipe.toml``, ``metrics.jsonl`` (loss, lr, grad norm, tokens/s per logged step),
 ``tensorboard/`` (when installed), ``loss.png``, ``checkpoints/step-*/`` (resumable, see
 :mod:`owl2.training.checkpointing`) and the result: ``final/`` (a safetensors checkpoint that ``owl2.load`` reads,
@@ -57,6 +62,7 @@ from owl2.training.distributed import (
     wrap_ddp,
     wrap_fsdp,
 )
+from owl2.training.losses import SOFT_LABEL_KEYS, mask_level_words, soft_label_kl
 from owl2.training.metrics import MetricsLogger, plot_loss_curve, read_metrics
 from owl2.training.optim import build_optimizer, build_scheduler, core_model, lr_multiplier, set_trainable
 from owl2.utils import atomic_write_text
@@ -185,7 +191,11 @@ class Trainer:
             config.data.path, self.tokenizer, image_root=config.data.image_root, template=config.data.template,
             max_length=config.data.max_length, tokens_per_image=model.config.tokens_per_image,
             image_processor=self.image_processor, image_policy=config.data.image_policy,
+            levels=config.loss.levels, level_prefix=config.loss.level_prefix,
         )
+        self.soft_labels = config.loss.soft_label_weight > 0
+        if self.soft_labels and self.dataset.num_soft_labels == 0 and self.env.is_main:
+            logger.warning("loss.soft_label_weight is set but no record of %s has a soft_label", config.data.path)
         keep = list(range(len(self.dataset)))
         if _needs_images(config):
             dropped = len(keep) - sum(self.dataset.is_multimodal)
@@ -254,20 +264,40 @@ class Trainer:
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def _micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _micro_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summed cross-entropy over the target tokens and, for a batch with soft labels, the summed KL."""
         labels = batch.pop("labels")
+        soft = {key: batch.pop(key) for key in SOFT_LABEL_KEYS if key in batch}
         with torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.config.train.bf16):
             logits = self.model(**batch).logits
-        return Owl2ForCausalLM.loss(logits, labels, batch["attention_mask"].bool(), None, reduction="sum")
+        ce = Owl2ForCausalLM.loss(logits, labels, batch["attention_mask"].bool(), None, reduction="sum")
+        if not soft:
+            return ce, None
+        return ce, soft_label_kl(logits, soft["soft_labels"], soft["level_ids"], soft["level_positions"])
+
+    def _prepare_soft_labels(self, batch: dict[str, torch.Tensor]) -> int:
+        """Takes each soft-labelled level word out of the cross-entropy (or, with the loss off, drops the soft
+        labels); returns the number of soft-labelled samples in ``batch``."""
+        if "level_positions" not in batch:
+            return 0
+        if not self.soft_labels:
+            for key in SOFT_LABEL_KEYS:
+                batch.pop(key)
+            return 0
+        batch["labels"] = mask_level_words(batch["labels"], batch["level_positions"])
+        return int((batch["level_positions"] >= 0).sum())
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns the step's global metrics."""
         env = self.env
+        local_soft = sum(self._prepare_soft_labels(b) for b in micro_batches)
         local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
         local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        counts = all_reduce_sum(torch.tensor([local_targets, local_tokens], dtype=torch.float64), env)
-        targets, tokens = max(1.0, float(counts[0])), float(counts[1])
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        counts = all_reduce_sum(torch.tensor([local_targets, local_tokens, local_soft], dtype=torch.float64), env)
+        targets, tokens, softs = max(1.0, float(counts[0])), float(counts[1]), max(1.0, float(counts[2]))
+        ce_weight, kl_weight = self.config.loss.ce_weight, self.config.loss.soft_label_weight
+        ce_sum = torch.zeros((), dtype=torch.float64)
+        kl_sum = torch.zeros((), dtype=torch.float64)
         fsdp_sync = getattr(self.model, "set_requires_gradient_sync", None)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -275,21 +305,31 @@ class Trainer:
                 fsdp_sync(last)
             batch = _to_device(batch, env.device)
             with self._sync_context(last):
-                loss = self._micro_loss(batch)
-                if not loss.requires_grad:
+                ce, kl = self._micro_loss(batch)
+                if not ce.requires_grad:
                     raise RuntimeError("this batch reaches no trainable parameter; check the stage and LoRA targets")
-                # DDP and FSDP average gradients over ranks: scale by world_size to get the global token mean.
-                scaled = loss * (env.world_size / targets)
+                # Each term is averaged over its own global count (target tokens; soft-labelled samples).
+                loss = ce * (ce_weight / targets)
+                if kl is not None:
+                    loss = loss + kl * (kl_weight / softs)
+                    kl_sum += kl.detach().double().cpu()
+                # DDP and FSDP average gradients over ranks: scale by world_size to get the global mean.
+                scaled = loss * env.world_size
                 if self.strategy == "deepspeed":
                     self.model.backward(scaled, scale_wrt_gas=False)  # already normalised over the global step
                     if not last:
                         self.model.step()  # only counts the micro-batch; the update happens at the last one
                 else:
                     scaled.backward()
-            loss_sum += loss.detach().double().cpu()
-        loss_value = float(all_reduce_sum(loss_sum, env)) / targets
-        grad_norm = self._clip_and_step(loss_value)
-        return {"loss": loss_value, "grad_norm": grad_norm, "targets": targets, "tokens": tokens}
+            ce_sum += ce.detach().double().cpu()
+        ce_value = float(all_reduce_sum(ce_sum, env)) / targets
+        result = {"loss": ce_weight * ce_value, "targets": targets, "tokens": tokens}
+        if self.soft_labels:
+            kl_value = float(all_reduce_sum(kl_sum, env)) / softs
+            result.update(loss=ce_weight * ce_value + kl_weight * kl_value, ce=ce_value, soft_label_kl=kl_value,
+                          soft_labels=float(counts[2]))
+        result["grad_norm"] = self._clip_and_step(result["loss"])
+        return result
 
     def _clip_and_step(self, loss_value: float) -> float:
         clip = self.optim_config.grad_clip
@@ -348,6 +388,7 @@ class Trainer:
                 record = {"step": state.step, "epoch": state.epoch, "loss": result["loss"], "lr": lr,
                           "grad_norm": result["grad_norm"], "tokens_per_s": result["tokens"] / seconds,
                           "step_seconds": seconds}
+                record.update({k: result[k] for k in ("ce", "soft_label_kl") if k in result})
                 if metrics is not None and (state.step % config.train.log_every == 0
                                             or state.step == self.total_steps):
                     metrics.log(record)
