@@ -80,10 +80,17 @@ def start_server(model: Path, batch: int, args: argparse.Namespace) -> tuple[sub
         command += ["--dtype", args.dtype]
     if args.device:
         command += ["--device", args.device]
+    return launch(command, port)
+
+
+def launch(command: list[str], port: int) -> tuple[subprocess.Popen, str]:
+    """Start ``owl2 serve`` (``command``) and wait until its health check answers."""
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"owl2 serve exited with code {process.returncode}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return process, url

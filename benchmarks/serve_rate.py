@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import base64
 import io
-import os
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serve_load import free_port, write_random_model  # noqa: E402
+from serve_load import free_port, launch, write_random_model  # noqa: E402
 
 
 def image_url(index: int) -> str:
@@ -65,19 +64,7 @@ def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Pope
                "--max-rate-queue", "4096", "--max-queue", "1024", "--dtype", args.dtype]
     if args.device:
         command += ["--device", args.device]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"owl2 serve exited with code {process.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError("the server did not start")
+    return launch(command, port)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def tiny_pipeline(tiny_checkpoint):
     torch.manual_seed(0)
     return owl2.load(tiny_checkpoint, dtype="fp32", device="cpu", show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a shared 2-core
+    machine two threads made the small training runs up to 20 times slower (each thread waits on the other's core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,12 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import owl2
@@ -28,15 +26,7 @@ from owl2.experiments.quality import (
 
 QALIGN = Path(__file__).parents[1] / "fixtures" / "qalign"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One torch thread: on the shared 2-core test machine two threads made these small models up to 20 times
-    slower (each thread waits on the other's core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
