@@ -42,7 +42,8 @@ def _load_pipeline(args: argparse.Namespace):  # -> owl2.api.Pipeline (imported 
     from owl2.api import load
 
     print(f"loading {args.model or 'owl2-tiny (the embedded default)'} ...", file=sys.stderr, flush=True)
-    return load(args.model, dtype=args.dtype, device=args.device, policy=args.policy, adapter=args.adapter)
+    return load(args.model, dtype=args.dtype, device=args.device, policy=args.policy,
+                adapter=getattr(args, "adapter", None))
 
 
 def _ask(args: argparse.Namespace) -> int:
