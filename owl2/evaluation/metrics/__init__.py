@@ -1,14 +1,23 @@
 """Benchmark metrics of the evaluation harness, in plain Python.
 
 * :mod:`.vqa`: VQA accuracy (official ``VQAEval`` normalisation, leave-one-out), GQA exact match, EvalAI processor.
-* :mod:`.caption`: BLEU-1..4, ROUGE-L, CIDEr-D equal to pycocoevalcap, and a Java-free PTB tokeniser approximation.
+* :mod:`.caption`: BLEU-1..4, ROUGE-L, CIDEr-D equal to pycocoevalcap, and a Java-free PTB tokeniser
+  that gives the Java tokeniser's tokens.
 * :mod:`.choice`: multiple-choice letter extraction, accuracy, MMBench CircularEval.
 * :mod:`.mme`: MME yes/no parsing, accuracy / accuracy+, perception and cognition scores.
 * :mod:`.pope`: POPE answer parsing, accuracy / precision / recall / F1 / yes-ratio per split.
 * :mod:`.iqa`: SRCC, KRCC, PLCC raw and after the IQA literature's 4-parameter logistic fit.
 """
 
-from .caption import PTB_DROPPED_TOKENS, bleu, caption_scores, caption_tokenize, cider_d, rouge_l
+from .caption import (
+    PTB_DROPPED_TOKENS,
+    bleu,
+    caption_scores,
+    caption_tokenize,
+    caption_tokenize_batch,
+    cider_d,
+    rouge_l,
+)
 from .choice import (
     CIRCULAR_INDEX_OFFSET,
     circular_eval,
@@ -40,6 +49,7 @@ __all__ = [
     "bleu",
     "caption_scores",
     "caption_tokenize",
+    "caption_tokenize_batch",
     "cider_d",
     "circular_eval",
     "circular_variants",
