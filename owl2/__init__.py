@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "owl2.api",
     "Pipeline": "owl2.api",
+    "default_model": "owl2.api",
     "load_tokenizer": "owl2.processing",
     "load_image_processor": "owl2.processing",
     "load_image": "owl2.processing",

@@ -55,25 +55,55 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 # ------------------------------------------------------------------------------------------------------- locating
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+"""What a Hugging Face hub repo id looks like (``owner/name``)."""
+
+
 def resolve_checkpoint(path_or_id: str | os.PathLike[str], *, revision: str | None = None) -> Path:
-    """A local checkpoint directory, or a Hugging Face hub id downloaded with ``huggingface_hub`` when installed."""
+    """A local checkpoint directory, or a Hugging Face hub id downloaded with ``huggingface_hub`` when installed.
+
+    The hub is asked only for text shaped like ``owner/name`` that is no local path: not starting with ``.``, ``/``
+    or ``~``, and with no local folder called ``owner`` (then ``models/owl2-7b`` is surely a path with a typo, not a
+    repo). Everything else that is not a directory fails at once. Every failure, the hub's included, is one
+    :class:`CheckpointError` line that starts ``no checkpoint directory at '...'`` and says why.
+    """
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
-    text = str(path_or_id)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError:
-            raise CheckpointError(
-                f"no local directory {text!r}; to fetch it from the Hugging Face hub install huggingface_hub "
-                "(pip install huggingface_hub) or pass a local directory"
-            ) from None
-        patterns = ["*.json", "*.safetensors", "*.bin", "tokenizer.model"]
+    text = os.fspath(path_or_id)
+    missing = f"no checkpoint directory at {text!r}: the path does not exist"
+    local_owner = Path(text.split("/", 1)[0]).is_dir()
+    if not HUB_ID.fullmatch(text) or text.startswith((".", "/", "~")) or local_owner:
+        raise CheckpointError(missing)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{missing}, and to look for a Hugging Face hub repo of that name install huggingface_hub "
+            "(pip install huggingface_hub)"
+        ) from None
+    patterns = ["*.json", "*.safetensors", "*.bin", "tokenizer.model"]
+    try:
         return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
-    raise CheckpointError(f"no checkpoint directory at {text!r}")
+    except Exception as exc:  # the hub's errors are many classes of several lines each; say it in one
+        raise CheckpointError(f"{missing}, and {_hub_failure(exc)}") from exc
+
+
+def _hub_failure(exc: Exception) -> str:
+    """Why the hub gave no snapshot, as the end of a sentence (its own messages run to several lines)."""
+    kinds = {t.__name__ for t in type(exc).__mro__}  # by name: huggingface_hub moved its error classes over time
+    if "GatedRepoError" in kinds:
+        return "the Hugging Face hub repo of that name is gated: accept its terms on the hub and log in (hf auth login)"
+    if "RepositoryNotFoundError" in kinds:
+        return "the Hugging Face hub has no repo of that name (or it is private: log in with hf auth login)"
+    if "RevisionNotFoundError" in kinds:
+        return "the Hugging Face hub repo of that name has no such revision"
+    if "OfflineModeIsEnabled" in kinds or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set, so the Hugging Face hub was not asked (and no copy of that repo is cached)"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"the Hugging Face hub could not be asked for a repo of that name ({first})"
 
 
 def weight_files(directory: str | os.PathLike[str]) -> list[Path]:

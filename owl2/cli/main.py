@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from owl2.checkpoint import CheckpointError, convert_checkpoint
-from owl2.cli import ADAPTER_HELP
+from owl2.cli import ADAPTER_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP
 from owl2.model.config import ConfigError
 
 
@@ -38,12 +38,27 @@ def _sampling(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def _load_pipeline(args: argparse.Namespace):  # -> owl2.api.Pipeline (imported lazily: torch import is slow)
-    from owl2.api import load
+def _load_pipeline(args: argparse.Namespace, *, notice: bool = False):  # -> owl2.api.Pipeline (lazy: torch is slow)
+    """The pipeline of ``--model``; ``notice``: say on stderr what the embedded model can do, when it is the one."""
+    from owl2.api import EMBEDDED_MODEL_NOTICE, load
 
-    print(f"loading {args.model or 'owl2-tiny (the embedded default)'} ...", file=sys.stderr, flush=True)
-    return load(args.model, dtype=args.dtype, device=args.device, policy=args.policy,
-                adapter=getattr(args, "adapter", None))
+    quiet = getattr(args, "quiet", False)
+    if not quiet:
+        print(f"loading {args.model or 'owl2-tiny (the embedded default)'} ...", file=sys.stderr, flush=True)
+    pipe = load(args.model, dtype=args.dtype, device=args.device, policy=args.policy,
+                adapter=getattr(args, "adapter", None), show_progress=not quiet, quantize=args.quantize)
+    if notice and pipe.is_embedded:
+        print(EMBEDDED_MODEL_NOTICE, file=sys.stderr, flush=True)
+    return pipe
+
+
+def _jsonl_image(image: object, folder: Path) -> object:
+    """An image path of a JSONL line, relative ones taken from the JSONL file's folder (as training data reads
+    them), so a question file works from any working directory; absolute paths and URLs stay as written."""
+    if not isinstance(image, str) or not image or image.startswith(("data:", "http://", "https://", "file://")):
+        return image
+    path = Path(image).expanduser()
+    return str(path if path.is_absolute() else folder / path)
 
 
 def _ask(args: argparse.Namespace) -> int:
@@ -51,11 +66,12 @@ def _ask(args: argparse.Namespace) -> int:
 
     if (args.prompt is None) == (args.jsonl is None):
         raise ValueError("give exactly one of --prompt or --jsonl")
-    pipe = _load_pipeline(args)
+    pipe = _load_pipeline(args, notice=True)
     if args.prompt is not None:
         jobs = [{"prompt": args.prompt, "images": list(args.image or [])}]
     else:
         jobs = []
+        folder = Path(args.jsonl).parent
         with open(args.jsonl, encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):
                 if not line.strip():
@@ -67,7 +83,14 @@ def _ask(args: argparse.Namespace) -> int:
                 if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                     raise ValueError(f'{args.jsonl} line {number}: expected {{"prompt": str, "image": ...}}')
                 images = record.get("images", [record["image"]] if record.get("image") else [])
+                images = [_jsonl_image(image, folder) for image in ([images] if isinstance(images, str) else images)]
                 jobs.append({**record, "prompt": record["prompt"], "images": images})
+    imageless = sum(not job["images"] for job in jobs)
+    if imageless and pipe.is_embedded:
+        from owl2.api import EMBEDDED_NO_IMAGE_HINT
+
+        some = "" if args.prompt is not None else f" ({imageless} of {len(jobs)} lines have no image)"
+        print(EMBEDDED_NO_IMAGE_HINT + some, file=sys.stderr, flush=True)
     results = pipe.generate([j["prompt"] for j in jobs], [j["images"] for j in jobs], **_sampling(args))
     for job, result in zip(jobs, results, strict=True):
         if args.json or args.jsonl:
@@ -81,9 +104,23 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    pipe = _load_pipeline(args)
+    try:
+        return _chat_loop(args)
+    except KeyboardInterrupt:
+        # Ctrl-C at the prompt or mid-answer: end the open "USER: " or answer line on stdout, then one line on
+        # stderr, as for every other way a command stops early.
+        print(flush=True)
+        print("owl2 chat: interrupted", file=sys.stderr)
+        return 2
+
+
+def _chat_loop(args: argparse.Namespace) -> int:
+    from owl2.processing.conversation import prompt_parts
+
+    pipe = _load_pipeline(args, notice=True)
     images = list(args.image or [])
     messages: list[dict] = []
+    hint = pipe.is_embedded  # the no-image hint, at most once
     print("owl2 chat: type a message; /image PATH adds an image, /reset starts over, /quit leaves.", file=sys.stderr)
     while True:
         try:
@@ -111,7 +148,17 @@ def _chat(args: argparse.Namespace) -> int:
             images.append(path)
             print(f"(image added: {path}; it goes with your next message)", file=sys.stderr)
             continue
-        content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": line}]
+        try:
+            content = prompt_parts(line, images)  # a typed <|image|> is where the image goes
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        if hint and not images and not any(part["type"] == "image" for message in messages
+                                           if isinstance(message["content"], list) for part in message["content"]):
+            from owl2.api import EMBEDDED_NO_IMAGE_HINT
+
+            print(EMBEDDED_NO_IMAGE_HINT.replace("--image", "/image PATH"), file=sys.stderr, flush=True)
+            hint = False
         images = []
         messages.append({"role": "user", "content": content})
         print("ASSISTANT: ", end="", flush=True)
@@ -135,6 +182,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", action="append", help="image file (repeat for several)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
+    parser.add_argument("--quiet", action="store_true", help="no loading line or progress bar")
     parser.add_argument("--policy", choices=["crop", "pad", "stretch"], default=None,
                         help="how images become squares (default: the processor's)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -144,21 +193,81 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import os
+
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, one report instead of one per process
+    run: dict[str, str | float] = {}  # output_dir, save_every, start time once the recipe is read (Ctrl-C report)
+    try:
+        return _run_training(args, main_process, run)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a user stops a run: no traceback, but where the work is and how to go on from it.
+        if main_process:
+            print(f"owl2 train: {_interrupted_report(args, run)}", file=sys.stderr)
+        return 2
+
+
+def _run_training(args: argparse.Namespace, main_process: bool, run: dict[str, str | float]) -> int:
+    import time
+    import warnings
+
+    from owl2.api import default_model
+    from owl2.data.records import SkippedRecordWarning
     from owl2.training.config import load_recipe
     from owl2.training.trainer import TrainingDiverged, train
 
     config = load_recipe(args.recipe, args.overrides)
+    run.update(output_dir=config.output_dir, save_every=config.train.save_every, started=time.time())
+    if main_process and config.model.path == str(default_model()):
+        print(f"owl2 train: starting from owl2-tiny, the embedded default ({config.model.path}); set model.path to "
+              "train another model", file=sys.stderr)
     resume: str | bool | None = True if args.resume == "latest" else args.resume
+    show_warning = warnings.showwarning
+
+    def one_line(message: Warning | str, category: type[Warning], *rest: object) -> None:
+        # A skipped record is the data's problem, not the code's: its message alone, without a source location.
+        if issubclass(category, SkippedRecordWarning):
+            if main_process:
+                print(f"owl2 train: warning: {message}", file=sys.stderr)
+        else:
+            show_warning(message, category, *rest)  # type: ignore[arg-type]
+
     try:
-        result = train(config, resume=resume)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            result = train(config, resume=resume)
     except TrainingDiverged as exc:
         print(f"owl2 train: {exc}", file=sys.stderr)
         return 3
+    except ImportError as exc:  # an optional dependency (peft, DeepSpeed); the message names what to install
+        print(f"owl2 train: error: {exc}", file=sys.stderr)
+        return 2
     if result.losses:
         where = result.final_dir or result.adapter_dir
-        print(f"trained {result.steps} steps; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; "
+        steps = f"{result.steps} step{'s' if result.steps != 1 else ''}"
+        print(f"trained {steps}; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; "
               f"saved {where}; metrics in {result.output_dir / 'metrics.jsonl'}")
     return 0
+
+
+def _interrupted_report(args: argparse.Namespace, run: dict[str, str | float]) -> str:
+    """One line for Ctrl-C: the newest checkpoint of this run under its ``output_dir`` (or that there is none) and the
+    command that goes on from there."""
+    import shlex
+
+    from owl2.training.checkpointing import checkpoint_step, latest_checkpoint
+
+    command = shlex.join(["owl2", "train", args.recipe, *args.overrides])
+    if not run:
+        return f"interrupted before training started; nothing was saved; start again with: {command}"
+    last = latest_checkpoint(str(run["output_dir"]))
+    # A fresh run (no --resume) does not continue an older run's checkpoints left in the same output_dir.
+    if last is not None and (args.resume or last.stat().st_mtime >= float(run["started"])):
+        return (f"interrupted; the last checkpoint is {last} (step {checkpoint_step(last)}); continue from it with: "
+                f"{command} --resume")
+    save_every = int(run["save_every"])
+    when = (f"the first comes at step {save_every}" if save_every else
+            "train.save_every is 0, so only the end saves; set train.save_every=N to save every N steps")
+    return f"interrupted before the first checkpoint, so nothing was saved ({when}); start again with: {command}"
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -175,35 +284,72 @@ def _eval(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     output = args.output or str(Path("eval-results") / Path(args.model or "owl2-tiny").name)
     pipe = _load_pipeline(args)
-    result = evaluate(pipe, task, args.data, output, limit=args.limit, batch_size=args.batch_size,
-                      show_progress=not args.quiet)
+    from owl2.evaluation.harness import EvaluationInterrupted
+
+    try:
+        result = evaluate(pipe, task, args.data, output, limit=args.limit, batch_size=args.batch_size,
+                          show_progress=not args.quiet)
+    except EvaluationInterrupted as stop:
+        # Every finished batch is on disk (the harness syncs each one), so say so, and how to go on from there.
+        print(f"{_fresh_line()}owl2 eval: interrupted; {stop.saved} of {stop.total} predictions are saved in "
+              f"{stop.predictions_path}; run the same command again (same --output) to resume from them",
+              file=sys.stderr)
+        return 2
     headline = ", ".join(f"{k} {v:.2f}" for k, v in result.report.metrics.items())
     print(f"{task.name}: {headline} ({result.ran} new predictions); report: {result.report_paths[1]}")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import os
     import random
+    import tempfile
 
     from owl2.data.shapes import generate_scene, render_scene, scene_questions, score_answer
     from owl2.experiments.tiny import IMAGE_SIZE
 
+    if args.image:
+        return _demo_images(args)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**9)
     scene = generate_scene(f"demo/{seed}")
     image = render_scene(scene, size=IMAGE_SIZE)  # the resolution owl2-tiny is trained at
-    image.save(args.output)
-    print(f"drew a new scene (seed {seed}) into {args.output}")
+    if args.output is None:  # a fresh file of our own: a scene.png of the user's in this folder is never touched
+        handle, output = tempfile.mkstemp(prefix=f"owl2-demo-{seed}-", suffix=".png")
+        os.close(handle)
+    else:
+        output = args.output
+    image.save(output)
+    print(f"drew a new scene (seed {seed}) into {output}")
     pipe = _load_pipeline(args)
     items = scene_questions(scene, random.Random(seed))
     chosen = [next(i for i in items if i.type == kind) for kind in ("caption", "count", "existence", "colour")
               if any(i.type == kind for i in items)]
     right = 0
     for item in chosen:
-        answer = pipe.chat(item.question, [args.output], max_new_tokens=48)
+        answer = pipe.chat(item.question, [output], max_new_tokens=48)
         ok = score_answer(item.type, answer, item.answer, choices=item.choices)
         right += ok
         print(f"Q: {item.question.splitlines()[0]}\nA: {answer}    [{'right' if ok else 'wrong: ' + item.answer}]")
     print(f"{right}/{len(chosen)} right")
+    return 0
+
+
+def _demo_images(args: argparse.Namespace) -> int:
+    """``owl2 demo --image PATH``: the demo's questions about the user's own images, unmarked (their answers are
+    known only for the scenes the demo draws)."""
+    from owl2.api import EMBEDDED_EXAMPLE_QUESTIONS
+    from owl2.processing.image import load_image
+
+    if args.output is not None:
+        raise ValueError("--output is where owl2 demo saves the scene it draws; with --image it draws none")
+    for path in args.image:
+        load_image(path)  # a bad path fails here, in one line, before the model loads
+    pipe = _load_pipeline(args, notice=True)
+    for path in args.image:
+        print(f"{path}:")
+        for question in EMBEDDED_EXAMPLE_QUESTIONS:
+            print(f"Q: {question}\nA: {pipe.chat(question, path, max_new_tokens=48)}")
+    print("(not marked: owl2 demo knows the answers only for the scenes it draws)")
     return 0
 
 
@@ -225,11 +371,29 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fresh_line() -> str:
+    """A newline when stderr is a terminal: there Ctrl-C leaves ``^C`` (or a progress bar) on the current line."""
+    return "\n" if sys.stderr.isatty() else ""
+
+
+def _version() -> str:
+    """The installed distribution's version; the package's own when run from a source tree that is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("owl2")
+    except PackageNotFoundError:
+        from owl2 import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     from owl2.data.shapes import ANSWER_EXAMPLES, ANSWER_STYLES
     from owl2.experiments.tiny import TinyBuild
 
     parser = argparse.ArgumentParser(prog="owl2", description="mPLUG-Owl2 in plain PyTorch.")
+    parser.add_argument("--version", action="version", version=f"owl2 {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser(
@@ -275,15 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--output", default=None, help="results directory (default eval-results/MODEL)")
     evaluation.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16")
     evaluation.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    evaluation.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluation.add_argument("--list", action="store_true", help="list the tasks and the file layout each reads")
     evaluation.set_defaults(handler=_eval, policy=None)
 
     demo = commands.add_parser("demo", help="draw a fresh shapes scene and ask the model about it",
                                description="Draws a new scene of coloured shapes, saves it, and asks the model "
-                               "(default: the embedded owl2-tiny) a few questions, marking each answer.")
+                               "(default: the embedded owl2-tiny) a few questions, marking each answer. With --image, "
+                               "asks the same kinds of questions about your images instead, unmarked.")
     _add_model_options(demo)
-    demo.add_argument("--output", default="scene.png", help="where the scene is saved (default scene.png)")
+    demo.add_argument("--output", default=None,
+                      help="where the scene is saved (default: a new owl2-demo-SEED-*.png in the temp folder)")
     demo.set_defaults(handler=_demo)
 
     experiment = commands.add_parser(
@@ -316,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train with a recipe (stage1, stage2, lora, or a TOML file)",
         description="Train with a recipe: a packaged name (stage1, stage2, lora) or a TOML file, changed by "
         "section.key=value overrides, e.g. `owl2 train stage2 model.path=./owl2-7b data.path=train.json "
-        "optim.lr=1e-5`. Under torchrun every process runs the same command.",
+        "optim.lr=1e-5`. Without model.path (or model.init_config) the run starts from the embedded owl2-tiny. "
+        "Ctrl-C stops the run and says which checkpoint --resume continues from. Under torchrun every process runs "
+        "the same command.",
     )
     train.add_argument("recipe", help="recipe name or TOML path")
     train.add_argument("overrides", nargs="*", help="section.key=value (TOML values)")
@@ -342,6 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except (CheckpointError, ConfigError, ValueError, OSError) as exc:  # FileNotFoundError is an OSError
         print(f"owl2 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C where a command has no report of its own (loading, ask, ...)
+        print(f"{_fresh_line()}owl2 {args.command}: interrupted", file=sys.stderr)
         return 2
 
 

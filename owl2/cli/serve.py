@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from owl2.cli import ADAPTER_HELP
+from owl2.cli import ADAPTER_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -33,13 +33,33 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         max_rate_queue=args.max_rate_queue)
 
 
+def _missing(module: str, why: str) -> None:
+    """ValueError (one line from ``owl2``, exit 2) when the optional ``module`` cannot be imported."""
+    try:
+        __import__(module)
+    except ImportError:
+        raise ValueError(f"{why}, which is not installed") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    ray = args.replicas > 1 or args.ray_address
+    if ray:
+        _missing("ray.serve", f"--replicas {args.replicas} runs the copies on Ray Serve (pip install 'owl2[ray]')"
+                 if args.replicas > 1 else "--ray-address joins a Ray cluster with Ray Serve (pip install 'owl2[ray]')")
+    _missing("fastapi", "owl2 serve needs the serve extra (pip install 'owl2[serve]'): fastapi")
+    _missing("uvicorn", "owl2 serve needs the serve extra (pip install 'owl2[serve]'): uvicorn")
     from owl2.serving.replicas import ServeOptions, build_app, run_ray
 
     options = ServeOptions(model=args.model, dtype=args.dtype, device=args.device, policy=args.policy,
-                           adapter=args.adapter, settings=settings_from_args(args))
+                           adapter=args.adapter, quantize=args.quantize, settings=settings_from_args(args))
     url = f"http://{args.host}:{args.port}"
-    if args.replicas > 1 or args.ray_address:
+    if ray:
+        if args.model is None:  # the replicas load the embedded model; the driver only says so
+            from owl2.api import EMBEDDED_MODEL_NOTICE
+
+            print(EMBEDDED_MODEL_NOTICE.replace("pass --model", "serve it with --model"), file=sys.stderr, flush=True)
         run_ray(options, replicas=args.replicas, host=args.host, port=args.port, address=args.ray_address,
                 num_cpus_per_replica=args.cpus_per_replica, num_gpus_per_replica=args.gpus_per_replica)
         return 0
@@ -47,6 +67,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     print(f"loading {args.model or 'owl2-tiny (the embedded default)'} ...", file=sys.stderr, flush=True)
     app = build_app(options)
+    if app.state.server.pipeline.is_embedded:
+        from owl2.api import EMBEDDED_MODEL_NOTICE
+
+        print(EMBEDDED_MODEL_NOTICE.replace("pass --model", "serve it with --model"), file=sys.stderr, flush=True)
     print(f"serving {options.settings.model_name} at {url}/v1 (chat page: {url}/)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -62,6 +86,7 @@ def register(commands: Any) -> None:
     serve.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16")
     serve.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     serve.add_argument("--adapter", default=None, help=ADAPTER_HELP)
+    serve.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     serve.add_argument("--policy", choices=["crop", "pad", "stretch"], default=None)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

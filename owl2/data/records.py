@@ -9,7 +9,10 @@ blank lines ignored); the format is chosen per record:
 * messages style: ``{"id", "messages": [OpenAI-style messages], "images": [...] (optional)}``. A message's content is
   a string (placeholders typed as ``<|image|>``, images from the top-level ``"images"``) or a list of parts
   (``{"type": "text", "text"}``, ``{"type": "image" | "image_url", ...}`` which stand where they are, as in
-  :func:`owl2.processing.render_conversation`). Mixing image parts with a top-level ``"images"`` list is rejected.
+  :func:`owl2.processing.render_conversation`). A bare ``{"type": "image"}`` part (the Hugging Face / TRL
+  convention) stands for the next entry of the top-level ``"images"`` list, or for entry ``"index"`` when the part
+  has one; every listed image must then be placed by exactly one part. Parts that carry their own image cannot be
+  mixed with a top-level ``"images"`` list.
 
 Either format may carry a ``"soft_label"`` (``"level_probs"``, DeQA-Score's name for it, is read too): a list of
 non-negative numbers, one per rating level, best first (:mod:`owl2.data.quality`). The dataset trains it at the level
@@ -25,14 +28,14 @@ Image paths: a relative path is resolved against ``image_root`` (default: the da
 and ``data:`` URLs are used as they are; ``http(s)://`` URLs are rejected (the loader does not fetch). With
 ``check_files=True`` (the default) a missing image file makes the record bad here, up front, so a run never meets it.
 
-A bad record raises :class:`BadRecord` from :func:`parse_record`; :func:`read_records` catches it, warns with the
-record's id and reason, and returns the skipped ``(id, reason)`` pairs next to the good records.
+A bad record raises :class:`BadRecord` from :func:`parse_record`; :func:`read_records` catches it, warns once
+(a :class:`SkippedRecordWarning`) with the record's id and reason, and returns the skipped ``(id, reason)`` pairs next
+to the good records.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import warnings
@@ -43,9 +46,8 @@ from typing import Any
 
 from owl2.processing.tokenizer import IMAGE_PLACEHOLDER
 
-__all__ = ["BadRecord", "Record", "iter_raw_records", "parse_record", "read_records", "report_skip"]
-
-logger = logging.getLogger("owl2.data")
+__all__ = ["BadRecord", "Record", "SkippedRecordWarning", "iter_raw_records", "parse_record", "read_records",
+           "report_skip"]
 
 _USER_ROLES = {"human": "user", "user": "user"}
 _ASSISTANT_ROLES = {"gpt": "assistant", "assistant": "assistant"}
@@ -53,6 +55,10 @@ _ASSISTANT_ROLES = {"gpt": "assistant", "assistant": "assistant"}
 
 class BadRecord(ValueError):
     """A record that cannot be trained on; the message says why (the caller adds the id)."""
+
+
+class SkippedRecordWarning(UserWarning):
+    """A record was left out of the data (:func:`report_skip`); its own class so callers can filter or reformat it."""
 
 
 @dataclass
@@ -113,8 +119,8 @@ def read_records(
 ) -> tuple[list[Record], list[tuple[str, str]]]:
     """All records of ``path``: ``(good records, [(id, reason) of each skipped record])``.
 
-    Each skipped record is also reported with :func:`warnings.warn` and logged. A record without ``"id"`` is named
-    ``"#<position>"`` (list index, or 0-based line number for JSONL).
+    Each skipped record is also reported once with :func:`warnings.warn` (:func:`report_skip`). A record without
+    ``"id"`` is named ``"#<position>"`` (list index, or 0-based line number for JSONL).
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -132,11 +138,13 @@ def read_records(
 
 
 def report_skip(skipped: list[tuple[str, str]], record_id: str, reason: str) -> None:
-    """Append ``(record_id, reason)`` to ``skipped`` and report it (warning + log)."""
+    """Append ``(record_id, reason)`` to ``skipped`` and report it as a :class:`SkippedRecordWarning`.
+
+    Only a warning, not also a log record: with logging unconfigured, Python prints both to stderr, so every skip
+    used to appear twice. Warnings can be caught and filtered; ``owl2 train`` prints them as one line each.
+    """
     skipped.append((record_id, reason))
-    message = f"skipping record {record_id!r}: {reason}"
-    logger.warning(message)
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(f"skipping record {record_id!r}: {reason}", SkippedRecordWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------------------- parsing
@@ -207,6 +215,14 @@ def _parse_llava(raw: Mapping[str, Any]) -> tuple[str | None, list[tuple[str, st
     return system, turns, images
 
 
+@dataclass(frozen=True)
+class _ListedImage:
+    """A bare image part: it stands for an entry of the record's top-level ``"images"`` list (``index`` when the
+    part names one, else the next entry in order)."""
+
+    index: int | None
+
+
 def _parse_messages(raw: Mapping[str, Any]) -> tuple[str | None, list[tuple[str, str]], list[Any]]:
     messages = raw["messages"]
     if not isinstance(messages, list):
@@ -230,9 +246,32 @@ def _parse_messages(raw: Mapping[str, Any]) -> tuple[str | None, list[tuple[str,
             turns.append((role, text))
         else:
             raise BadRecord(f"message {k}: unknown role {role!r} (expected 'user' or 'assistant')")
+    listed = [image for image in part_images if isinstance(image, _ListedImage)]
+    if listed:
+        return system, turns, _place_listed_images(part_images, top_images)
     if part_images and top_images:
         raise BadRecord("images given both as content parts and as a top-level 'images' list")
     return system, turns, part_images or list(top_images)
+
+
+def _place_listed_images(part_images: list[Any], top_images: list[Any]) -> list[Any]:
+    """The images of a record whose image parts are bare (``{"type": "image"}``), in the order the parts stand."""
+    if len(part_images) != sum(isinstance(image, _ListedImage) for image in part_images):
+        raise BadRecord("some image parts carry an image and others are bare; use one style per record")
+    if not top_images:
+        raise BadRecord("an image part without an image, and no top-level 'images' list for it to take from")
+    placed: list[Any] = []
+    for order, part in enumerate(part_images):
+        index = order if part.index is None else part.index
+        if not 0 <= index < len(top_images):
+            raise BadRecord(f"an image part refers to image {index}, but 'images' has {len(top_images)}")
+        placed.append(top_images[index])
+    # Every listed image must be placed exactly once, else a placeholder count would silently not match the data.
+    used = sorted(order if part.index is None else part.index for order, part in enumerate(part_images))
+    if used != list(range(len(top_images))):
+        raise BadRecord(f"{len(part_images)} image part(s) do not place each of the {len(top_images)} "
+                        "top-level 'images' exactly once")
+    return placed
 
 
 def _message_text(content: Any, images: list[Any], index: int) -> str:
@@ -251,6 +290,12 @@ def _message_text(content: Any, images: list[Any], index: int) -> str:
             for key in ("image", "url", "path"):
                 if value is None:
                     value = part.get(key)
+            if value is None and kind == "image":
+                # Hugging Face datasets (llava-instruct-mix) may give the listed image's position as "index".
+                position = part.get("index")
+                if position is not None and (not isinstance(position, int) or isinstance(position, bool)):
+                    raise BadRecord(f"message {index}: an image part's 'index' must be an integer, got {position!r}")
+                value = _ListedImage(position)
             if value is None:
                 raise BadRecord(f"message {index}: an image part without an image")
             images.append(value)

@@ -2,7 +2,8 @@
 
 Predictions go to ``<output>/<task>.predictions.jsonl`` as each batch finishes (flushed and synced), one JSON object
 per sample. A rerun reads that file and only runs the samples that are missing, so a killed run loses at most the
-batch in flight and a finished run is re-scored without inference. The report is written at the end:
+batch in flight and a finished run is re-scored without inference. Ctrl-C raises :class:`EvaluationInterrupted` (still a
+``KeyboardInterrupt``), which says how many predictions are on disk and where. The report is written at the end:
 ``<task>.report.json`` (every metric), ``<task>.report.md`` (a table) and ``<task>.png`` (per-category bars, when
 the task has categories, or the figure a report draws itself, such as the IQA scatter plot).
 
@@ -24,6 +25,16 @@ import torch
 from owl2.evaluation.tasks.base import Sample, Task, TaskReport
 from owl2.generation import GenerationRequest, SamplingParams
 from owl2.utils import atomic_write_text, progress
+
+
+class EvaluationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :meth:`Evaluator.run`, with what is safe on disk: the caller can say how to resume.
+
+    A ``KeyboardInterrupt`` still, so code that stops on Ctrl-C keeps stopping."""
+
+    def __init__(self, task: str, predictions_path: Path, saved: int, total: int) -> None:
+        super().__init__(f"{task}: interrupted with {saved} of {total} predictions saved in {predictions_path}")
+        self.task, self.predictions_path, self.saved, self.total = task, predictions_path, saved, total
 
 
 @dataclass
@@ -145,6 +156,11 @@ class Evaluator:
                 records = infer(task, batch)
                 writer.write(records)
                 done.update((r["id"], r) for r in records)
+        except KeyboardInterrupt as exc:
+            writer.close()
+            # Count from the file, not from `done`: Ctrl-C may land between a batch's write and its bookkeeping.
+            saved = sum(1 for key in read_predictions(path) if key in ids)
+            raise EvaluationInterrupted(task.name, path, saved, len(samples)) from exc
         finally:
             writer.close()
         report = task.score(samples, {s.id: done[s.id] for s in samples})

@@ -32,6 +32,11 @@ turn it into an image slot with no image behind it. To use prompts whose text al
 ``"<|image|>What is this?"``), pass the images separately: ``render_conversation(messages, images=[img])``; then the
 messages must contain no image parts and the number of placeholders must equal ``len(images)``.
 
+A question string with its images (what ``pipe.chat(question, images)`` and ``owl2 ask`` take) becomes content parts
+with :func:`prompt_parts`: each ``<|image|>`` written in the text marks where the next image goes (the official and
+LLaVA-style prompt form, e.g. ``"<|image|>\nWhat is this?"``); with no placeholder the images go before the text;
+any other count is a ``ValueError``.
+
 Structure rules (each violation is a ``ValueError`` naming the message):
 
 * at least one message; roles ``system``, ``user``, ``assistant`` only;
@@ -74,6 +79,7 @@ __all__ = [
     "extract_images",
     "get_template",
     "multiple_choice_prompt",
+    "prompt_parts",
     "render_conversation",
     "vqa_prompt",
 ]
@@ -268,6 +274,30 @@ def check_image_placeholders(prompt: str, num_images: int) -> None:
             f"the prompt has {found} {IMAGE_PLACEHOLDER} placeholder(s) but {num_images} image(s) were given; "
             f"each image needs exactly one {IMAGE_PLACEHOLDER} where it goes"
         )
+
+
+def prompt_parts(text: str, images: Sequence[Any]) -> list[dict[str, Any]]:
+    """The content parts of one user message: ``text`` with ``images`` (rules in the module docstring).
+
+    ``prompt_parts("<|image|>\nWhat is it?", [img])`` -> ``[image, "\nWhat is it?"]``, the image where the
+    placeholder was, not a second one before it; ``prompt_parts("What is it?", [img])`` -> ``[image, "What is it?"]``.
+    """
+    found = text.count(IMAGE_PLACEHOLDER)
+    image_parts = [{"type": "image", "image": image} for image in images]
+    if found == 0:
+        return [*image_parts, {"type": "text", "text": text}]
+    if found != len(image_parts):
+        raise ValueError(
+            f"the prompt has {found} {IMAGE_PLACEHOLDER} placeholder(s) but {len(image_parts)} image(s) were given; "
+            f"write one {IMAGE_PLACEHOLDER} per image where it goes, or none to put the images before the text"
+        )
+    parts: list[dict[str, Any]] = []
+    for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if k:
+            parts.append(image_parts[k - 1])
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
 
 
 def render_conversation(

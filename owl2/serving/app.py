@@ -14,6 +14,8 @@ the queue is full.
 import asyncio
 import contextlib
 import dataclasses
+import html
+import io
 import json
 import os
 import secrets
@@ -77,6 +79,35 @@ class ServerSettings:
     """Positions per batched rating prefill: rows x the longest row (images counted as their visual tokens)."""
     max_rate_queue: int = 1024
     """Images (video frames counted one each) of ratings that may wait before 429."""
+
+
+EXAMPLE_SCENE_PATH = "/example/scene.png"
+"""Where the chat page of the embedded model gets its example scene (404 for any other model)."""
+
+EMBEDDED_PAGE_NOTICE = (
+    "This server runs owl2-tiny, the embedded demo model. It knows only synthetic 64 px scenes of coloured shapes "
+    "and answers anything else with confident nonsense. Try the example scene with one of the questions below. For "
+    "real images, convert a real checkpoint (owl2 convert MAGAer13/mplug-owl2-llama2-7b ./owl2-7b --dtype bf16) and "
+    "restart with owl2 serve --model ./owl2-7b."
+)
+"""What the chat page says above the conversation when the server runs the embedded model."""
+
+
+def page_config(pipeline: Any) -> dict[str, Any]:
+    """What the chat page is told about the model: for the embedded one, the notice, the example scene's URL and
+    questions it answers well, so that a first visitor sees it work before trying a photo on it."""
+    if not getattr(pipeline, "is_embedded", False):
+        return {"examples": None}
+    from owl2.api import EMBEDDED_EXAMPLE_QUESTIONS
+
+    return {"examples": {"notice": EMBEDDED_PAGE_NOTICE, "image": EXAMPLE_SCENE_PATH,
+                         "questions": list(EMBEDDED_EXAMPLE_QUESTIONS)}}
+
+
+def _script_json(value: Any) -> str:
+    """JSON that is safe inside a <script> element: no "</script>" or "<!--" can end or change it early."""
+    return json.dumps(value, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace(
+        "&", "\\u0026")
 
 
 class APIError(Exception):
@@ -414,10 +445,26 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
     async def metrics() -> Response:
         return PlainTextResponse(server.metrics.render(), media_type=server.metrics.content_type)
 
+    config = page_config(pipeline)
+    example_png: list[bytes] = []  # drawn on first request, then kept
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        html = resources.files("owl2.serving").joinpath("static/index.html").read_text(encoding="utf-8")
-        return HTMLResponse(html.replace("{{MODEL}}", settings.model_name))
+        text = resources.files("owl2.serving").joinpath("static/index.html").read_text(encoding="utf-8")
+        text = text.replace("{{MODEL}}", html.escape(settings.model_name)).replace("{{CONFIG}}", _script_json(config))
+        return HTMLResponse(text)
+
+    @app.get(EXAMPLE_SCENE_PATH)
+    async def example_scene() -> Response:
+        if config["examples"] is None:
+            raise APIError(404, "the example scene is served only with the embedded owl2-tiny", "not_found_error")
+        if not example_png:
+            from owl2.api import example_scene as draw
+
+            buffer = io.BytesIO()
+            draw().save(buffer, format="PNG")
+            example_png.append(buffer.getvalue())
+        return Response(example_png[0], media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: body_model, request: Request) -> Response:  # type: ignore[valid-type]

@@ -31,6 +31,7 @@ class ServeOptions:
     device: str | None = None
     policy: str | None = None
     adapter: str | None = None
+    quantize: str | None = None
     settings: ServerSettings = field(default_factory=ServerSettings)
 
 
@@ -45,7 +46,7 @@ def build_app(options: ServeOptions) -> Any:
     from owl2.serving.app import create_app
 
     pipeline = load(options.model, dtype=options.dtype, device=options.device, policy=options.policy,
-                    adapter=options.adapter, show_progress=False)
+                    adapter=options.adapter, quantize=options.quantize, show_progress=False)
     return create_app(pipeline, options.settings)
 
 
@@ -72,8 +73,12 @@ def run_ray(options: ServeOptions, *, replicas: int, host: str, port: int, addre
     ``blocking``: wait until Ctrl-C or SIGTERM, then stop the app (and the Ray instance this call started). Without
     it, return once the replicas are up; the caller owns ``serve.shutdown()`` and ``ray.shutdown()``.
     """
-    import ray
-    from ray import serve
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:  # its own "No module named 'ray'" does not say which extra brings it
+        raise ImportError("Ray Serve replicas need ray[serve], which is not installed (pip install 'owl2[ray]')"
+                          ) from exc
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster needs no token file
     started_ray = not ray.is_initialized() and address is None

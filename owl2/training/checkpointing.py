@@ -62,6 +62,14 @@ def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def checkpoint_step(directory: str | os.PathLike[str]) -> int:
+    """The optimizer step a checkpoint directory holds, from its ``step-NNNNNNN`` name (nothing is loaded)."""
+    match = _STEP_DIR.match(Path(directory).name)
+    if match is None:
+        raise ValueError(f"{directory} is not named like a training checkpoint (step-NNNNNNN)")
+    return int(match.group(1))
+
+
 def remove_partial_checkpoints(output_dir: str | os.PathLike[str]) -> None:
     """Delete the hidden directories a killed run left half-written (never a complete ``step-*``)."""
     root = Path(output_dir) / CHECKPOINTS_DIR

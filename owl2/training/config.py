@@ -6,7 +6,8 @@ A recipe has a few top-level keys and six sections (every key has a default; see
     output_dir = "runs/stage2"
     seed = 0
 
-    [model]  path = "./owl2-7b"           # checkpoint to start from (or init_config = "config.json": random init)
+    [model]  path = "./owl2-7b"           # checkpoint to start from (or init_config = "config.json": random init;
+                                          # neither: the embedded owl2-tiny, as every other command)
     [data]   path = "train.json"          # LLaVA or messages records (owl2.data)
     [train]  batch_size = 2               # per process; plus grad_accum, max_steps/epochs, bf16, checkpoints ...
     [optim]  lr = 2e-5                    # owl2.training.optim.OptimConfig
@@ -47,7 +48,8 @@ class RecipeError(ValueError):
 @dataclass
 class ModelSection:
     path: str | None = None
-    """Checkpoint directory or hub id to start from (its tokenizer and image processor are used too)."""
+    """Checkpoint directory or hub id to start from (its tokenizer and image processor are used too). With neither
+    ``path`` nor ``init_config``, the embedded owl2-tiny (:func:`owl2.default_model`)."""
     init_config: str | None = None
     """Instead of ``path``: a ``config.json`` (or a directory holding one) for a randomly initialised model."""
     tokenizer: str | None = None
@@ -140,7 +142,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.stage not in STAGES:
             raise RecipeError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
-        if (self.model.path is None) == (self.model.init_config is None):
+        if self.model.path is not None and self.model.init_config is not None:
             raise RecipeError("give exactly one of model.path (a checkpoint) or model.init_config (random init)")
         if self.data.path is None:
             raise RecipeError("data.path is required (a LLaVA-style or messages JSON/JSONL file)")
@@ -152,6 +154,9 @@ class TrainConfig:
                 raise RecipeError(f"train.{key} must be at least 1, got {getattr(self.train, key)}")
         if self.train.max_steps < 0 or self.train.save_every < 0 or self.train.epochs <= 0:
             raise RecipeError("train.max_steps and train.save_every must be >= 0 and train.epochs > 0")
+        if self.train.warmup_ratio is not None and not 0 <= self.train.warmup_ratio <= 1:
+            raise RecipeError(f"train.warmup_ratio is a fraction of the steps, from 0 to 1; got "
+                              f"{self.train.warmup_ratio}")
         if min(self.loss.ce_weight, self.loss.soft_label_weight) < 0 or not (
                 self.loss.ce_weight > 0 or self.loss.soft_label_weight > 0):
             raise RecipeError("loss.ce_weight and loss.soft_label_weight must be >= 0, and one of them > 0")
@@ -159,6 +164,15 @@ class TrainConfig:
             raise RecipeError("loss.levels and loss.level_prefix must not be empty")
         if self.model.init_config is not None and self.model.tokenizer is None:
             raise RecipeError("a randomly initialised model (model.init_config) needs model.tokenizer")
+
+    def with_default_model(self) -> TrainConfig:
+        """This config, or a copy starting from the embedded owl2-tiny when it names no model at all (neither
+        ``model.path`` nor ``model.init_config``), so ``owl2 train`` defaults like every other command."""
+        if self.model.path is not None or self.model.init_config is not None:
+            return self
+        from owl2.api import default_model  # lazily: the API module pulls in the generation engine
+
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, path=str(default_model())))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -261,8 +275,9 @@ def load_recipe(name_or_path: str | os.PathLike[str] | None = None, overrides: l
                 validate: bool = True) -> TrainConfig:
     """The :class:`TrainConfig` of a recipe file or packaged recipe name, with ``overrides`` applied.
 
+    A recipe that names no model starts from the embedded owl2-tiny (:meth:`TrainConfig.with_default_model`).
     ``validate=False`` reads a recipe that is not complete on its own (``configs/tiny/``: the build fills in the
-    model and the data) without checking it."""
+    model and the data) without checking it or filling in the default model."""
     data = _read_recipe(_resolve_recipe_file(name_or_path)) if name_or_path is not None else {}
     for text in overrides:
         keys, value = parse_override(text)
@@ -274,5 +289,6 @@ def load_recipe(name_or_path: str | os.PathLike[str] | None = None, overrides: l
         target[keys[-1]] = value
     config = _build(TrainConfig, data, "")
     if validate:
+        config = config.with_default_model()
         config.validate()
     return config

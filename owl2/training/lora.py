@@ -16,7 +16,7 @@ WeightOnlyInt8Linear` (frozen int8 weights, per-channel scales) and puts :class:
 Int8LoraLinear` adapters on the targeted ones -- QLoRA's idea with our int8 kernel, since bitsandbytes is not
 required. Such an adapter is merged into the float base checkpoint.
 
-peft is an optional dependency (``pip install owl2[train]``); it is imported on first use.
+peft is an optional dependency (``pip install "owl2[train]"``); it is imported on first use.
 
 Besides owl2's own adapter directories, :func:`merge_into` and :func:`merge_adapter` read the layout that the
 LLaVA-style training code of Q-Align and DeQA-Score publishes (``adapter_config.json``, ``adapter_model.bin`` and
@@ -118,10 +118,14 @@ class LoraSettings:
 
 
 def _require_peft() -> Any:
+    """peft, or an ImportError whose one-line message names the extra to install (quoted: shells glob brackets)."""
     try:
         import peft
-    except ImportError as exc:
-        raise ImportError("LoRA training needs peft: pip install owl2[train]") from exc
+    except ModuleNotFoundError as exc:
+        if exc.name != "peft":  # peft is there but one of its own imports fails: that error is the news
+            raise ImportError(f'peft cannot be imported ({exc}); reinstall it: pip install "owl2[train]"') from exc
+        # "from None": the CLI prints this message alone, and "No module named 'peft'" adds nothing to it.
+        raise ImportError('LoRA needs peft, which is not installed: pip install "owl2[train]"') from None
     return peft
 
 

@@ -10,6 +10,12 @@ add a KL loss at their level word, averaged over the soft-labelled samples of th
 leaves the cross-entropy; the step's loss is ``ce_weight * CE + soft_label_weight * KL``. Batches without soft labels
 train exactly as before (with ``ce_weight`` 1, the default).
 
+A run smaller than its recipe adapts and says so in one warning line: with fewer samples than one global batch the
+batch shrinks to the data (:func:`fit_batch_to_data`), and a warm-up at least as long as the run is cut to
+:data:`FALLBACK_WARMUP_RATIO` of it (:func:`fit_warmup`); ``recipe.toml`` records the values used. The logged
+``epoch`` is the fraction of passes over the data so far. With neither ``model.path`` nor ``model.init_config`` the
+run starts from the embedded owl2-tiny.
+
 Outputs under ``output_dir``: ``recipe.toml``, ``metrics.jsonl`` (loss, lr, grad norm, tokens/s per logged step),
 ``tensorboard/`` (when installed), ``loss.png``, ``checkpoints/step-*/`` (resumable, see
 :mod:`owl2.training.checkpointing`) and the result: ``final/`` (a safetensors checkpoint that ``owl2.load`` reads,
@@ -26,7 +32,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +137,49 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+FALLBACK_WARMUP_RATIO = 0.03
+"""Warm-up as a fraction of the run when ``optim.warmup_steps`` would not fit in it (the official scripts'
+``warmup_ratio``, and the value transformers users pass most)."""
+
+
+def fit_batch_to_data(num_samples: int, batch_size: int, grad_accum: int, world_size: int,
+                      micro_batches: Callable[[int], int]) -> tuple[int, int, str | None]:
+    """``(batch_size, grad_accum, note)`` such that one optimizer step takes at most one pass over the data.
+
+    A global batch (``batch_size * world_size * grad_accum``) larger than the data would put the same samples
+    several times into one step: the batch shrinks to the data instead. Each process's micro-batch shrinks first to
+    its share of the samples, then ``grad_accum`` to the micro-batches of one epoch (``micro_batches(batch_size)``,
+    which counts the batches that never mix text-only and image samples). ``note`` says what changed (None when
+    nothing did).
+    """
+    if batch_size * world_size * grad_accum <= num_samples:
+        return batch_size, grad_accum, None
+    new_batch = min(batch_size, -(-num_samples // world_size))
+    new_accum = min(grad_accum, micro_batches(new_batch))
+    changes = [f"train.{key}={new}" for key, old, new in (("batch_size", batch_size, new_batch),
+                                                          ("grad_accum", grad_accum, new_accum)) if new != old]
+    if not changes:
+        return batch_size, grad_accum, None
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    return new_batch, new_accum, (
+        f"the data has {num_samples} sample(s), fewer than one global batch of "
+        f"{batch_size * world_size * grad_accum} (batch_size {batch_size} x {processes} x grad_accum {grad_accum}); "
+        f"using {', '.join(changes)}, so that one step takes at most one pass over the data")
+
+
+def fit_warmup(warmup_steps: int, total_steps: int) -> tuple[int, str | None]:
+    """``(warmup_steps, note)``: a warm-up that does not fit in the run is cut to :data:`FALLBACK_WARMUP_RATIO` of it.
+
+    With ``warmup_steps >= total_steps`` the learning rate never gets past the warm-up ramp (the LoRA recipe's 250
+    steps on a 1-step run trained at ``lr / 250``), which is never what a short run wants."""
+    if warmup_steps < total_steps or warmup_steps == 0:
+        return warmup_steps, None
+    capped = round(FALLBACK_WARMUP_RATIO * total_steps)
+    return capped, (f"optim.warmup_steps={warmup_steps} is not shorter than the run's {total_steps} step(s), so the "
+                    f"learning rate would never leave the warm-up; using optim.warmup_steps={capped} "
+                    f"({FALLBACK_WARMUP_RATIO:.0%} of the steps, the official warmup_ratio)")
+
+
 # ------------------------------------------------------------------------------------------------------- the data
 class MicroBatches:
     """This rank's micro-batches from a data position on, epoch after epoch (the order depends on the seed only)."""
@@ -167,6 +216,11 @@ class Trainer:
     """Holds a run's pieces; :meth:`run` trains to the end (see the module docstring)."""
 
     def __init__(self, config: TrainConfig, *, resume: str | bool | None = None) -> None:
+        config = config.with_default_model()
+        if config.lora.enabled:  # before the model loads (minutes for 7B), not after
+            from owl2.training.lora import _require_peft
+
+            _require_peft()
         self.config = config
         self.env = init_distributed(config.train.device)
         self.strategy = resolve_strategy(config.train.distributed, self.env)
@@ -205,26 +259,41 @@ class Trainer:
                                config.stage, dropped)
         if not keep:
             raise ValueError(f"{config.data.path}: no usable training sample")
-        sampler = ModalityLengthGroupedSampler(
-            [self.dataset.lengths[i] for i in keep], [self.dataset.is_multimodal[i] for i in keep],
-            config.train.batch_size, world_size=self.env.world_size, rank=self.env.rank, seed=config.seed,
-        )
+
+        def make_sampler(batch_size: int) -> ModalityLengthGroupedSampler:
+            return ModalityLengthGroupedSampler(
+                [self.dataset.lengths[i] for i in keep], [self.dataset.is_multimodal[i] for i in keep],
+                batch_size, world_size=self.env.world_size, rank=self.env.rank, seed=config.seed,
+            )
+
+        batch_size, accum, note = fit_batch_to_data(len(keep), config.train.batch_size, config.train.grad_accum,
+                                                    self.env.world_size, lambda b: len(make_sampler(b)))
+        sampler = make_sampler(batch_size)
 
         def collate_fn(samples: list[dict]) -> dict[str, torch.Tensor]:
             return collate(samples, pad_token_id=self.tokenizer.pad_token_id, config=self.model_config)
 
         self.data = MicroBatches(self.dataset, sampler, keep, collate_fn, config.data.num_workers, config.seed)
 
-        accum = config.train.grad_accum
         self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(self.data) / accum))
-        optim = dataclasses.replace(config.optim, total_steps=self.total_steps)
+        warmup = config.optim.warmup_steps
         if config.train.warmup_ratio is not None:
-            optim.warmup_steps = round(config.train.warmup_ratio * self.total_steps)
-        self.optim_config = optim
+            warmup = round(config.train.warmup_ratio * self.total_steps)
+        else:
+            warmup, warmup_note = fit_warmup(warmup, self.total_steps)
+            note = f"{note}; {warmup_note}" if note and warmup_note else note or warmup_note
+        if note and self.env.is_main:
+            logger.warning("owl2 train: %s", note)
+        # The recipe written beside the run (and saved in checkpoints) records what actually runs, so a rerun of it
+        # repeats this run without adapting again.
+        config = self.config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, batch_size=batch_size, grad_accum=accum),
+            optim=dataclasses.replace(config.optim, warmup_steps=warmup))
+        self.optim_config = dataclasses.replace(config.optim, total_steps=self.total_steps)
 
         self.model = self._wrap(model)
-        self.optimizer = build_optimizer(unwrap(self.model), optim)
-        self.scheduler = build_scheduler(self.optimizer, optim)
+        self.optimizer = build_optimizer(unwrap(self.model), self.optim_config)
+        self.scheduler = build_scheduler(self.optimizer, self.optim_config)
         if self.strategy == "deepspeed":
             from owl2.training.deepspeed import deepspeed_engine
 
@@ -357,6 +426,13 @@ class Trainer:
         raise TrainingDiverged(f"training diverged at step {self.state.step + 1}: loss {loss}, gradient norm {norm} "
                                f"(lr {self.current_lr():.3g}); {hint}")
 
+    def epochs_done(self) -> float:
+        """Passes over the data so far, fractional (1.0 after exactly one epoch), as the logs report it.
+
+        ``state.epoch`` alone is the 0-based index of the epoch the last micro-batch came from: logged as is, a
+        1-epoch run whose step is larger than the data reported epoch 5."""
+        return round(self.state.epoch + self.state.batch / len(self.data), 4)
+
     def current_lr(self) -> float:
         """The learning rate of this step for ``optim.lr`` (groups with decay or their own rate scale it)."""
         return self.optim_config.lr * lr_multiplier(self.state.step, self.optim_config)
@@ -385,7 +461,7 @@ class Trainer:
                 state.step += 1
                 state.tokens += int(result["targets"])
                 seconds = time.perf_counter() - started
-                record = {"step": state.step, "epoch": state.epoch, "loss": result["loss"], "lr": lr,
+                record = {"step": state.step, "epoch": self.epochs_done(), "loss": result["loss"], "lr": lr,
                           "grad_norm": result["grad_norm"], "tokens_per_s": result["tokens"] / seconds,
                           "step_seconds": seconds}
                 record.update({k: result[k] for k in ("ce", "soft_label_kl") if k in result})
@@ -470,4 +546,5 @@ def train(config: TrainConfig, *, resume: str | bool | None = None) -> TrainResu
     return Trainer(config, resume=resume).run()
 
 
-__all__ = ["TrainResult", "Trainer", "TrainingDiverged", "build_model", "train"]
+__all__ = ["FALLBACK_WARMUP_RATIO", "TrainResult", "Trainer", "TrainingDiverged", "build_model",
+           "fit_batch_to_data", "fit_warmup", "train"]

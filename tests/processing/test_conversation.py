@@ -19,6 +19,7 @@ from owl2.processing.conversation import (
     extract_images,
     get_template,
     multiple_choice_prompt,
+    prompt_parts,
     render_conversation,
     vqa_prompt,
 )
@@ -314,3 +315,27 @@ def test_extract_images_validates_parts() -> None:
         extract_images([user({"type": "video", "video": "v.mp4"})])
     with pytest.raises(ValueError, match="messages is empty"):
         extract_images([])
+
+
+def test_prompt_parts_put_images_where_typed_placeholders_are() -> None:
+    """A question written in the official form keeps its layout: the typed <|image|> is the image's place, not a
+    second placeholder in front of it."""
+    def rendered(text: str, images: list[Any]) -> str:
+        return render_conversation([{"role": "user", "content": prompt_parts(text, images)}])
+
+    assert rendered("<|image|>\nWhat is it?", ["a"]) == "USER: <|image|>\nWhat is it? ASSISTANT:"
+    assert rendered("Compare <|image|> with <|image|>.", ["a", "b"]) == (
+        "USER: Compare <|image|> with <|image|>. ASSISTANT:")
+    assert extract_images([{"role": "user", "content": prompt_parts("Compare <|image|> with <|image|>.", ["a", "b"])}]
+                          ) == ["a", "b"]  # in the order of the placeholders
+    assert rendered("What is it?", ["a", "b"]) == "USER: <|image|><|image|>What is it? ASSISTANT:"  # none: first
+    assert rendered("What is it?", []) == "USER: What is it? ASSISTANT:"
+    assert prompt_parts("<|image|>", ["a"]) == [{"type": "image", "image": "a"}]
+
+
+@pytest.mark.parametrize(("text", "images", "found", "given"), [
+    ("<|image|>What?", [], 1, 0), ("<|image|><|image|>What?", ["a"], 2, 1), ("<|image|>What?", ["a", "b"], 1, 2)])
+def test_prompt_parts_count_mismatch_is_clear(text: str, images: list[Any], found: int, given: int) -> None:
+    with pytest.raises(ValueError, match=rf"the prompt has {found} <\|image\|> placeholder\(s\) but {given} image\(s\) "
+                                         r"were given; write one <\|image\|> per image where it goes, or none"):
+        prompt_parts(text, images)

@@ -70,14 +70,20 @@ class ServerProcess:
             self.process.kill()
 
 
-def start_server(model: Path, *extra: str, timeout: float = 90.0) -> ServerProcess:
-    """``owl2 serve`` in a subprocess (fp32 on the CPU, greedy unless a request says otherwise)."""
+def start_server(model: Path | None, *extra: str, timeout: float = 90.0, log: Path | None = None) -> ServerProcess:
+    """``owl2 serve`` in a subprocess (fp32 on the CPU, greedy unless a request says otherwise). ``model`` None: the
+    embedded owl2-tiny (no --model). ``log``: a file that receives the server's stderr."""
     port = free_port()
-    command = [sys.executable, "-m", "owl2.cli.main", "serve", "--model", str(model), "--dtype", "fp32",
-               "--device", "cpu", "--port", str(port), "--default-temperature", "0", "--log-level", "warning",
-               *extra]
+    command = [sys.executable, "-m", "owl2.cli.main", "serve", *([] if model is None else ["--model", str(model)]),
+               "--dtype", "fp32", "--device", "cpu", "--port", str(port), "--default-temperature", "0",
+               "--log-level", "warning", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    stderr = None if log is None else log.open("w", encoding="utf-8")
+    try:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=stderr)
+    finally:
+        if stderr is not None:
+            stderr.close()  # the child has its own copy
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

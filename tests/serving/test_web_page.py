@@ -1,6 +1,7 @@
 """The chat page at ``/`` in a real headless Chromium (Playwright) against a real ``owl2 serve`` process: upload an
 image, ask, watch the answer stream in, ask again (multi-turn), reset; the answers must equal the in-process
-pipeline's greedy ones, and the page must never reach beyond the server."""
+pipeline's greedy ones, and the page must never reach beyond the server. With the embedded owl2-tiny the page says
+what the model knows and offers its example scene and questions, which must work with one click."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from tests.serving.conftest import ServerProcess, expected_answer, png_bytes, scene, start_server
@@ -128,6 +130,7 @@ def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server,
         response = page.goto(page_server.url + "/")
         assert response is not None and response.ok
         assert page.locator("#model-name").text_content() == "tiny"
+        sync_api.expect(page.locator("#examples")).to_be_hidden()  # examples only for the embedded model
         assert page.locator("#temperature").input_value() == "0"
         page.fill("#max-tokens", str(PAGE_MAX_TOKENS))  # short answers: the random model never stops by itself
         page.evaluate(OBSERVE)
@@ -183,3 +186,101 @@ def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server,
                and (urlsplit(url).scheme, urlsplit(url).netloc) != (server.scheme, server.netloc)]
     assert foreign == [], f"the page reached beyond the server: {foreign}"
     assert any(urlsplit(url).path == "/v1/chat/completions" for url in requests)
+
+
+@pytest.fixture(scope="module")
+def embedded_page_server() -> Iterator[ServerProcess]:
+    process = start_server(None)  # no --model: the embedded owl2-tiny
+    yield process
+    process.stop()
+
+
+def click_example(page, posted: list[dict], question: str, turn: int) -> tuple[list[dict], str]:
+    """Click the example question ``question``; -> (the request bodies the page posted, the answer)."""
+    before = len(posted)
+    page.get_by_role("button", name=question, exact=True).click()
+    page.wait_for_function(SETTLED, arg=turn, timeout=TIMEOUT_MS)
+    errors = page.locator("#log .msg.error")
+    assert errors.count() == 0, f"the page shows an error: {errors.first.text_content()!r}"
+    sync_api.expect(page.locator("#send")).to_be_enabled()
+    answer = page.locator("#log .msg.assistant").nth(turn).locator("span.text").evaluate("e => e.textContent")
+    return posted[before:], answer
+
+
+def test_chat_page_of_the_embedded_model_offers_the_example_scene(embedded_page_server, browser):
+    import owl2
+    from owl2.api import EMBEDDED_EXAMPLE_QUESTIONS
+    from owl2.serving.app import EMBEDDED_PAGE_NOTICE, EXAMPLE_SCENE_PATH
+
+    pipeline = owl2.load(dtype="fp32", device="cpu", show_progress=False)  # what the server runs
+    scene_png = httpx.get(embedded_page_server.url + EXAMPLE_SCENE_PATH, timeout=30).content
+    scene_url = "data:image/png;base64," + base64.b64encode(scene_png).decode()
+
+    context = browser.new_context()
+    requests: list[str] = []
+    context.on("request", lambda request: requests.append(request.url))
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    console_errors: list[str] = []
+    page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: console_errors.append(f"uncaught: {error}"))
+    posted: list[dict] = []
+    page.on("request", lambda request: posted.append(json.loads(request.post_data))
+            if request.method == "POST" and urlsplit(request.url).path == "/v1/chat/completions" else None)
+    try:
+        assert page.goto(embedded_page_server.url + "/").ok
+        assert page.locator("#model-name").text_content() == "owl2-tiny"
+        sync_api.expect(page.locator("#examples")).to_be_visible()
+        assert page.locator("#examples-notice").text_content() == EMBEDDED_PAGE_NOTICE
+        assert page.locator("#example-questions button").all_text_contents() == list(EMBEDDED_EXAMPLE_QUESTIONS)
+        page.wait_for_function("() => document.querySelector('#example-scene img').naturalWidth === 64")
+        page.fill("#max-tokens", str(PAGE_MAX_TOKENS))
+
+        # One click: the example scene goes along with the question, as a data URL of the served PNG.
+        first = EMBEDDED_EXAMPLE_QUESTIONS[0]
+        bodies, answer = click_example(page, posted, first, turn=0)
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": scene_url}},
+                                                 {"type": "text", "text": first}]}]
+        assert_posted(bodies, messages)
+        assert answer == expected_answer(pipeline, messages, PAGE_MAX_TOKENS)
+        assert first == "How many circles are there?" and answer.strip().endswith("2")  # the README's answer
+        assert page.locator("#log .msg.user img").get_attribute("src") == scene_url
+
+        # The next example question follows up on the same picture: the scene is not attached a second time.
+        second = EMBEDDED_EXAMPLE_QUESTIONS[1]
+        bodies, answer2 = click_example(page, posted, second, turn=1)
+        messages = [*messages, {"role": "assistant", "content": answer},
+                    {"role": "user", "content": [{"type": "text", "text": second}]}]
+        assert_posted(bodies, messages)
+        assert answer2 == expected_answer(pipeline, messages, PAGE_MAX_TOKENS)
+
+        # After a reset, the thumbnail attaches the scene to a question of one's own.
+        page.click("#reset")
+        page.click("#example-scene")
+        sync_api.expect(page.locator("#preview")).to_be_visible()
+        assert page.locator("#preview").get_attribute("src") == scene_url
+        own = "Is there a yellow circle?"
+        bodies, answer3 = ask_plain(page, posted, own)
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": scene_url}},
+                                                 {"type": "text", "text": own}]}]
+        assert_posted(bodies, messages)
+        assert answer3 == expected_answer(pipeline, messages, PAGE_MAX_TOKENS)
+    finally:
+        context.close()
+    assert console_errors == []
+    server = urlsplit(embedded_page_server.url)
+    foreign = [url for url in requests if urlsplit(url).scheme not in ("data", "blob")
+               and (urlsplit(url).scheme, urlsplit(url).netloc) != (server.scheme, server.netloc)]
+    assert foreign == [], f"the page reached beyond the server: {foreign}"
+
+
+def ask_plain(page, posted: list[dict], question: str) -> tuple[list[dict], str]:
+    """Type and send ``question`` as the first turn of a fresh conversation; -> (the bodies posted, the answer)."""
+    before = len(posted)
+    page.fill("#prompt", question)
+    page.click("#send")
+    page.wait_for_function(SETTLED, arg=0, timeout=TIMEOUT_MS)
+    assert page.locator("#log .msg.error").count() == 0
+    sync_api.expect(page.locator("#send")).to_be_enabled()
+    answer = page.locator("#log .msg.assistant").nth(0).locator("span.text").evaluate("e => e.textContent")
+    return posted[before:], answer
