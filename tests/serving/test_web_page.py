@@ -10,6 +10,7 @@ import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -108,12 +109,9 @@ def assert_streamed(updates: list[dict], answer: str) -> None:
     assert len({u["batch"] for u in updates}) > 1, "every delta was written in one task: the stream was buffered"
 
 
-def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server, browser, tiny_pipeline, tmp_path):
-    image = png_bytes(scene("red"))
-    image_path = tmp_path / "red.png"
-    image_path.write_bytes(image)
-    image_url = "data:image/png;base64," + base64.b64encode(image).decode()
-
+def open_page(browser) -> tuple[Any, Any, list[str], list[str], list[dict]]:
+    """A fresh browser context and page; -> (context, page, every URL requested, console errors, the bodies posted
+    to /v1/chat/completions), the lists filled as the page runs."""
     context = browser.new_context()
     requests: list[str] = []
     context.on("request", lambda request: requests.append(request.url))
@@ -125,6 +123,25 @@ def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server,
     posted: list[dict] = []
     page.on("request", lambda request: posted.append(json.loads(request.post_data))
             if request.method == "POST" and urlsplit(request.url).path == "/v1/chat/completions" else None)
+    return context, page, requests, console_errors, posted
+
+
+def assert_self_contained(server_url: str, requests: list[str], console_errors: list[str]) -> None:
+    """No script error, and no request beyond the server (no CDN)."""
+    assert console_errors == []
+    server = urlsplit(server_url)
+    foreign = [url for url in requests if urlsplit(url).scheme not in ("data", "blob")
+               and (urlsplit(url).scheme, urlsplit(url).netloc) != (server.scheme, server.netloc)]
+    assert foreign == [], f"the page reached beyond the server: {foreign}"
+
+
+def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server, browser, tiny_pipeline, tmp_path):
+    image = png_bytes(scene("red"))
+    image_path = tmp_path / "red.png"
+    image_path.write_bytes(image)
+    image_url = "data:image/png;base64," + base64.b64encode(image).decode()
+
+    context, page, requests, console_errors, posted = open_page(browser)
 
     try:
         response = page.goto(page_server.url + "/")
@@ -180,11 +197,7 @@ def test_chat_page_streams_multi_turn_answers_equal_to_the_pipeline(page_server,
     finally:
         context.close()
 
-    assert console_errors == []
-    server = urlsplit(page_server.url)
-    foreign = [url for url in requests if urlsplit(url).scheme not in ("data", "blob")
-               and (urlsplit(url).scheme, urlsplit(url).netloc) != (server.scheme, server.netloc)]
-    assert foreign == [], f"the page reached beyond the server: {foreign}"
+    assert_self_contained(page_server.url, requests, console_errors)
     assert any(urlsplit(url).path == "/v1/chat/completions" for url in requests)
 
 
@@ -216,17 +229,7 @@ def test_chat_page_of_the_embedded_model_offers_the_example_scene(embedded_page_
     scene_png = httpx.get(embedded_page_server.url + EXAMPLE_SCENE_PATH, timeout=30).content
     scene_url = "data:image/png;base64," + base64.b64encode(scene_png).decode()
 
-    context = browser.new_context()
-    requests: list[str] = []
-    context.on("request", lambda request: requests.append(request.url))
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    console_errors: list[str] = []
-    page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
-    page.on("pageerror", lambda error: console_errors.append(f"uncaught: {error}"))
-    posted: list[dict] = []
-    page.on("request", lambda request: posted.append(json.loads(request.post_data))
-            if request.method == "POST" and urlsplit(request.url).path == "/v1/chat/completions" else None)
+    context, page, requests, console_errors, posted = open_page(browser)
     try:
         assert page.goto(embedded_page_server.url + "/").ok
         assert page.locator("#model-name").text_content() == "owl2-tiny"
@@ -267,11 +270,7 @@ def test_chat_page_of_the_embedded_model_offers_the_example_scene(embedded_page_
         assert answer3 == expected_answer(pipeline, messages, PAGE_MAX_TOKENS)
     finally:
         context.close()
-    assert console_errors == []
-    server = urlsplit(embedded_page_server.url)
-    foreign = [url for url in requests if urlsplit(url).scheme not in ("data", "blob")
-               and (urlsplit(url).scheme, urlsplit(url).netloc) != (server.scheme, server.netloc)]
-    assert foreign == [], f"the page reached beyond the server: {foreign}"
+    assert_self_contained(embedded_page_server.url, requests, console_errors)
 
 
 def ask_plain(page, posted: list[dict], question: str) -> tuple[list[dict], str]:
