@@ -455,8 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     experiment = commands.add_parser(
         "experiment", help="build-tiny (train the embedded model) or mam-ablation (the paper's Table 5, small)",
-        description="build-tiny: the shapes-world data, a tokenizer, stages V and 0 to 3 with configs/tiny/, the "
-        "held-out evaluation and the model card (--install replaces the embedded model). mam-ablation: trains the "
+        description="build-tiny: the shapes-world data, a tokenizer, stages V and 0 to 4 with the recipes in "
+        "owl2/experiments/recipes/tiny/, the held-out evaluation and the model card (--install replaces the embedded "
+        "model). mam-ablation: trains the "
         "tiny model with and without the Modality-Adaptive Module on the same data and budget and reports "
         "multimodal and text-only accuracy side by side.",
     )

@@ -380,6 +380,13 @@ def _rate(args: argparse.Namespace) -> int:
         try:
             made = list(progress(_rate_all(pipe, todo, settings, args, sink), total=len(todo), desc="rating",
                                  enabled=not args.quiet, unit="item"))
+        except KeyboardInterrupt:
+            if sink is None:
+                raise
+            # every finished batch is already in the file; say so, rather than a bare "interrupted"
+            print(f"\nowl2 rate: interrupted; {len(sink.records)} record(s) are saved in {sink.path}; run the same "
+                  "command again to rate the rest", file=sys.stderr)
+            return 2
         finally:
             if sink is not None:
                 sink.close()

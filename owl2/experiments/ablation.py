@@ -2,7 +2,7 @@
 
 Both variants get the same data (one shapes-world training set with text-only instructions, one tokenizer), the
 same stage-V vision side (trained once: it does not involve the language model), the same recipe
-(``configs/tiny/``), the same number of steps and the same seed; the only difference is
+(``owl2/experiments/recipes/tiny/``), the same number of steps and the same seed; the only difference is
 ``modality_adaptive`` in the model config (False: text and image positions share the norms and K/V projections).
 Both are then scored on the same held-out set: multimodal accuracy (the scene questions) and text-only accuracy
 (arithmetic, spelling, ordering, letter counts, reversal), like the paper's VQAv2/Q-Bench versus MMLU/BBH columns.

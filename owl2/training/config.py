@@ -276,8 +276,8 @@ def load_recipe(name_or_path: str | os.PathLike[str] | None = None, overrides: l
     """The :class:`TrainConfig` of a recipe file or packaged recipe name, with ``overrides`` applied.
 
     A recipe that names no model starts from the embedded owl2-tiny (:meth:`TrainConfig.with_default_model`).
-    ``validate=False`` reads a recipe that is not complete on its own (``configs/tiny/``: the build fills in the
-    model and the data) without checking it or filling in the default model."""
+    ``validate=False`` reads a recipe that is not complete on its own (``owl2/experiments/recipes/tiny/``: the build
+    fills in the model and the data) without checking it or filling in the default model."""
     data = _read_recipe(_resolve_recipe_file(name_or_path)) if name_or_path is not None else {}
     for text in overrides:
         keys, value = parse_override(text)

@@ -170,8 +170,10 @@ def test_a_killed_run_resumes_to_the_same_file(folder, tmp_path, capsys):
 
 
 def test_an_interrupted_run_keeps_every_finished_batch(folder, tmp_path, monkeypatch, capsys):
+    from owl2.api import Pipeline
+
     calls = []
-    rate = owl2.api.Pipeline.rate
+    rate = Pipeline.rate
 
     def interrupted(self, items, **kwargs):
         calls.append(len(items))
@@ -179,14 +181,15 @@ def test_an_interrupted_run_keeps_every_finished_batch(folder, tmp_path, monkeyp
             raise KeyboardInterrupt  # Ctrl-C while the second batch is rated
         return rate(self, items, **kwargs)
 
-    monkeypatch.setattr(owl2.api.Pipeline, "rate", interrupted)
+    monkeypatch.setattr(Pipeline, "rate", interrupted)
     out = tmp_path / "ratings.csv"
     args = [*BASE, "--batch-size", "2", "--output", str(out), str(folder)]
-    with pytest.raises(KeyboardInterrupt):
-        cli(args)
+    assert cli(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"owl2 rate: interrupted; 2 record(s) are saved in {out}; run the same command again to rate the rest")
     assert [r["path"] for r in read_csv(out)] == expected_paths(folder)[:2]
     assert leftovers(tmp_path) == []
-    monkeypatch.setattr(owl2.api.Pipeline, "rate", rate)
+    monkeypatch.setattr(Pipeline, "rate", rate)
     capsys.readouterr()
     assert cli(args) == 0
     assert "rated 1, kept 2" in capsys.readouterr().err
