@@ -50,6 +50,7 @@ __all__ = [
     "BACKGROUNDS",
     "CAPTION_PROMPT",
     "COLOURS",
+    "DIALOGUE_TURNS",
     "MC_PROMPT",
     "QUESTION_TYPES",
     "SCENE_QUESTION_TYPES",
@@ -78,6 +79,7 @@ __all__ = [
     "read_eval_set",
     "render_scene",
     "restyled",
+    "scene_dialogue",
     "scene_of_training_image",
     "scene_questions",
     "score_answer",
@@ -87,6 +89,7 @@ __all__ = [
     "training_scene",
     "write_eval_set",
     "vertical_order",
+    "write_dialogue_set",
     "write_focus_set",
     "write_training_set",
 ]
@@ -1055,9 +1058,7 @@ def write_focus_set(directory: str | os.PathLike[str], *, scenes: int, seed: int
         _save(render_scene(scene, size), directory / image)
         items = restyled(scene, scene_questions(scene, stream_rng("train", seed, index, "questions"), image=image),
                          answer_style)
-        for item in items:
-            if item.type == "multiple_choice" and item.choices:
-                item = dataclasses.replace(item, answer=choice_answer(item.choices, item.answer))
+        for item in _named_choices(items):
             (kept if item.type in ("existence", "caption") else others).append(item)
         if vertical_orders:
             kept.append(vertical_order(scene, image))
@@ -1070,6 +1071,55 @@ def write_focus_set(directory: str | os.PathLike[str], *, scenes: int, seed: int
     path = directory / "focus.json"
     path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+DIALOGUE_TURNS: tuple[int, ...] = (2, 3)
+"""How many questions a training dialogue of :func:`write_dialogue_set` asks (drawn uniformly)."""
+
+
+def scene_dialogue(scene: Scene, rng: random.Random | int | str, *, image: str | None = None,
+                   answer_style: str = "chained", turns: Sequence[int] = DIALOGUE_TURNS) -> list[QAItem]:
+    """The questions of one conversation about ``scene``: a number of turns drawn from ``turns``, then that many of
+    the scene's questions (:func:`scene_questions`, captions and multiple choice included) in a random order, with
+    the answers in ``answer_style`` (:func:`restyled`) and the multiple-choice ones in :func:`choice_answer`'s form,
+    as :func:`write_focus_set` writes them. Every question draws from ``rng``, so the dialogue is a function of it."""
+    _check_answer_style(answer_style)
+    rng = _as_rng(rng)
+    items = _named_choices(restyled(scene, scene_questions(scene, rng, image=image), answer_style))
+    return rng.sample(items, min(rng.choice(tuple(turns)), len(items)))
+
+
+def write_dialogue_set(directory: str | os.PathLike[str], *, scenes: int, seed: int, size: int = 224,
+                       answer_style: str = "chained", turns: Sequence[int] = DIALOGUE_TURNS) -> Path:
+    """Write ``images/train-*.png`` and ``dialogues.json`` (LLaVA format) under ``directory``; returns the JSON path.
+
+    One conversation per training scene (the ``"train"`` stream: the scenes and images of :func:`write_focus_set`
+    and :func:`write_training_set` with the same ``seed``): :func:`scene_dialogue`'s questions, the image placeholder
+    in the first human turn only (``"<|image|>\\n"``), each later question as a turn of its own, as ``owl2 chat``
+    sends them. The questions come from their own stream (``part="dialogue"``), so they are a fresh draw of the
+    scene's questions, not those of the single-question records. Ids are ``f"{scene.id}-dialogue"``. A model trained
+    on single questions only answers the later turns of a conversation badly (``owl2.experiments.tiny``, stage 4)."""
+    _check_answer_style(answer_style)
+    if not turns or min(turns) < 1:
+        raise ValueError(f"turns must be positive numbers of questions, got {tuple(turns)}")
+    directory = Path(directory)
+    records = []
+    for index in range(scenes):
+        scene = training_scene(seed, index)
+        image = _training_image(seed, index)
+        _save(render_scene(scene, size), directory / image)
+        items = scene_dialogue(scene, stream_rng("train", seed, index, "dialogue"), image=image,
+                               answer_style=answer_style, turns=turns)
+        records.append(_llava_record(f"{scene.id}-dialogue", items, image))
+    path = directory / "dialogues.json"
+    path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def _named_choices(items: Iterable[QAItem]) -> list[QAItem]:
+    """``items`` with each multiple-choice answer as :func:`choice_answer` writes it (``"diamond B"``)."""
+    return [dataclasses.replace(item, answer=choice_answer(item.choices, item.answer))
+            if item.type == "multiple_choice" and item.choices else item for item in items]
 
 
 def restyled(scene: Scene, items: list[QAItem], answer_style: str) -> list[QAItem]:

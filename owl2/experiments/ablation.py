@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from owl2.experiments.tiny import (
-    REPO_CONFIGS,
+    TINY_CONFIGS,
     TinyBuild,
     evaluate_tiny,
     prepare,
@@ -40,7 +40,7 @@ def _accuracy(breakdown: dict[str, dict[str, float]], types: set[str]) -> float:
 
 
 def run_mam_ablation(workdir: str | os.PathLike[str], *, scenes: int | None = None, steps: int | None = None,
-                     build: TinyBuild | None = None, configs: Path = REPO_CONFIGS,
+                     build: TinyBuild | None = None, configs: Path = TINY_CONFIGS,
                      mam_build: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Train and score both variants; writes ``report.json``, ``report.md`` and ``report.png`` (with matplotlib)
     under ``workdir``.

@@ -8,15 +8,24 @@
    stream (:mod:`owl2.data.shapes`);
 2. a SentencePiece tokenizer in the LLaMA-2 layout trained on the training texts (:mod:`owl2.experiments.tokenizer`);
 3. the pre-trained parts the paper starts from (CLIP ViT-L/14 and LLaMA-2), made here from the random
-   initialisation of ``configs/tiny/model.json``: stage V (``configs/tiny/vision.toml``,
-   :mod:`owl2.experiments.vision_pretrain`) trains the vision encoder and the abstractor on dense labels of the
-   scenes; stage 0 (``owl2 train configs/tiny/stage0.toml``, stage ``language``) trains the language model from
-   scratch on all the data at 256 questions a step, next to the frozen stage-V vision side;
+   initialisation of ``recipes/tiny/model.json`` (:data:`TINY_CONFIGS`, the recipe's files, shipped in the package
+   so that an installed owl2 builds too): stage V (``vision.toml``, :mod:`owl2.experiments.vision_pretrain`) trains
+   the vision encoder and the abstractor on dense labels of the scenes; stage 0 (``stage0.toml``, stage
+   ``language``) trains the language model from scratch on all the data at 256 questions a step, next to the frozen
+   stage-V vision side;
 4. the paper's two stages with ``owl2 train``: ``stage1.toml`` (vision encoder, abstractor and the MAM's image
    branch; language model frozen) and ``stage2.toml`` (everything, all data);
 5. stage 3 (``stage3.toml``): a short focus on what stages 0-2 leave weakest (the top-or-bottom side questions,
    existence questions about a shape present more than once), mixed 1:1 with the rest (:func:`stage3_focus`);
-6. ``owl2 eval --task shapes`` on the held-out set, and a model card with the figures.
+6. stage 4 (``stage4.toml``): conversations. One 2-3-turn dialogue per training scene
+   (:func:`~owl2.data.shapes.write_dialogue_set`) mixed 1:1 with stage 3's single questions (:func:`stage4_mix`):
+   trained on one question per record, the model answered the second and third questions of an ``owl2 chat``
+   conversation far worse than the same questions asked alone;
+7. ``owl2 eval --task shapes`` on the held-out set, the multi-turn check (:func:`evaluate_multi_turn`), and a model
+   card with the figures.
+
+A stage whose ``final/`` checkpoint exists is kept, and the build goes on after the last such stage: a build that
+stopped resumes, and a copy of the shipped model as ``stage3/final`` runs only stage 4.
 
 A language model pre-trained on the conversations as plain text, as LLaMA-2 is, did not learn to read the visual
 tokens in stages 1 and 2 (its attention had settled on text positions; ``docs/experiments.md``), so stage 0 gives it
@@ -45,11 +54,14 @@ from owl2.utils import atomic_write_text
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_NAME = "owl2-tiny"
-REPO_CONFIGS = PACKAGE_DIR.parent / "configs" / "tiny"
+TINY_CONFIGS = Path(__file__).resolve().parent / "recipes" / "tiny"
+"""The recipe's model config and stage files, in the package (an installed owl2 has no repository around it)."""
 IMAGE_SIZE = 64
 EVAL_FILE = "eval_results.json"
-"""The held-out figures of the model card, machine-readable (the accuracy test compares with them)."""
-STAGE_DIRS = ("stage-v", "stage0", "stage1", "stage2", "stage3")
+"""The held-out figures of the model card, machine-readable (the accuracy tests compare with them)."""
+STAGE_DIRS = ("stage-v", "stage0", "stage1", "stage2", "stage3", "stage4")
+MULTI_TURN_SCENES = 200
+"""Held-out scenes of the multi-turn check in the model card (:func:`evaluate_multi_turn`)."""
 
 
 def default_model_dir() -> Path:
@@ -81,17 +93,25 @@ class TinyBuild:
     "small red circle"). Off in the recipe: with words, the lookups of colour questions and existence share the
     shape word (``docs/experiments.md``)."""
     vision_steps: int | None = None
-    """None: the recipe's step count (``configs/tiny/vision.toml``; likewise ``train.max_steps`` for the others)."""
+    """None: the recipe's step count (``vision.toml`` of :data:`TINY_CONFIGS`; likewise ``train.max_steps`` for the
+    others)."""
     stage0_steps: int | None = None
     stage1_steps: int | None = None
     stage2_steps: int | None = None
     stage3_steps: int | None = None
-    """0 leaves stage 3 out (the MAM ablation compares stages V to 2)."""
+    """0 leaves stage 3 out (the MAM ablation compares stages V to 2), and stage 4 with it."""
+    stage4_steps: int | None = None
+    """0 leaves stage 4 out. Stage 4 fine-tunes stage 3's model, so it runs only when stage 3 does."""
 
     @property
     def runs_stage3(self) -> bool:
         """Whether stage 3 runs (and its data is written): unless ``stage3_steps`` is 0."""
         return self.stage3_steps != 0
+
+    @property
+    def runs_stage4(self) -> bool:
+        """Whether stage 4 runs (and its data is written): with stage 3, unless ``stage4_steps`` is 0."""
+        return self.runs_stage3 and self.stage4_steps != 0
 
 
 def _corpus(records: list[dict[str, Any]]) -> list[str]:
@@ -104,11 +124,12 @@ def _corpus(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def vary_prompts(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+def vary_prompts(records: list[dict[str, Any]], seed: int, stream: str = "prompts") -> list[dict[str, Any]]:
     """The training records with the prompt written the ways users write it: half without the newline after the
     image placeholder (``owl2 ask`` and the official CLI put the text right after the image), and a third of the
-    short-answer questions without the "Answer the question using a single word or phrase." suffix."""
-    rng = random.Random(f"owl2-tiny/prompts/{seed}")
+    short-answer questions without the "Answer the question using a single word or phrase." suffix (in every turn).
+    ``stream`` names the random stream, so that another set of records gets its own draws."""
+    rng = random.Random(f"owl2-tiny/{stream}/{seed}")
     varied = []
     for record in records:
         turns = [dict(turn) for turn in record["conversations"]]
@@ -121,9 +142,9 @@ def vary_prompts(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any
     return varied
 
 
-def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> dict[str, Path]:
+def prepare(workdir: Path, build: TinyBuild, configs: Path = TINY_CONFIGS) -> dict[str, Path]:
     """Data, tokenizer and the initial model directory (config + tokenizer + image processor) under ``workdir``."""
-    from owl2.data.shapes import object_phrases, write_eval_set, write_focus_set
+    from owl2.data.shapes import object_phrases, write_dialogue_set, write_eval_set, write_focus_set
     from owl2.experiments.tokenizer import train_sentencepiece
     from owl2.model.config import Owl2Config
     from owl2.processing.image import PREPROCESSOR_CONFIG_NAME, ImageProcessor
@@ -141,7 +162,16 @@ def prepare(workdir: Path, build: TinyBuild, configs: Path = REPO_CONFIGS) -> di
     paths = {"train": mixed}
     if build.runs_stage3:
         paths["stage3"] = data_dir / "stage3-focus.json"
-        atomic_write_text(paths["stage3"], json.dumps(stage3_focus(mixed_records, build.seed)))
+        stage3_records = stage3_focus(mixed_records, build.seed)
+        atomic_write_text(paths["stage3"], json.dumps(stage3_records))
+    if build.runs_stage4:
+        dialogues = data_dir / "dialogues.json"
+        if not dialogues.is_file():
+            dialogues = write_dialogue_set(data_dir, scenes=build.scenes, seed=build.seed, size=IMAGE_SIZE,
+                                           answer_style=build.answer_style)
+        dialogue_records = vary_prompts(json.loads(dialogues.read_text(encoding="utf-8")), build.seed, "dialogues")
+        paths["stage4"] = data_dir / "stage4-dialogues.json"
+        atomic_write_text(paths["stage4"], json.dumps(stage4_mix(dialogue_records, stage3_records, build.seed)))
     eval_dir = workdir / "eval"
     if not (eval_dir / "eval.jsonl").is_file():
         write_eval_set(eval_dir, scenes=build.eval_scenes, seed=build.seed, size=IMAGE_SIZE,
@@ -190,8 +220,21 @@ def stage3_focus(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any
     return chosen
 
 
+def stage4_mix(dialogues: list[dict[str, Any]], focus: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Stage 4's data: every dialogue, and as many single-question records drawn from stage 3's data (``focus``,
+    :func:`stage3_focus`), shuffled.
+
+    The single questions keep what the dialogues do not train on their own: drawn from stage 3's data, they keep its
+    weak types (the top-or-bottom side questions, existence about a shape present more than once) as stage 3 left
+    them. Drawn from all the training records instead, existence fell 1-2 points below stage 3's."""
+    rng = random.Random(f"owl2-tiny/stage4/{seed}")
+    chosen = dialogues + rng.sample(focus, min(len(dialogues), len(focus)))
+    rng.shuffle(chosen)
+    return chosen
+
+
 def pretrain_vision_side(workdir: Path, paths: dict[str, Path], build: TinyBuild,
-                         configs: Path = REPO_CONFIGS) -> Path:
+                         configs: Path = TINY_CONFIGS) -> Path:
     """Stage V (:mod:`owl2.experiments.vision_pretrain`) on a random initialisation of ``paths["init"]``; returns
     the model directory ``workdir/stage-v/final`` (kept when it exists)."""
     import owl2
@@ -244,11 +287,16 @@ def start_from_vision(vision: Path, init: Path, destination: Path, seed: int) ->
     return destination
 
 
-def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, configs: Path = REPO_CONFIGS, *,
+def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, configs: Path = TINY_CONFIGS, *,
                  vision: Path | None = None) -> Path:
     """Stage V (unless ``vision``, a stage-V model directory, is given), stage 0 (the language model from scratch
     next to the frozen stage-V vision side), stage 1 (vision side and the MAM's image branch, language model frozen)
-    stage 2 (everything) and stage 3 (unless ``build.stage3_steps`` is 0); returns the final checkpoint directory."""
+    stage 2 (everything), stage 3 (unless ``build.stage3_steps`` is 0) and stage 4 (unless ``build.runs_stage4`` is
+    False); returns the final checkpoint directory.
+
+    The stages after the last one with a ``final/`` checkpoint run (each resumes from its latest checkpoint); the
+    earlier ones are not touched. So a copy of the shipped model as ``workdir/stage3/final`` runs stage 4 alone, on
+    exactly the weights stage 3 handed on (it saves bf16)."""
     from owl2.training.config import load_recipe
     from owl2.training.trainer import train
 
@@ -262,25 +310,35 @@ def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, config
             overrides.append(f"train.max_steps={steps}")
         return train(load_recipe(configs / recipe, overrides), resume=True).final_dir
 
-    vision = vision or pretrain_vision_side(workdir, paths, build, configs)
-    start = start_from_vision(vision, paths["init"], workdir / "stage0-init", build.seed)
-    language = run("stage0.toml", "stage0", start, build.stage0_steps)
-    aligned = run("stage1.toml", "stage1", language, build.stage1_steps)
-    tuned = run("stage2.toml", "stage2", aligned, build.stage2_steps)
-    if not build.runs_stage3:
-        return tuned
-    return run("stage3.toml", "stage3", tuned, build.stage3_steps, data="stage3")
+    stages = [("stage0", build.stage0_steps, "train"), ("stage1", build.stage1_steps, "train"),
+              ("stage2", build.stage2_steps, "train")]
+    if build.runs_stage3:
+        stages.append(("stage3", build.stage3_steps, "stage3"))
+    if build.runs_stage4:
+        stages.append(("stage4", build.stage4_steps, "stage4"))
+    finished = [k for k, (name, _, _) in enumerate(stages)
+                if (workdir / name / "final" / "model.safetensors").is_file()]
+    if finished:
+        start = workdir / stages[finished[-1]][0] / "final"
+        stages = stages[finished[-1] + 1:]
+    else:
+        vision = vision or pretrain_vision_side(workdir, paths, build, configs)
+        start = start_from_vision(vision, paths["init"], workdir / "stage0-init", build.seed)
+    for name, steps, data in stages:
+        start = run(f"{name}.toml", name, start, steps, data)
+    return start
 
 
-def recipe_steps(build: TinyBuild, configs: Path = REPO_CONFIGS) -> dict[str, int]:
-    """The steps of stages V, 0, 1, 2 and 3: the build's, or the recipe's where the build leaves them None."""
+def recipe_steps(build: TinyBuild, configs: Path = TINY_CONFIGS) -> dict[str, int]:
+    """The steps of stages V and 0 to 4: the build's, or the recipe's where the build leaves them None (0 for a stage
+    the build leaves out)."""
     from owl2.experiments.vision_pretrain import VisionPretrainConfig
     from owl2.training.config import load_recipe
 
     steps = {"V": build.vision_steps if build.vision_steps is not None
              else VisionPretrainConfig.from_toml(configs / "vision.toml").steps}
     for stage, own in (("0", build.stage0_steps), ("1", build.stage1_steps), ("2", build.stage2_steps),
-                       ("3", build.stage3_steps)):
+                       ("3", build.stage3_steps), ("4", build.stage4_steps if build.runs_stage4 else 0)):
         steps[stage] = own if own is not None else load_recipe(configs / f"stage{stage}.toml",
                                                                validate=False).train.max_steps
     return steps
@@ -302,8 +360,21 @@ def evaluate_tiny(model_dir: Path, eval_dir: Path, output: Path, *, limit: int |
     return {"metrics": result.report.metrics, "breakdown": result.report.breakdown}
 
 
+def evaluate_multi_turn(model_dir: Path, eval_dir: Path, scenes: int = MULTI_TURN_SCENES) -> dict[str, Any]:
+    """The multi-turn check of ``model_dir`` on the first ``scenes`` held-out scenes
+    (:func:`owl2.evaluation.tasks.shapes.multi_turn_check`: three questions as an ``owl2 chat`` conversation, and
+    the second and third asked alone), loaded as ``owl2 chat`` loads it on a CPU."""
+    import owl2
+    from owl2.evaluation.tasks.shapes import multi_turn_check
+
+    pipe = owl2.load(model_dir, dtype="bf16", device="cpu", show_progress=False)
+    return multi_turn_check(pipe, eval_dir, scenes)
+
+
 def model_card(build: TinyBuild, report: dict[str, Any], minutes: dict[str, float], config: dict[str, Any],
-               probe: dict[str, float]) -> str:
+               probe: dict[str, float], multi_turn: dict[str, Any] | None = None) -> str:
+    """The model card (``README.md``): model, data, recipe, training minutes, the held-out report of
+    :func:`evaluate_tiny` and, when given, the multi-turn check of :func:`evaluate_multi_turn`."""
     rows = "\n".join(f"| {kind} | {row['accuracy']:.1f} | {int(row['count'])} |"
                      for kind, row in report["breakdown"].items())
     metrics = report["metrics"]
@@ -319,10 +390,28 @@ def model_card(build: TinyBuild, report: dict[str, Any], minutes: dict[str, floa
               "about a shape present more than once (with as many about one or none), mixed 1:1 with the rest "
               "(`stage3_focus`).\n") if build.runs_stage3 else ""
     stage3_minutes = f", stage 3 {minutes['stage3']:.1f} min" if build.runs_stage3 else ""
+    stage4 = ("6. Stage 4, `stage4.toml`: everything, on one 2-3-turn dialogue per training scene (the image in the "
+              "first turn, `write_dialogue_set`), mixed 1:1 with single questions from stage 3's data (`stage4_mix`)."
+              "\n") if build.runs_stage4 else ""
+    stage4_minutes = f", stage 4 {minutes['stage4']:.1f} min" if build.runs_stage4 else ""
+    dialogues = (" Stage 4 adds one conversation of 2 or 3 of a scene's questions per training scene "
+                 "(`write_dialogue_set`).") if build.runs_stage4 else ""
+    conversations = "" if multi_turn is None else f"""
+## Conversations (`evaluate_multi_turn`, the first {multi_turn['scenes']} scenes of the `eval` stream)
+Three questions about a held-out scene asked as an `owl2 chat` conversation (the image with the first; greedy, each
+answer sent back as decoded), and the second and third asked alone, each with the image:
+
+| questions 2 and 3 | accuracy (%) | questions |
+|---|---|---|
+| asked alone | {multi_turn['alone']:.1f} | {multi_turn['questions']} |
+| as turns 2 and 3 of the conversation | {multi_turn['in_conversation']:.1f} | {multi_turn['questions']} |
+
+Turn by turn in the conversation: {', '.join(f'{value:.1f} %' for value in multi_turn['turns'])}.
+"""
     return f"""# owl2-tiny
 
 The mPLUG-Owl2 architecture at small scale (vision encoder, visual abstractor, LLaMA decoder with the
-Modality-Adaptive Module), trained from scratch on this machine's CPU with owl2's own pipeline on the synthetic
+Modality-Adaptive Module), trained from scratch on a 2-core CPU with owl2's own pipeline on the synthetic
 shapes world. It answers questions about coloured shapes; it knows nothing else. It is the default model of
 `owl2 ask`, `owl2 chat` and `owl2.load()`.
 
@@ -342,23 +431,24 @@ The shapes world (`owl2.data.shapes`): {build.scenes} training scenes (`train` s
 a caption and about nine questions each (existence, colour, counting, position, shape, multiple choice), one
 question per record (`write_focus_set`; the multiple-choice answers name the option, then its letter: "diamond
 B"), and {build.text_items} text-only instructions (arithmetic, spelling, alphabetical order, letter counts,
-reversal).{data_options}
+reversal).{data_options}{dialogues}
 
 ## Recipe
 `owl2 experiment build-tiny` builds it from a random initialisation. The paper starts from two pre-trained parts,
 CLIP ViT-L/14 and LLaMA-2; owl2-tiny makes its own first.
-1. Stage V, `configs/tiny/vision.toml`: the vision encoder and the abstractor learn dense labels of the training
+The recipe's files are in `owl2/experiments/recipes/tiny/`.
+1. Stage V, `vision.toml`: the vision encoder and the abstractor learn dense labels of the training
    scenes. Each abstractor query predicts what is centred in its cell of a grid over the image.
    Held-out read-out accuracy: presence {probe.get('presence', float('nan')) * 100:.1f} %, shape
    {probe.get('shape', float('nan')) * 100:.1f} %, colour {probe.get('colour', float('nan')) * 100:.1f} %.
-2. Stage 0, `owl2 train configs/tiny/stage0.toml` (stage `language`): the language model, trained from scratch on
+2. Stage 0, `stage0.toml` (stage `language`): the language model, trained from scratch on
    all the data next to the frozen stage-V vision side.
 3. The paper's stage 1, `stage1.toml`: the vision encoder, the abstractor and the MAM's image branch, with the
    language model frozen.
 4. The paper's stage 2, `stage2.toml`: everything, on all the data.
-{stage3}
+{stage3}{stage4}
 Training time on 2 CPU cores: stage V {minutes['stage-v']:.1f} min, stage 0 {minutes['stage0']:.1f} min, stage 1
-{minutes['stage1']:.1f} min, stage 2 {minutes['stage2']:.1f} min{stage3_minutes}.
+{minutes['stage1']:.1f} min, stage 2 {minutes['stage2']:.1f} min{stage3_minutes}{stage4_minutes}.
 
 ## Held-out accuracy (`owl2 eval --task shapes`, {build.eval_scenes} scenes of the `eval` stream)
 Overall: **{metrics['accuracy']:.1f} %** (caption CIDEr-D {metrics.get('caption_CIDEr', float('nan')):.1f}).
@@ -366,11 +456,11 @@ Overall: **{metrics['accuracy']:.1f} %** (caption CIDEr-D {metrics.get('caption_
 | question type | accuracy (%) | questions |
 |---|---|---|
 {rows}
-"""
+{conversations}"""
 
 
 def build_tiny(workdir: str | os.PathLike[str], build: TinyBuild | None = None, *, install: bool = False,
-               configs: Path = REPO_CONFIGS) -> dict[str, Any]:
+               configs: Path = TINY_CONFIGS) -> dict[str, Any]:
     """The whole recipe (module docstring); with ``install`` the result replaces the shipped model."""
     build = build or TinyBuild()
     workdir = Path(workdir)
@@ -382,15 +472,24 @@ def build_tiny(workdir: str | os.PathLike[str], build: TinyBuild | None = None, 
     minutes = {"prepare": (prepared - started) / 60, "total": (trained - prepared) / 60,
                **{stage: _stage_minutes(workdir / stage) for stage in STAGE_DIRS}}
     report = evaluate_tiny(final, paths["eval"], results_dir(workdir, final))
+    multi_turn = evaluate_multi_turn(final, paths["eval"], min(MULTI_TURN_SCENES, build.eval_scenes))
     config = json.loads((final / "config.json").read_text(encoding="utf-8"))
     probe = json.loads((workdir / "stage-v" / PROBE_FILE).read_text(encoding="utf-8"))
-    atomic_write_text(final / "README.md", model_card(build, report, minutes, config, probe))
-    atomic_write_text(final / EVAL_FILE, json.dumps({"eval_scenes": build.eval_scenes, "seed": build.seed, **report},
-                                                    indent=2) + "\n")
-    atomic_write_text(workdir / "build.json", json.dumps({"minutes": minutes, "report": report}, indent=2) + "\n")
+    write_model_card(final, build, report, minutes, config, probe, multi_turn)
+    atomic_write_text(workdir / "build.json", json.dumps({"minutes": minutes, "report": report,
+                                                          "multi_turn": multi_turn}, indent=2) + "\n")
     if install:
         install_model(final, default_model_dir())
     return {"final": final, "report": report, "minutes": minutes}
+
+
+def write_model_card(final: Path, build: TinyBuild, report: dict[str, Any], minutes: dict[str, float],
+                     config: dict[str, Any], probe: dict[str, float], multi_turn: dict[str, Any]) -> None:
+    """``README.md`` (:func:`model_card`) and :data:`EVAL_FILE` (the held-out report and the multi-turn check, which
+    the tests compare the shipped model with) in the checkpoint directory ``final``."""
+    atomic_write_text(final / "README.md", model_card(build, report, minutes, config, probe, multi_turn))
+    atomic_write_text(final / EVAL_FILE, json.dumps({"eval_scenes": build.eval_scenes, "seed": build.seed, **report,
+                                                     "multi_turn": multi_turn}, indent=2) + "\n")
 
 
 def _stage_minutes(run_dir: Path) -> float:

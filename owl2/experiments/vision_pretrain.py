@@ -44,7 +44,8 @@ PROBE_FILE = "probe.json"
 
 @dataclass
 class VisionPretrainConfig:
-    """Settings of stage V (``configs/tiny/vision.toml``: top-level keys, ``[train]`` and ``[optim]``)."""
+    """Settings of stage V (``vision.toml`` of the tiny recipe, ``owl2/experiments/recipes/tiny/``: top-level keys,
+    ``[train]`` and ``[optim]``)."""
 
     seed: int = 0
     scenes: int = 16000
@@ -167,8 +168,6 @@ def pretrain_vision(model: nn.Module, config: VisionPretrainConfig, output_dir: 
     Writes ``metrics.jsonl``, ``loss.png`` and ``probe.json`` (the held-out read-out accuracies, also returned) to
     ``output_dir``.
     """
-    from tqdm.auto import tqdm
-
     from owl2.training.metrics import MetricsLogger, plot_loss_curve, read_metrics
     from owl2.training.optim import VISION_SIDE, OptimConfig, exempt_from_decay, lr_multiplier
 
@@ -204,9 +203,9 @@ def pretrain_vision(model: nn.Module, config: VisionPretrainConfig, output_dir: 
     for _, param in named:
         param.requires_grad_(True)
     model.train()
-    bar = tqdm(range(config.steps), desc="owl2 stage V", unit="step", disable=not show_progress)
+    bar = _progress_bar(config.steps, show_progress)
     logged = time.perf_counter()
-    for step in bar:
+    for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_multiplier(step, schedule)
         index = torch.randint(0, config.scenes, (config.batch_size,), generator=generator)
@@ -225,9 +224,39 @@ def pretrain_vision(model: nn.Module, config: VisionPretrainConfig, output_dir: 
                         "step_seconds": now - logged})  # the seconds since the last record, so they sum to the run
             logged = now
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update(1)
+    bar.close()
     logger.close()
     model.eval()
     report = _probe(encode, heads, held_out)
     plot_loss_curve(read_metrics(output_dir), output_dir / "loss.png", title="owl2-tiny stage V")
     atomic_write_text(output_dir / PROBE_FILE, json.dumps(report, indent=2) + "\n")
     return report
+
+
+class _PlainProgress:
+    """Stage V's progress without tqdm (an optional dependency, the ``progress`` extra): a line on stderr each time
+    the loss is logged, rather than nothing for the quarter of an hour the stage takes."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.n, self.enabled = total, 0, enabled
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def set_postfix(self, **values: str) -> None:
+        if self.enabled:
+            shown = ", ".join(f"{k} {v}" for k, v in values.items())
+            print(f"owl2 stage V: step {self.n + 1}/{self.total}, {shown}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    """A tqdm bar over the steps when tqdm is installed, else :class:`_PlainProgress`."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _PlainProgress(total, enabled)
+    return tqdm(total=total, desc="owl2 stage V", unit="step", disable=not enabled)

@@ -26,6 +26,7 @@ from owl2.data.shapes import (
     BACKGROUNDS,
     CAPTION_PROMPT,
     COLOURS,
+    DIALOGUE_TURNS,
     LISTED_TYPES,
     MC_PROMPT,
     PLURALS,
@@ -54,6 +55,7 @@ from owl2.data.shapes import (
     render_scene,
     restated_answer,
     restyled,
+    scene_dialogue,
     scene_of_training_image,
     scene_questions,
     score_answer,
@@ -61,6 +63,7 @@ from owl2.data.shapes import (
     text_questions,
     training_scene,
     vertical_order,
+    write_dialogue_set,
     write_eval_set,
     write_focus_set,
     write_training_set,
@@ -778,6 +781,49 @@ def test_focus_set(tmp_path):
                                          vertical_orders=True).read_text())
     assert len(sampled) == 8 * 4 + 10  # 2 existence questions, a caption and a vertical order per scene, 10 others
     assert sum(r["conversations"][0]["value"].endswith(VERTICAL_ORDER_PROMPT) for r in sampled) == 8
+
+
+def test_dialogue_set(tmp_path):
+    """One conversation of 2 or 3 of a training scene's questions per scene: the image in the first turn only, the
+    answers in the recipe's chained style (multiple choice naming its option), the same bytes from the same seed."""
+    path = write_dialogue_set(tmp_path, scenes=12, seed=3, size=64)
+    records = json.loads(path.read_text())
+    assert [r["id"] for r in records] == [f"shapes-train-3-{i:06d}-dialogue" for i in range(12)]
+    assert {len(r["conversations"]) // 2 for r in records} == set(DIALOGUE_TURNS)
+    focus_dir = tmp_path / "focus"
+    write_focus_set(focus_dir, scenes=12, seed=3, size=64)
+    for index, record in enumerate(records):
+        scene = training_scene(3, index)
+        assert record["image"] == f"images/train-3-{index:06d}.png"
+        assert scene_of_training_image(record["image"]) == scene
+        assert (tmp_path / record["image"]).read_bytes() == (focus_dir / record["image"]).read_bytes()
+        humans, answers = record["conversations"][::2], record["conversations"][1::2]
+        assert [t["from"] for t in record["conversations"]] == ["human", "gpt"] * len(humans)
+        assert humans[0]["value"].startswith("<|image|>\n")
+        assert not any("<|image|>" in t["value"] for t in humans[1:])
+        questions = [t["value"].removeprefix("<|image|>\n") for t in humans]
+        assert len(set(questions)) == len(questions)
+        expected = {i.question: i for i in restyled(scene, scene_questions(
+            scene, stream_rng("train", 3, index, "dialogue")), "chained")}
+        for question, answer in zip(questions, answers, strict=True):
+            item = expected[question]
+            if item.type == "multiple_choice":
+                assert answer["value"] == choice_answer(item.choices, item.answer)
+            else:
+                assert answer["value"] == item.answer
+                if question.startswith("Is there"):  # the chained style: "circle blue no"
+                    assert answer["value"] == chained_answer(scene, question)
+    good, skipped = read_records(path)
+    assert skipped == [] and len(good) == 12
+    again = write_dialogue_set(tmp_path / "again", scenes=12, seed=3, size=64)
+    assert again.read_bytes() == path.read_bytes()
+    assert write_dialogue_set(tmp_path / "other", scenes=12, seed=4, size=64).read_bytes() != path.read_bytes()
+    three = scene_dialogue(training_scene(3, 0), 0, turns=(3,))
+    assert len(three) == 3 and three == scene_dialogue(training_scene(3, 0), 0, turns=(3,))
+    with pytest.raises(ValueError, match="turns must be positive"):
+        write_dialogue_set(tmp_path, scenes=1, seed=0, turns=())
+    with pytest.raises(ValueError, match="answer_style must be one of"):
+        write_dialogue_set(tmp_path, scenes=1, seed=0, answer_style="long")
 
 
 def test_eval_set(tmp_path):

@@ -1,10 +1,14 @@
 """The embedded owl2-tiny: it ships, loads by default, answers the README's question, keeps its model-card accuracy
-on held-out scenes; and the build and ablation machinery runs end to end at toy scale."""
+on held-out scenes, alone and in a conversation; and the build and ablation machinery runs end to end at toy scale,
+from the recipe files the package ships."""
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
+import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,15 +24,26 @@ from owl2.data.shapes import (
     write_eval_set,
 )
 from owl2.evaluation import evaluate
+from owl2.evaluation.tasks.shapes import multi_turn_check
 from owl2.experiments.ablation import run_mam_ablation
 from owl2.experiments.tiny import (
     EVAL_FILE,
+    PACKAGE_DIR,
+    TINY_CONFIGS,
     TinyBuild,
     build_tiny,
     default_model_dir,
+    prepare,
     recipe_steps,
     stage3_focus,
+    stage4_mix,
+    train_stages,
 )
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 REPO = Path(__file__).parents[2]
 EXAMPLE = REPO / "examples" / "scene.png"
@@ -71,6 +86,18 @@ def test_held_out_accuracy_matches_the_model_card(tmp_path, tiny):
 
 
 @shipped
+def test_conversation_turns_match_the_model_card(tmp_path, tiny):
+    # the second and third questions of an owl2 chat conversation, against the same questions asked alone, on the
+    # card's first held-out scenes (the card measures 200; 40 keep this under half a minute)
+    card = json.loads((default_model_dir() / EVAL_FILE).read_text())
+    data = write_eval_set(tmp_path / "eval", scenes=40, seed=card["seed"], size=64).parent
+    result = multi_turn_check(tiny, data, 40)
+    assert result["scenes"] == 40 and result["questions"] == 80 and len(result["turns"]) == 3
+    assert result["in_conversation"] >= card["multi_turn"]["in_conversation"] - 10.0
+    assert result["in_conversation"] >= result["alone"] - 10.0  # 37.8 against 93.0 before stage 4
+
+
+@shipped
 def test_demo_draws_and_asks(tmp_path, capsys):
     assert cli(["demo", "--seed", "7", "--output", str(tmp_path / "scene.png")]) == 0
     out = capsys.readouterr().out
@@ -79,12 +106,19 @@ def test_demo_draws_and_asks(tmp_path, capsys):
 
 def test_build_and_ablation_run_at_toy_scale(tmp_path):
     build = TinyBuild(scenes=24, text_items=16, eval_scenes=3, eval_text_items=4, vocab_size=560, vision_steps=3,
-                      stage0_steps=2, stage1_steps=2, stage2_steps=3, stage3_steps=2, answer_style="counted",
-                      object_pieces=True)
+                      stage0_steps=2, stage1_steps=2, stage2_steps=3, stage3_steps=2, stage4_steps=2,
+                      answer_style="counted", object_pieces=True)
     result = build_tiny(tmp_path / "build", build)
-    assert result["final"] == tmp_path / "build" / "stage3" / "final"
+    assert result["final"] == tmp_path / "build" / "stage4" / "final"
     records = json.loads((tmp_path / "build" / "data" / "focus.json").read_text())
     assert all(len(r["conversations"]) == 2 for r in records)  # one question per record
+    stage4 = json.loads((tmp_path / "build" / "data" / "stage4-dialogues.json").read_text())
+    stage3 = json.loads((tmp_path / "build" / "data" / "stage3-focus.json").read_text())
+    dialogues = [r for r in stage4 if r["id"].endswith("-dialogue")]
+    assert len(dialogues) == 24  # one per scene, and as many single questions from stage 3's data as there are
+    assert [r for r in stage4 if r not in dialogues] == [r for r in stage4 if r in stage3]
+    assert len(stage4) == 24 + min(24, len(stage3))
+    assert all(len(r["conversations"]) in (4, 6) for r in dialogues)
     assert sum("image" not in r for r in records) == 16
     existence = [r["conversations"][1]["value"] for r in records
                  if r["conversations"][0]["value"].startswith("<|image|>\nIs there a")]
@@ -92,14 +126,25 @@ def test_build_and_ablation_run_at_toy_scale(tmp_path):
     final = result["final"]
     card = (final / "README.md").read_text()
     assert card.startswith("# owl2-tiny")
+    assert "6. Stage 4, `stage4.toml`" in card and "## Conversations" in card and ", stage 4 " in card
     assert 'With training answers in the "counted" style' in card
     assert 'one tokenizer piece per object phrase such as "red circle" (`object_pieces`)' in card
     tokenizer = owl2.load_tokenizer(final)
     ids = tokenizer.encode("Is there a small red circle?", add_bos=False)
     assert "small red circle" in [tokenizer.decode([i]) for i in ids]  # one piece
     assert tokenizer.decode(ids) == "Is there a small red circle?"
-    assert json.loads((final / EVAL_FILE).read_text())["metrics"]["accuracy"] >= 0
+    figures = json.loads((final / EVAL_FILE).read_text())
+    assert figures["metrics"]["accuracy"] >= 0
+    assert figures["multi_turn"]["scenes"] == 3 and figures["multi_turn"]["questions"] == 6
     owl2.load(final, dtype="fp32", show_progress=False)
+
+    # a copy of a finished stage 3 (as the shipped model is) runs stage 4 alone, from exactly those weights
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "build" / "stage3" / "final", resumed / "stage3" / "final")
+    shutil.copytree(tmp_path / "build" / "init", resumed / "init")  # the build's tokenizer: prepare keeps it
+    again = train_stages(resumed, prepare(resumed, build), build)
+    assert again == resumed / "stage4" / "final" and (again / "model.safetensors").is_file()
+    assert {p.name for p in resumed.iterdir()} == {"data", "eval", "init", "stage3", "stage4"}
     with pytest.raises(ValueError, match=r"no build\.json"):
         run_mam_ablation(tmp_path / "ablation", build=build, mam_build=tmp_path / "build" / "stage2")
     report = run_mam_ablation(tmp_path / "ablation", build=build, mam_build=tmp_path / "build")
@@ -107,6 +152,7 @@ def test_build_and_ablation_run_at_toy_scale(tmp_path):
     assert not (tmp_path / "ablation" / "mam").exists()  # the build is the MAM variant
     assert (tmp_path / "build" / "eval-results" / "stage2").is_dir()  # the build's stage 2: the ablation skips 3
     assert not (tmp_path / "ablation" / "no-mam" / "stage3").exists()
+    assert not (tmp_path / "ablation" / "no-mam" / "stage4").exists()
     off = owl2.load_model(tmp_path / "ablation" / "no-mam" / "stage2" / "final", show_progress=False)
     assert not off.config.modality_adaptive
     assert not any(".multiway.1." in n for n, _ in off.named_parameters())
@@ -118,11 +164,27 @@ def test_build_and_ablation_run_at_toy_scale(tmp_path):
 
 def test_recipe_steps_fill_in_the_recipe(tmp_path):
     (tmp_path / "vision.toml").write_text("[train]\nsteps = 11\n")
-    for stage, steps in (("0", 22), ("1", 44), ("2", 33), ("3", 55)):
+    for stage, steps in (("0", 22), ("1", 44), ("2", 33), ("3", 55), ("4", 66)):
         (tmp_path / f"stage{stage}.toml").write_text(f"[train]\nmax_steps = {steps}\n")
+    # without stage 3 there is no stage 4 (it fine-tunes stage 3's model)
     assert recipe_steps(TinyBuild(stage1_steps=7, stage3_steps=0), tmp_path) == {"V": 11, "0": 22, "1": 7, "2": 33,
-                                                                                 "3": 0}
-    assert recipe_steps(TinyBuild())["0"] > 0  # the committed recipe reads without a model or data
+                                                                                 "3": 0, "4": 0}
+    assert recipe_steps(TinyBuild(stage4_steps=0), tmp_path)["4"] == 0
+    assert recipe_steps(TinyBuild(), tmp_path) == {"V": 11, "0": 22, "1": 44, "2": 33, "3": 55, "4": 66}
+    assert all(n > 0 for n in recipe_steps(TinyBuild()).values())  # the shipped recipe reads without a model or data
+
+
+def test_the_recipe_ships_in_the_package():
+    # build-tiny reads its files from the package, so an installed (not editable) owl2 builds too
+    assert TINY_CONFIGS.is_relative_to(PACKAGE_DIR)
+    names = {p.name for p in TINY_CONFIGS.iterdir()}
+    assert {"model.json", "vision.toml"} | {f"stage{k}.toml" for k in range(5)} <= names
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    package = ".".join(TINY_CONFIGS.relative_to(PACKAGE_DIR.parent).parts[:2])  # owl2.experiments
+    patterns = pyproject["tool"]["setuptools"]["package-data"][package]
+    relative = [str(p.relative_to(PACKAGE_DIR / "experiments")) for p in TINY_CONFIGS.iterdir()]
+    assert all(any(fnmatch.fnmatch(name, pattern) for pattern in patterns) for name in relative), relative
+    assert not (REPO / "configs" / "tiny").exists()  # one copy of the recipe
 
 
 def test_stage3_focus_by_hand():
@@ -149,6 +211,20 @@ def test_stage3_focus_by_hand():
     assert len(chosen) == 2 * (2 + 2 + 2) and all(r in chosen for r in side + several)
     assert sum(r in single for r in chosen) >= 2 and len({id(r) for r in chosen}) == len(chosen)
     assert chosen == stage3_focus(records, seed=0) and chosen != stage3_focus(records, seed=1)
+
+
+def test_stage4_mix_by_hand():
+    def record(name: str) -> dict:
+        return {"id": name, "conversations": []}
+
+    dialogues = [record(f"dialogue{k}") for k in range(6)]
+    focus = [record(f"focus{k}") for k in range(10)]
+    mixed = stage4_mix(dialogues, focus, seed=0)
+    # every dialogue, and as many single questions from stage 3's data
+    assert len(mixed) == 12 and all(d in mixed for d in dialogues)
+    assert sum(r["id"].startswith("focus") for r in mixed) == 6 and len({r["id"] for r in mixed}) == 12
+    assert mixed == stage4_mix(dialogues, focus, seed=0) and mixed != stage4_mix(dialogues, focus, seed=1)
+    assert len(stage4_mix(dialogues, focus[:2], seed=0)) == 8  # fewer single questions than dialogues: all of them
 
 
 def test_build_options_on_the_command_line(capsys):

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import sys
 
 import torch
 
 from owl2.data.shapes import Scene, ShapeObject
-from owl2.experiments.tiny import IMAGE_SIZE, VISION_SIDE, random_model, start_from_vision
+from owl2.experiments.tiny import IMAGE_SIZE, TINY_CONFIGS, VISION_SIDE, random_model, start_from_vision
 from owl2.experiments.vision_pretrain import VisionPretrainConfig, grid_targets, pretrain_vision
 from owl2.model.config import Owl2Config
 from owl2.processing.image import ImageProcessor
-
-REPO = Path(__file__).parents[2]
 
 
 def test_grid_targets_by_hand():
@@ -34,7 +32,7 @@ def test_grid_targets_by_hand():
 
 def test_short_run_trains_the_vision_side_only(tmp_path):
     init = tmp_path / "init"
-    data = json.loads((REPO / "configs" / "tiny" / "model.json").read_text())
+    data = json.loads((TINY_CONFIGS / "model.json").read_text())
     data["vocab_size"] = 400
     Owl2Config.from_dict(data).save(init)
     model = random_model(init, seed=0)
@@ -60,3 +58,20 @@ def test_short_run_trains_the_vision_side_only(tmp_path):
     fresh = dict(random_model(init, seed=1).named_parameters())
     for name, param in model.named_parameters():
         assert torch.equal(restarted[name], param if name.startswith(VISION_SIDE) else fresh[name]), name
+
+
+def test_runs_without_tqdm(tmp_path, monkeypatch, capsys):
+    # tqdm is optional (the progress extra): without it stage V reports each logged loss on stderr instead
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    init = tmp_path / "init"
+    data = json.loads((TINY_CONFIGS / "model.json").read_text())
+    data["vocab_size"] = 400
+    Owl2Config.from_dict(data).save(init)
+    config = VisionPretrainConfig(scenes=8, probe_scenes=4, steps=2, batch_size=4, log_every=1, warmup_steps=1)
+    processor = ImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE, default_policy="stretch")
+    pretrain_vision(random_model(init, seed=0), config, tmp_path / "stage-v", image_size=IMAGE_SIZE,
+                    processor=processor)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines if line.startswith("owl2 stage V")] == [
+        "owl2 stage V: step 1/2", "owl2 stage V: step 2/2"]
