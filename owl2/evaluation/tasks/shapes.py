@@ -131,13 +131,19 @@ def multi_turn_check(pipe: Any, data: str | Path, scenes: int, *, batch_size: in
 
     histories = [[first_message(c, c.items[0].question)] for c in conversations]
     in_conversation: list[list[str]] = [[] for _ in conversations]
+    # An empty answer cannot be sent back (the template has no empty closed assistant turn): that conversation ends
+    # there, and its later questions count as wrong.
+    live = list(range(len(conversations)))
     for turn in range(MULTI_TURN_QUESTIONS):
         if turn:
-            for history, conversation in zip(histories, conversations, strict=True):
-                history.append({"role": "user", "content": conversation.items[turn].question})
-        for history, answers, answer in zip(histories, in_conversation, ask(histories), strict=True):
-            history.append({"role": "assistant", "content": answer})
-            answers.append(answer)
+            for index in live:
+                histories[index].append({"role": "user", "content": conversations[index].items[turn].question})
+        replies = dict(zip(live, ask([histories[index] for index in live]), strict=True))
+        for index, answers in enumerate(in_conversation):
+            answers.append(replies.get(index, ""))
+        for index, answer in replies.items():
+            histories[index].append({"role": "assistant", "content": answer})
+        live = [index for index in live if replies[index]]
     later = [(c, k) for c in conversations for k in range(1, MULTI_TURN_QUESTIONS)]
     alone = dict(zip([(id(c), k) for c, k in later], ask([[first_message(c, c.items[k].question)] for c, k in later]),
                      strict=True))
