@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from owl2.processing.tokenizer import IMAGE_PLACEHOLDER
+from owl2.utils import atomic_write_text
 
 __all__ = [
     "DENSITIES",
@@ -283,8 +284,7 @@ def write_quality_records(table: str | os.PathLike[str], output: str | os.PathLi
     """:func:`read_quality_table` then :func:`quality_records` (``options``), written as a JSON list to ``output``."""
     records = quality_records(read_quality_table(table), **options)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(output, json.dumps(records, indent=1) + "\n")
     return output
 
 

@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from owl2.processing.tokenizer import IMAGE_PLACEHOLDER
+from owl2.utils import atomic_write_text
 
 __all__ = [
     "ANSWER_EXAMPLES",
@@ -1033,7 +1034,7 @@ def write_training_set(
         records.append(_llava_record(item.id, [item], None))
     path = directory / "train.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(records, indent=1) + "\n")
     return path
 
 
@@ -1069,7 +1070,7 @@ def write_focus_set(directory: str | os.PathLike[str], *, scenes: int, seed: int
     rng.shuffle(chosen)
     records = [_llava_record(f"{item.id}-focus", [item], item.image) for item in chosen]
     path = directory / "focus.json"
-    path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(records, indent=1) + "\n")
     return path
 
 
@@ -1112,7 +1113,7 @@ def write_dialogue_set(directory: str | os.PathLike[str], *, scenes: int, seed: 
                                answer_style=answer_style, turns=turns)
         records.append(_llava_record(f"{scene.id}-dialogue", items, image))
     path = directory / "dialogues.json"
-    path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(records, indent=1) + "\n")
     return path
 
 
@@ -1187,9 +1188,9 @@ def write_eval_set(
         if keep is None or item.type in keep:
             lines.append(json.dumps(item.to_dict()))
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "scenes.jsonl").write_text("".join(s + "\n" for s in scene_lines), encoding="utf-8")
+    atomic_write_text(directory / "scenes.jsonl", "".join(s + "\n" for s in scene_lines))
     path = directory / "eval.jsonl"
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    atomic_write_text(path, "".join(line + "\n" for line in lines))  # written last: the set's marker
     return path
 
 

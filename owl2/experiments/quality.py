@@ -42,7 +42,7 @@ from owl2.data.quality import (
     QUALITY_PREFIX,
     write_quality_records,
 )
-from owl2.utils import atomic_write_text, pyplot, save_figure
+from owl2.utils import atomic_output, atomic_write_text, pyplot, save_figure
 
 __all__ = [
     "DEGRADATIONS",
@@ -108,10 +108,12 @@ def make_quality_set(directory: str | os.PathLike[str], *, train: int = 1200, he
             rows.append({"image": name, "mos": round(mos, 4), "std": round(std, 4), "kind": kind,
                          "strength": strength})
         path = directory / f"{split}.csv"
-        with path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["image", "mos", "std", "kind", "strength"])
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=["image", "mos", "std", "kind", "strength"])
+        writer.writeheader()
+        writer.writerows(rows)
+        with atomic_output(path) as handle:  # bytes, so that csv's own line ends are kept as written
+            handle.write(table.getvalue().encode("utf-8"))
         tables[split] = path
     return tables
 
