@@ -102,6 +102,9 @@ class TinyBuild:
     """0 leaves stage 3 out (the MAM ablation compares stages V to 2), and stage 4 with it."""
     stage4_steps: int | None = None
     """0 leaves stage 4 out. Stage 4 fine-tunes stage 3's model, so it runs only when stage 3 does."""
+    bf16: bool | None = None
+    """None: each recipe's own precision (bf16 autocast in stages V to 3). False trains every stage in float32, as
+    toy builds on CPUs without bf16 units do (a bf16 step there takes a generic kernel, tens of times slower)."""
 
     @property
     def runs_stage3(self) -> bool:
@@ -248,7 +251,7 @@ def pretrain_vision_side(workdir: Path, paths: dict[str, Path], build: TinyBuild
         return final
     model = random_model(paths["init"], build.seed)
     config = VisionPretrainConfig.from_toml(configs / "vision.toml", steps=build.vision_steps, scenes=build.scenes,
-                                            seed=build.seed)
+                                            seed=build.seed, bf16=build.bf16)
     pretrain_vision(model, config, run_dir, image_size=IMAGE_SIZE, processor=load_image_processor(paths["init"]))
     owl2.save_model(model, final)
     copy_processing_files(paths["init"], final)
@@ -308,6 +311,8 @@ def train_stages(workdir: Path, paths: dict[str, Path], build: TinyBuild, config
                      f"model.path={quoted(start)}"]
         if steps is not None:
             overrides.append(f"train.max_steps={steps}")
+        if build.bf16 is not None:
+            overrides.append(f"train.bf16={str(build.bf16).lower()}")
         return train(load_recipe(configs / recipe, overrides), resume=True).final_dir
 
     stages = [("stage0", build.stage0_steps, "train"), ("stage1", build.stage1_steps, "train"),

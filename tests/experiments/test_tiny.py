@@ -107,9 +107,11 @@ def test_demo_draws_and_asks(tmp_path, capsys):
 def test_build_and_ablation_run_at_toy_scale(tmp_path):
     build = TinyBuild(scenes=24, text_items=16, eval_scenes=3, eval_text_items=4, vocab_size=560, vision_steps=3,
                       stage0_steps=2, stage1_steps=2, stage2_steps=3, stage3_steps=2, stage4_steps=2,
-                      answer_style="counted", object_pieces=True)
+                      answer_style="counted", object_pieces=True, bf16=False)
     result = build_tiny(tmp_path / "build", build)
     assert result["final"] == tmp_path / "build" / "stage4" / "final"
+    for stage in ("stage0", "stage1", "stage2", "stage3", "stage4"):  # float32 throughout (bf16=False)
+        assert "bf16 = false" in (tmp_path / "build" / stage / "recipe.toml").read_text()
     records = json.loads((tmp_path / "build" / "data" / "focus.json").read_text())
     assert all(len(r["conversations"]) == 2 for r in records)  # one question per record
     stage4 = json.loads((tmp_path / "build" / "data" / "stage4-dialogues.json").read_text())
