@@ -2,7 +2,9 @@
 
 Predictions go to ``<output>/<task>.predictions.jsonl`` as each batch finishes (flushed and synced), one JSON object
 per sample. A rerun reads that file and only runs the samples that are missing, so a killed run loses at most the
-batch in flight and a finished run is re-scored without inference. Ctrl-C raises :class:`EvaluationInterrupted` (still a
+batch in flight and a finished run is re-scored without inference. A line it cannot use (the torn last line of a
+killed run, or a damaged one) is dropped with a warning, the file is rewritten without it before new predictions
+are appended, and its sample runs again. Ctrl-C raises :class:`EvaluationInterrupted` (still a
 ``KeyboardInterrupt``), which says how many predictions are on disk and where. The report is written at the end:
 ``<task>.report.json`` (every metric), ``<task>.report.md`` (a table) and ``<task>.png`` (per-category bars, when
 the task has categories, or the figure a report draws itself, such as the IQA scatter plot).
@@ -14,6 +16,8 @@ Task modes: ``generate`` (greedy decoding), ``loglikelihood`` (the most likely c
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +29,9 @@ import torch
 from owl2.evaluation.tasks.base import Sample, Task, TaskReport
 from owl2.generation import GenerationRequest, SamplingParams
 from owl2.utils import atomic_write_text, progress
+
+logger = logging.getLogger("owl2.evaluation")
+_SHOWN_PROBLEMS = 5
 
 
 class EvaluationInterrupted(KeyboardInterrupt):
@@ -47,18 +54,74 @@ class EvalResult:
     """Samples inferred in this run (the rest came from the predictions file)."""
 
 
-def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
-    """Predictions by sample id; a torn last line from a killed run is dropped."""
+def _valid_prediction(value: Any, mode: str | None) -> bool:
+    """Whether ``value`` is what ``mode`` writes: a number for ``rate``, text otherwise (either when unknown)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if mode == "rate":
+        return number
+    return isinstance(value, str) or (mode is None and number)
+
+
+def _parse_line(raw: bytes, mode: str | None) -> tuple[dict[str, Any] | None, str]:
+    """The record on one line of a predictions file, or ``None`` and why it cannot be used."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except json.JSONDecodeError:
+        return None, "not valid JSON"
+    if not isinstance(record, dict):
+        return None, f"a JSON {type(record).__name__}, not an object"
+    if not isinstance(record.get("id"), (str, int)) or isinstance(record.get("id"), bool):
+        return None, "no id"
+    if "prediction" not in record:
+        return None, "no prediction"
+    if not _valid_prediction(record["prediction"], mode):
+        kind = "a number" if mode == "rate" else "text"
+        return None, f"prediction is not {kind}"
+    return record, ""
+
+
+def _read_predictions(path: Path, mode: str | None) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Predictions by sample id, and a note for each line that was dropped."""
     found: dict[str, dict[str, Any]] = {}
+    dropped: list[str] = []
     if not path.is_file():
-        return found
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+        return found, dropped
+    # Bytes, line by line: a run killed mid-write can leave half of a multi-byte UTF-8 character at the end, which
+    # would make decoding the whole file fail.
+    lines = path.read_bytes().split(b"\n")
+    torn = lines.pop()  # what follows the last newline: empty unless the last write was cut short
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
-        if isinstance(record, dict) and "id" in record:
+        record, problem = _parse_line(raw, mode)
+        if record is None:
+            dropped.append(f"line {number} ({problem})")
+        else:
             found[str(record["id"])] = record
+    if torn.strip():
+        record, _ = _parse_line(torn, mode)
+        if record is None:
+            dropped.append("the torn last line (a run killed while writing it)")
+        else:  # a complete record that only lacks its newline
+            found[str(record["id"])] = record
+    return found, dropped
+
+
+def read_predictions(path: Path, *, mode: str | None = None) -> dict[str, dict[str, Any]]:
+    """Predictions by sample id from a predictions file; ``mode`` (a task's) also checks the prediction's type:
+    a number for ``rate``, text for the others.
+
+    A line that cannot be used is dropped, so its sample runs again: the torn last line of a killed run (which may
+    end inside a UTF-8 character), a line that is not JSON, or a record without an ``id`` or a ``prediction`` of the
+    right type. One warning says how many records were kept and which lines were dropped."""
+    found, dropped = _read_predictions(Path(path), mode)
+    if dropped:
+        shown = ", ".join(dropped[:_SHOWN_PROBLEMS])
+        more = f" and {len(dropped) - _SHOWN_PROBLEMS} more" if len(dropped) > _SHOWN_PROBLEMS else ""
+        logger.warning("%s: kept %d cached prediction(s); dropped %s%s; those samples run again", path, len(found),
+                       shown, more)
     return found
 
 
@@ -144,9 +207,12 @@ class Evaluator:
         if len(ids) != len(samples):
             raise ValueError(f"{task.name}: sample ids are not unique in {data}")
         path = output_dir / f"{task.name}.predictions.jsonl"
-        known = read_predictions(path)
+        known = read_predictions(path, mode=task.mode)
         done = {k: v for k, v in known.items() if k in ids}
         todo = [s for s in samples if s.id not in done]
+        if todo and self.pipe is None:
+            raise ValueError(f"{task.name}: {len(todo)} of {len(samples)} samples have no usable prediction in "
+                             f"{path}; re-scoring without a model needs every one (run with a model to fill them)")
         writer = _PredictionWriter(path, known)
         infer = {"loglikelihood": self._score_choices, "rate": self._rate}.get(task.mode, self._generate)
         batches = [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
@@ -159,7 +225,7 @@ class Evaluator:
         except KeyboardInterrupt as exc:
             writer.close()
             # Count from the file, not from `done`: Ctrl-C may land between a batch's write and its bookkeeping.
-            saved = sum(1 for key in read_predictions(path) if key in ids)
+            saved = sum(1 for key in _read_predictions(path, task.mode)[0] if key in ids)
             raise EvaluationInterrupted(task.name, path, saved, len(samples)) from exc
         finally:
             writer.close()
@@ -170,17 +236,32 @@ class Evaluator:
         return result
 
 
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in nested dicts and lists) replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def write_report(task: Task, report: TaskReport, output_dir: Path, *, num_samples: int,
                  image_policy: str | None = None) -> list[Path]:
-    """``<task>.report.json``, ``<task>.report.md`` and, with categories, ``<task>.png``. ``image_policy``: the
-    policy the images were preprocessed with, when not the task's own."""
+    """``<task>.report.json``, ``<task>.report.md`` and, with categories, ``<task>.png``, each replaced in one
+    rename. ``image_policy``: the policy the images were preprocessed with, when not the task's own. An undefined
+    metric (NaN) is ``null`` in the JSON and ``nan`` in the table."""
     settings = {**task.settings(), **({"image_policy": image_policy} if image_policy else {})}
     from owl2.evaluation.report import markdown_report, plot_breakdown
 
     payload = {"task": task.name, "samples": num_samples, "metrics": report.metrics, "breakdown": report.breakdown,
                "settings": settings}
     paths = [output_dir / f"{task.name}.report.json", output_dir / f"{task.name}.report.md"]
-    atomic_write_text(paths[0], json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    # Strict JSON: a metric that is undefined (a correlation over constant predictions is NaN) becomes null, where
+    # json.dumps would write a bare NaN that most JSON readers other than Python's reject.
+    atomic_write_text(paths[0], json.dumps(_finite_or_null(payload), indent=2, ensure_ascii=False,
+                                           allow_nan=False) + "\n")
     figure = output_dir / f"{task.name}.png"
     draw = getattr(report, "plot", None)  # a report that draws its own figure (the IQA scatter plot)
     drawn = bool(report.breakdown and plot_breakdown(task.name, report, figure)) or (callable(draw) and draw(figure))

@@ -11,20 +11,33 @@ from owl2.utils import pyplot, save_figure
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    return f"{value:.2f}" if isinstance(value, float) else _inline(str(value))
+
+
+def _inline(text: str) -> str:
+    """``text`` for one cell or line of Markdown: names and settings come from data files and recipes, and a ``|`` or
+    a line break in them would split a table row."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _literal(text: str) -> str:
+    """``text`` drawn as written: matplotlib reads a pair of ``$`` as TeX, and category names come from data files,
+    where ``$x^{$`` would fail the whole report after every prediction was made."""
+    return text.replace("$", r"\$")
 
 
 def markdown_report(task: str, report: TaskReport, num_samples: int, settings: dict[str, Any], *,
                     figure: str | None = None) -> str:
     """``figure``: the PNG written beside the report (a file name), shown under the tables."""
-    lines = [f"# {task}", "", f"{num_samples} samples; " + ", ".join(f"{k} {v}" for k, v in settings.items()), "",
+    lines = [f"# {_inline(task)}", "",
+             f"{num_samples} samples; " + ", ".join(f"{k} {_inline(str(v))}" for k, v in settings.items()), "",
              "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {_fmt(value)} |" for name, value in report.metrics.items()]
+    lines += [f"| {_inline(name)} | {_fmt(value)} |" for name, value in report.metrics.items()]
     if report.breakdown:
         columns = sorted({key for row in report.breakdown.values() for key in row})
-        lines += ["", "| category | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        lines += ["", "| category | " + " | ".join(map(_inline, columns)) + " |", "|---|" + "---|" * len(columns)]
         for category, row in report.breakdown.items():
-            lines.append(f"| {category} | " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+            lines.append(f"| {_inline(category)} | " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
     if figure:
         lines += ["", f"![{task}]({figure})"]
     return "\n".join(lines) + "\n"
@@ -42,10 +55,10 @@ def plot_breakdown(task: str, report: TaskReport, path: Path) -> bool:
     names, values = zip(*rows, strict=True)
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2), dpi=100)
     ax.barh(range(len(rows)), values, color="tab:blue")
-    ax.set_yticks(range(len(rows)), names)
+    ax.set_yticks(range(len(rows)), [_literal(str(name)) for name in names])
     ax.invert_yaxis()
-    ax.set_xlabel(metric)
-    ax.set_title(task)
+    ax.set_xlabel(_literal(metric))
+    ax.set_title(_literal(task))
     for i, value in enumerate(values):
         ax.text(value, i, f" {value:.1f}", va="center", fontsize=8)
     ax.grid(axis="x", alpha=0.3)

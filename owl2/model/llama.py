@@ -110,7 +110,10 @@ class MultiwayRMSNorm(nn.Module):
 class MultiwayLinear(nn.Module):
     """Two linear maps (``multiway.0`` text, ``multiway.1`` image); each position goes through its own branch.
 
-    ``branches=1`` (the MAM ablation) keeps only ``multiway.0``, shared by every position."""
+    ``branches=1`` (the MAM ablation) keeps only ``multiway.0``, shared by every position.
+
+    The output has the dtype the branches compute in on every path (text-only, image-only, mixed): the input's
+    outside autocast, the autocast dtype inside it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, branches: int = 2) -> None:
         super().__init__()
@@ -122,9 +125,13 @@ class MultiwayLinear(nn.Module):
             return self.multiway[0](x)
         text, image = self.multiway
         flat = x.reshape(-1, x.shape[-1])
-        out = flat.new_zeros(flat.shape[0], self.out_features)
-        out = out.index_copy(0, route.text_index, text(flat.index_select(0, route.text_index)))
-        out = out.index_copy(0, route.image_index, image(flat.index_select(0, route.image_index)))
+        text_out = text(flat.index_select(0, route.text_index))
+        image_out = image(flat.index_select(0, route.image_index))
+        # The buffer takes the branches' dtype, not the input's: under bf16 autocast an fp32 buffer would make image
+        # batches fp32 where text batches are bf16, and CUDA autocast does not cast index_copy's source to match.
+        out = text_out.new_zeros(flat.shape[0], self.out_features)
+        out = out.index_copy(0, route.text_index, text_out)
+        out = out.index_copy(0, route.image_index, image_out.to(text_out.dtype))
         return out.view(*x.shape[:-1], self.out_features)
 
 

@@ -9,7 +9,12 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-0000123/`` holding
 * ``rng-rank<r>.pt``: each process's random-number state (torch, CUDA, numpy, Python).
 
 Everything is first written to a hidden ``.tmp-step-...`` directory, flushed to disk, and then renamed to its final
-name in one step, so a directory named ``step-*`` is always complete. Only the newest ``keep_last`` are kept.
+name in one step, so a directory named ``step-*`` is always complete. Only ``keep_last`` are kept (the one just
+written and the latest others); an old one is renamed to a hidden ``.del-step-...`` before it is deleted, so a kill
+halfway through never leaves a visible partial one. Writing a step that already exists (after resuming from an
+earlier checkpoint) moves the existing one aside to ``.old-step-...`` for the moment of the swap; if the run is
+killed in that moment, listing the checkpoints puts it back. Hidden leftovers are deleted when the next run starts
+(:func:`remove_partial_checkpoints`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from owl2.training.distributed import DistEnv, barrier, unwrap
 CHECKPOINTS_DIR = "checkpoints"
 DEEPSPEED_TAG = "deepspeed"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_DISPLACED_DIR = re.compile(r"^\.old-(step-\d+)$")
 
 
 @dataclass
@@ -48,11 +54,59 @@ class TrainerState:
         return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "tokens": self.tokens}
 
 
+def _is_complete(directory: Path) -> bool:
+    """Whether ``directory`` holds every file :func:`load_checkpoint` needs."""
+    return ((directory / "trainer_state.pt").is_file() and (directory / "trainable.safetensors").is_file()
+            and ((directory / "optimizer.pt").is_file() or (directory / DEEPSPEED_TAG).is_dir()))
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames inside ``directory`` durable (a no-op where directories cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _restore_displaced(root: Path) -> None:
+    """Put back each ``.old-step-N`` whose ``step-N`` is missing: a run killed while swapping in a rewritten step
+    leaves the complete previous copy there and no visible one."""
+    for path in sorted(root.glob(".old-step-*")):
+        match = _DISPLACED_DIR.match(path.name)
+        if match is None or (root / match.group(1)).exists() or not _is_complete(path):
+            continue
+        try:
+            os.rename(path, root / match.group(1))
+        except OSError:  # another rank put it back first, or the directory is read-only: list what is there
+            continue
+        _fsync_dir(root)
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a complete checkpoint; it goes hidden in one rename first, so a kill mid-way leaves no partial
+    ``step-*`` (the hidden rest is deleted when the next run starts)."""
+    hidden = path.with_name(f".del-{path.name}")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.rename(path, hidden)
+    _fsync_dir(path.parent)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def checkpoint_dirs(output_dir: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first.
+
+    A checkpoint that a killed run had moved aside to rewrite it (``.old-step-N`` without ``step-N``) is renamed
+    back first, so it is listed and resumable."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
+    _restore_displaced(root)
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
@@ -71,9 +125,11 @@ def checkpoint_step(directory: str | os.PathLike[str]) -> int:
 
 
 def remove_partial_checkpoints(output_dir: str | os.PathLike[str]) -> None:
-    """Delete the hidden directories a killed run left half-written (never a complete ``step-*``)."""
+    """Delete the hidden directories a killed run left behind (half-written, half-deleted, or replaced), after
+    putting back a checkpoint that was moved aside and never replaced; a ``step-*`` is never touched."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     if root.is_dir():
+        _restore_displaced(root)
         for path in root.glob(".*-step-*"):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -165,6 +221,9 @@ def _fsync_tree(directory: Path) -> None:
         if path.is_file():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(directory)
 
 
 def save_checkpoint(
@@ -177,7 +236,9 @@ def save_checkpoint(
     recipe: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write the checkpoint of ``state.step`` (every rank calls this) and prune old ones; returns its directory."""
+    """Write the checkpoint of ``state.step`` (every rank calls this) and prune old ones; returns its directory.
+
+    Pruning keeps this checkpoint and the ``keep_last - 1`` latest others."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     final = root / f"step-{state.step:07d}"
     tmp = root / f".tmp-step-{state.step:07d}"
@@ -201,16 +262,24 @@ def save_checkpoint(
     barrier(env)
     if env.is_main:
         _fsync_tree(tmp)
-        if final.exists():  # the same step written again after a resume: swap, never leave neither
+        if final.exists():  # the same step written again after a resume from an earlier one
+            # A directory cannot be renamed over a non-empty one: the old copy steps aside for a moment. A kill
+            # between the two renames leaves it complete under .old-, and checkpoint_dirs puts it back.
             stale = root / f".old-step-{state.step:07d}"
             shutil.rmtree(stale, ignore_errors=True)
-            final.rename(stale)
-            tmp.rename(final)
-            shutil.rmtree(stale)
+            os.rename(final, stale)
+            _fsync_dir(root)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+            shutil.rmtree(stale, ignore_errors=True)
         else:
-            tmp.rename(final)
-        for old in checkpoint_dirs(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+        # The checkpoint just written always stays, even when a run resumed from an earlier step finds later ones
+        # of the abandoned run: ordered by step alone, those would push it out.
+        others = [d for d in checkpoint_dirs(output_dir) if d != final]
+        for old in others[:max(0, len(others) - (keep_last - 1))]:
+            _remove_checkpoint(old)
     barrier(env)
     return final
 
