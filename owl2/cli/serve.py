@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,18 +17,31 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from owl2.serving.images import ImagePolicy
     from owl2.serving.replicas import served_model_name
 
+    for flag, value in (("--max-body-mb", args.max_body_mb), ("--body-timeout", args.body_timeout),
+                        ("--header-timeout", args.header_timeout), ("--keep-alive-timeout", args.keep_alive_timeout),
+                        ("--max-header-kb", args.max_header_kb)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a positive number, got {value:g}")
+    if args.max_connections < 0:
+        raise ValueError(f"--max-connections must be 0 (no cap) or more, got {args.max_connections}")
     keys = list(args.api_key or [])
     if os.environ.get("OWL2_API_KEY"):
         keys.append(os.environ["OWL2_API_KEY"])
-    images = ImagePolicy(max_pixels=args.max_image_pixels,
+    images = ImagePolicy(max_pixels=args.max_image_pixels, max_aspect_ratio=args.max_image_aspect_ratio,
                          allowed_local_dir=None if args.allowed_local_media is None else Path(args.allowed_local_media),
                          allow_remote=args.allow_remote_images, remote_timeout=args.remote_timeout,
-                         remote_max_bytes=int(args.remote_max_mb * 2**20))
+                         remote_max_bytes=int(args.remote_max_mb * 2**20), max_downloads=args.max_image_downloads,
+                         allow_private_hosts=args.allow_private_image_hosts,
+                         allowed_networks=tuple(args.allow_image_network or ()))
     return ServerSettings(
         model_name=args.served_model_name or served_model_name(args.model), api_keys=tuple(keys),
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, max_images_per_request=args.max_images,
         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-        max_body_bytes=int(args.max_body_mb * 2**20), images=images, lenient=args.lenient,
+        max_body_bytes=int(args.max_body_mb * 2**20), body_timeout=args.body_timeout,
+        header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
+        max_header_bytes=int(args.max_header_kb * 1024),
+        max_connections=None if args.max_connections == 0 else args.max_connections, images=images,
+        lenient=args.lenient,
         default_temperature=args.default_temperature, max_rate_items=args.max_rate_items,
         max_video_frames=args.max_video_frames, prefill_rows=args.prefill_rows, prefill_tokens=args.prefill_tokens,
         max_rate_queue=args.max_rate_queue)
@@ -65,6 +79,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     import uvicorn
 
+    from owl2.serving.connection import uvicorn_config
+
     print(f"loading {args.model or 'owl2-tiny (the embedded default)'} ...", file=sys.stderr, flush=True)
     app = build_app(options)
     if app.state.server.pipeline.is_embedded:
@@ -72,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         print(EMBEDDED_MODEL_NOTICE.replace("pass --model", "serve it with --model"), file=sys.stderr, flush=True)
     print(f"serving {options.settings.model_name} at {url}/v1 (chat page: {url}/)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
     return 0
 
 
@@ -97,14 +113,35 @@ def register(commands: Any) -> None:
     serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     serve.add_argument("--max-images", type=int, default=8, help="images per request")
     serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="width x height per image")
+    serve.add_argument("--max-image-aspect-ratio", type=float, default=100.0,
+                       help="long side over short side per image (thin strips blow up in preprocessing)")
     serve.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length")
     serve.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens a request may ask")
-    serve.add_argument("--max-body-mb", type=float, default=32.0)
+    serve.add_argument("--max-body-mb", type=float, default=32.0, help="request body size (413 over it)")
+    serve.add_argument("--body-timeout", type=float, default=60.0,
+                       help="seconds from the headers for the whole request body to arrive (408 after)")
+    serve.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds from the connection (or a kept-alive request's first byte) for the request "
+                       "line and headers (408 after)")
+    serve.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                       help="seconds an idle kept-alive connection stays open")
+    serve.add_argument("--max-header-kb", type=float, default=16.0,
+                       help="request line and headers together (431 over it)")
+    serve.add_argument("--max-connections", type=int, default=512,
+                       help="open connections (or requests in flight) before a request gets 503; 0: no cap")
     serve.add_argument("--allowed-local-media", default=None, metavar="DIR",
                        help="allow file:// image URLs under DIR")
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
-    serve.add_argument("--remote-timeout", type=float, default=10.0, help="seconds per image download")
+    serve.add_argument("--remote-timeout", type=float, default=10.0,
+                       help="seconds for a whole image download (lookup, connect, redirects and body together)")
     serve.add_argument("--remote-max-mb", type=float, default=20.0, help="size cap per downloaded image")
+    serve.add_argument("--max-image-downloads", type=int, default=8,
+                       help="image downloads in flight at once, all requests together; one more gets 429")
+    serve.add_argument("--allow-private-image-hosts", action="store_true",
+                       help="let image URLs reach loopback, private, link-local and other non-public addresses "
+                       "(refused by default: the server must not be a way into its own network)")
+    serve.add_argument("--allow-image-network", action="append", metavar="CIDR",
+                       help="a non-public network image URLs may reach, e.g. 10.1.2.0/24 (repeat for several)")
     serve.add_argument("--lenient", action="store_true", help="ignore unknown request fields instead of 400")
     serve.add_argument("--default-temperature", type=float, default=1.0,
                        help="temperature of requests that give none (OpenAI's default: 1)")

@@ -70,9 +70,11 @@ class RowDecoder:
         self.finished = False
 
     def constrain(self, logits: torch.Tensor) -> None:
-        """Mask the stop ids (in place, ``logits`` [V]) while fewer than ``min_new_tokens`` were generated."""
+        """Mask the stop ids (in place, ``logits`` [V]) while fewer than ``min_new_tokens`` were generated. A stop id
+        outside the vocabulary is skipped: the model can never pick it anyway."""
         if self.count < self.params.min_new_tokens and self.stop_ids:
-            logits[list(self.stop_ids)] = float("-inf")
+            vocab = logits.shape[-1]
+            logits[[t for t in self.stop_ids if 0 <= t < vocab]] = float("-inf")
 
     def pick(self, logits: torch.Tensor, argmax: int) -> int:
         """The next id from float32 ``logits`` [V]; ``argmax`` is the batch's precomputed greedy choice."""
@@ -88,10 +90,10 @@ class RowDecoder:
         self.count += 1
         chosen, top = None, None
         if logprobs is not None and self.params.logprobs is not None:
-            chosen = float(logprobs[token])
+            chosen = _finite_logprob(float(logprobs[token]))
             if self.params.logprobs > 0:
                 values, ids = torch.topk(logprobs, min(self.params.logprobs, logprobs.shape[-1]))
-                top = list(zip(ids.tolist(), values.tolist(), strict=True))
+                top = [(i, _finite_logprob(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
         if token in self.stop_ids:
             self.finished = True
             return StepEvent(row, None, self.stream.finish(), "stop", chosen, top)
@@ -106,19 +108,44 @@ class RowDecoder:
         return StepEvent(row, token, delta, reason, chosen, top)
 
 
-def decode_step(rows: Sequence[RowDecoder], logits: torch.Tensor) -> list[int]:
+LOWEST_LOGPROB = -9999.0
+"""What a log-probability of -inf (or NaN) is reported as: OpenAI's floor, and a number JSON can carry."""
+
+
+def _finite_logprob(value: float) -> float:
+    return value if value >= LOWEST_LOGPROB else LOWEST_LOGPROB  # NaN fails the comparison too
+
+
+def decode_step(rows: Sequence[RowDecoder], logits: torch.Tensor) -> list[int | Exception]:
     """One step for every row: constrain, pick (greedy rows share one argmax) -> the chosen ids. Rows that have
-    finished (a static batch keeps them until all are done) are not sampled: their id is unused."""
+    finished (a static batch keeps them until all are done) are not sampled: their id is unused. A row whose
+    constraint or pick raises gets the exception in its place, and the other rows their ids as usual.
+
+    ``logits`` [B, V] is changed in place (the constraints): take :func:`step_logprobs` before."""
+    failed: dict[int, Exception] = {}
     for row, decoder in enumerate(rows):
         if not decoder.finished:
-            decoder.constrain(logits[row])
+            try:
+                decoder.constrain(logits[row])
+            except Exception as exc:  # this row's own settings: its neighbours still get their tokens
+                failed[row] = exc
     greedy = logits.argmax(-1).tolist()
-    return [greedy[row] if decoder.finished else decoder.pick(logits[row], greedy[row])
-            for row, decoder in enumerate(rows)]
+    chosen: list[int | Exception] = []
+    for row, decoder in enumerate(rows):
+        if row in failed or decoder.finished:
+            chosen.append(failed.get(row, greedy[row]))
+            continue
+        try:
+            chosen.append(decoder.pick(logits[row], greedy[row]))
+        except Exception as exc:
+            chosen.append(exc)
+    return chosen
 
 
 def step_logprobs(rows: Sequence[RowDecoder], logits: torch.Tensor) -> torch.Tensor | None:
-    """Log-softmax [B, V] of the step's logits, computed only when some row asks for logprobs."""
+    """Log-softmax [B, V] of the step's logits, computed only when some row asks for logprobs. Call it before
+    :func:`decode_step`: the log-probabilities are those of the model's distribution, before ``min_new_tokens``
+    masks the stop ids, the penalties, the temperature and the filters."""
     return logits.log_softmax(-1) if any(r.params.logprobs is not None for r in rows) else None
 
 
@@ -251,8 +278,12 @@ class GenerationEngine:
             out = model(**batch, cache=cache, logits_to_keep=1)
             for _ in range(max(caps)):
                 logits = out.logits[:, -1].float()
-                chosen = decode_step(rows, logits)
                 logprobs = step_logprobs(rows, logits)
+                picked = decode_step(rows, logits)
+                error = next((c for c in picked if isinstance(c, Exception)), None)
+                if error is not None:
+                    raise error
+                chosen = [int(c) for c in picked]
                 events = [decoder.advance(i, chosen[i], None if logprobs is None else logprobs[i])
                           for i, decoder in enumerate(rows) if not decoder.finished]
                 yield events

@@ -58,11 +58,23 @@ class TextStream:
         return min(found) if found else None
 
     def _partial_stop_length(self, text: str) -> int:
-        """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+        """Length of the longest tail of ``text`` that is a proper prefix of a stop string.
+
+        Only the lengths k at which the stop's k-th character equals the text's last one can match, and ``rfind``
+        jumps from one to the next: trying every k would cost the square of the text's length on each token, which a
+        client could turn into seconds of the shared worker's time with one long stop string."""
         best = 0
+        if not text:
+            return 0
+        last = text[-1]
         for stop in self._stop:
-            for k in range(min(len(stop) - 1, len(text)), best, -1):
+            k = min(len(stop) - 1, len(text))
+            while k > best:
+                k = stop.rfind(last, 0, k) + 1  # the longest candidate length not above k (0: none)
+                if k <= best:
+                    break
                 if text.endswith(stop[:k]):
                     best = k
                     break
+                k -= 1
         return best

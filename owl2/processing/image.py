@@ -43,7 +43,12 @@ Loading (:func:`load_image`) differs from the official ``Image.open(path).conver
 * Alpha is dropped as ``convert("RGB")`` does (parity: the colour under a transparent pixel is kept). This includes
   palette transparency. Pass ``background=(r, g, b)`` to composite onto a colour instead.
 * Bad input is rejected with :class:`ImageError` instead of failing later: empty, truncated, not an image,
-  zero-sized, or over ``max_pixels`` (checked from the header before any pixel is decoded).
+  zero-sized, not a regular file, over ``max_pixels`` or over ``max_aspect_ratio`` (checked from the header before
+  any pixel is decoded).
+
+:class:`ImageProcessor` also bounds the work of its policy before it decodes anything: an image whose square
+(``pad``, ``stretch``) or shortest-edge resize would be over its ``max_pixels`` is refused with :class:`ImageError`,
+as is one over its ``max_aspect_ratio``, instead of allocating gigabytes for a thin strip.
 """
 
 from __future__ import annotations
@@ -52,9 +57,11 @@ import base64
 import binascii
 import io
 import os
+import stat
 import urllib.parse
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -65,6 +72,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from owl2.utils import read_json_object
 
 __all__ = [
+    "DEFAULT_MAX_ASPECT_RATIO",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_POLICY",
     "OPENAI_CLIP_MEAN",
@@ -74,6 +82,7 @@ __all__ = [
     "ImageError",
     "ImageProcessor",
     "ImageSource",
+    "check_aspect_ratio",
     "checkpoint_policy",
     "expand_to_square",
     "load_image",
@@ -90,6 +99,11 @@ DEFAULT_POLICY = "stretch"
 #: Default pixel limit for :func:`load_image`: 64 Mi pixels (8192 x 8192). Lower than Pillow's own warning threshold
 #: (about 89 M pixels), which is only a warning, and its error threshold (about 179 M pixels).
 DEFAULT_MAX_PIXELS = 8192 * 8192
+#: Default limit on the long side over the short side, for :func:`load_image` and :class:`ImageProcessor`. A thin
+#: strip costs next to nothing to send, but every policy blows it up: ``pad`` and ``stretch`` into a square of its
+#: long side (a 1 x 20000 PNG of 162 bytes becomes 400 M pixels), ``crop`` into a shortest-edge-448 resize whose long
+#: side grows with the ratio. 100:1 leaves room for long screenshots and panoramas, which are far below it.
+DEFAULT_MAX_ASPECT_RATIO = 100.0
 
 #: Anything :func:`load_image` accepts.
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image | np.ndarray
@@ -104,6 +118,17 @@ class ImageError(ValueError):
     """An image that cannot be used: the message names the source and the problem."""
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """What an image must satisfy before any pixel is decoded (see :func:`load_image`)."""
+
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO
+    formats: tuple[str, ...] | None = None
+    check: Callable[[int, int, str], None] | None = None
+    """A further check of (width, height, what) from the header: the processor's bound on its policy's work."""
+
+
 # ------------------------------------------------------------------------------------------------------------ loading
 def load_image(
     source: ImageSource,
@@ -111,6 +136,8 @@ def load_image(
     *,
     exif_transpose: bool = True,
     background: tuple[int, int, int] | None = None,
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
+    formats: Sequence[str] | None = None,
 ) -> Image.Image:
     """Load ``source`` as a fully decoded RGB ``PIL.Image.Image`` that shares nothing with the input.
 
@@ -120,43 +147,72 @@ def load_image(
     uint16 (scaled to 8 bits, ``round(v / 257)``) or float in [0, 1] (``round(v * 255)``).
 
     ``max_pixels`` limits width x height (``None``: no limit of ours; Pillow's own error at about 179 M pixels still
-    applies and is reported as :class:`ImageError`). For encoded input the limit is checked from the header before
-    any pixel is decoded, which defuses decompression bombs. Then the whole image is decoded, so truncated files fail
-    here and not halfway through preprocessing. Multi-frame files give their first frame.
+    applies and is reported as :class:`ImageError`) and ``max_aspect_ratio`` the long side over the short side
+    (``None``: no limit). For encoded input both are checked from the header before any pixel is decoded, which
+    defuses decompression bombs and thin strips that preprocessing would blow up. Then the whole image is decoded, so
+    truncated files fail here and not halfway through preprocessing. Multi-frame files (animated GIF, PNG or WebP,
+    multi-page TIFF) give their first frame; the other frames are never decoded. ``formats`` restricts the file
+    formats tried (Pillow format names such as ``"PNG"``, ``"JPEG"``, ``"WEBP"``; names this Pillow cannot open
+    are ignored; ``None``: every format Pillow reads), for input from untrusted sources. A path must name a regular
+    file: a FIFO or a device is refused before it is opened, so reading never blocks on one or reads forever.
 
     Conversion to RGB follows the official ``.convert("RGB")`` (alpha dropped, palette expanded, CMYK converted
     naively, no ICC colour management), except that 16/32-bit and float images are scaled to 8 bits and
     ``background`` (when given) composites images with transparency onto that colour. ``exif_transpose`` applies
     the EXIF orientation (the official code does not). A malformed EXIF block is ignored, not an error.
 
-    Raises :class:`ImageError` (a ``ValueError``) for a missing or empty file, empty data, data that is not an
-    image, truncated or corrupt data, a zero-size image, an image over ``max_pixels``, an unsupported array shape or
-    dtype, or an unsupported source type.
+    Raises :class:`ImageError` (a ``ValueError``) for a missing or empty file, a path that is not a regular file,
+    empty data, data that is not an image (or not in ``formats``), truncated or corrupt data, a zero-size image, an
+    image over ``max_pixels`` or ``max_aspect_ratio``, an unsupported array shape or dtype, or an unsupported source
+    type.
     """
+    return _load(source, _limits(max_pixels, max_aspect_ratio, formats), exif_transpose=exif_transpose,
+                 background=background)
+
+
+def _limits(max_pixels: int | None, max_aspect_ratio: float | None, formats: Sequence[str] | None,
+            check: Callable[[int, int, str], None] | None = None) -> _Limits:
     if max_pixels is not None and max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
+    if max_aspect_ratio is not None and not max_aspect_ratio >= 1:
+        raise ValueError(f"max_aspect_ratio must be at least 1 or None, got {max_aspect_ratio}")
+    if isinstance(formats, str):
+        raise ValueError(f"formats must be a sequence of format names, not the string {formats!r}")
+    names = None
+    if formats is not None:
+        Image.init()  # registers every plugin, so that Image.OPEN lists what this Pillow can open
+        # MPO is opened by the JPEG plugin, and AVIF needs a Pillow built with libavif: names it cannot open are moot.
+        names = tuple(dict.fromkeys(n for n in (str(f).upper() for f in formats) if n in Image.OPEN))
+        if "MPO" in (str(f).upper() for f in formats) and "JPEG" not in names:
+            names += ("JPEG",)
+    return _Limits(max_pixels, max_aspect_ratio, names, check)
+
+
+def _load(source: ImageSource, limits: _Limits, *, exif_transpose: bool = True,
+          background: tuple[int, int, int] | None = None) -> Image.Image:
+    """:func:`load_image` under ``limits``."""
     if isinstance(source, Image.Image):
-        image = _load_pil(source, "PIL image", max_pixels)
+        image = _load_pil(source, "PIL image", limits)
         owned = False
     elif isinstance(source, np.ndarray):
-        image = _from_array(source, max_pixels)
+        image = _from_array(source, limits)
         owned = True
     elif isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        image = _decode_bytes(data, f"image data ({len(data)} bytes)", max_pixels)
+        image = _decode_bytes(data, f"image data ({len(data)} bytes)", limits)
         owned = True
     elif isinstance(source, str) and source[:5].lower() == "data:":
-        image = _decode_bytes(_parse_data_url(source), "data URL", max_pixels)
+        image = _decode_bytes(_parse_data_url(source), "data URL", limits)
         owned = True
     elif isinstance(source, str) and source.lower().startswith(("http://", "https://")):
         raise ImageError(f"remote URLs are not fetched; download the image first: {source[:200]!r}")
     elif isinstance(source, (str, os.PathLike)):
         if not os.fspath(source):
             raise ImageError("empty image path")
-        image = _decode_path(Path(source), max_pixels)
+        image = _decode_path(Path(source), limits)
         owned = True
     elif hasattr(source, "read"):
-        image = _decode_bytes(_read_stream(source), "file object", max_pixels)
+        image = _decode_bytes(_read_stream(source), "file object", limits)
         owned = True
     else:
         raise ImageError(f"unsupported image source type {type(source).__name__}")
@@ -168,29 +224,50 @@ def load_image(
     return rgb
 
 
-def _check_dims(width: int, height: int, max_pixels: int | None, what: str) -> None:
+def _check_dims(width: int, height: int, limits: _Limits, what: str) -> None:
+    """The header checks: size, pixel count, aspect ratio, then the caller's own."""
     if width <= 0 or height <= 0:
         raise ImageError(f"{what}: zero-size image ({width}x{height})")
+    max_pixels = limits.max_pixels
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError(
             f"{what}: image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
             "(max_pixels; a possible decompression bomb)"
         )
+    check_aspect_ratio(width, height, limits.max_aspect_ratio, what)
+    if limits.check is not None:
+        limits.check(width, height, what)
 
 
-def _decode_path(path: Path, max_pixels: int | None) -> Image.Image:
+def check_aspect_ratio(width: int, height: int, max_aspect_ratio: float | None, what: str = "image") -> None:
+    """Raise :class:`ImageError` when the long side of ``width`` x ``height`` over its short side is above
+    ``max_aspect_ratio`` (``None``: no limit)."""
+    if max_aspect_ratio is None or width <= 0 or height <= 0:
+        return
+    long, short = max(width, height), min(width, height)
+    if long > max_aspect_ratio * short:
+        raise ImageError(
+            f"{what}: image is {width}x{height}, an aspect ratio of {long / short:,.1f}:1, over the limit of "
+            f"{max_aspect_ratio:g}:1 (max_aspect_ratio); crop or pad it to a less extreme shape"
+        )
+
+
+def _decode_path(path: Path, limits: _Limits) -> Image.Image:
     what = f"image file {str(path)!r}"
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except FileNotFoundError as exc:
         raise ImageError(f"{what}: file not found") from exc
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise ImageError(f"{what}: cannot access it ({exc})") from exc
-    if path.is_dir():
+    if stat.S_ISDIR(info.st_mode):
         raise ImageError(f"{what}: is a directory, not an image file")
-    if size == 0:
+    if not stat.S_ISREG(info.st_mode):
+        # Opening a FIFO blocks until a writer comes, and a device such as /dev/zero never ends.
+        raise ImageError(f"{what}: not a regular file (a FIFO, socket or device)")
+    if info.st_size == 0:
         raise ImageError(f"{what}: file is empty")
-    return _decode(path, what, max_pixels)  # Pillow reads the header first, so a huge file is not read in full
+    return _decode(path, what, limits)  # Pillow reads the header first, so a huge file is not read in full
 
 
 def _read_stream(stream: Any) -> bytes:
@@ -223,27 +300,29 @@ def _parse_data_url(url: str) -> bytes:
         raise ImageError(f"data URL: invalid base64 data ({exc})") from exc
 
 
-def _decode_bytes(data: bytes, what: str, max_pixels: int | None) -> Image.Image:
+def _decode_bytes(data: bytes, what: str, limits: _Limits) -> Image.Image:
     if not data:
         raise ImageError(f"{what}: empty data")
-    return _decode(io.BytesIO(data), what, max_pixels)
+    return _decode(io.BytesIO(data), what, limits)
 
 
-def _decode(source: Path | BinaryIO, what: str, max_pixels: int | None) -> Image.Image:
-    """Open ``source``, check the header's size against ``max_pixels``, then decode every pixel."""
+def _decode(source: Path | BinaryIO, what: str, limits: _Limits) -> Image.Image:
+    """Open ``source``, check the header's size against ``limits``, then decode every pixel."""
     try:
         with warnings.catch_warnings():
             # Our own limit (checked next) is the guard; Pillow's warning would be noise or come too late.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(source)
+            image = Image.open(source, formats=limits.formats)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{what}: image too large, a possible decompression bomb ({exc})") from exc
     except UnidentifiedImageError as exc:
+        if limits.formats is not None:
+            raise ImageError(f"{what}: not an image in an accepted format ({', '.join(limits.formats)})") from exc
         raise ImageError(f"{what}: not an image, or a format Pillow cannot read") from exc
     except Exception as exc:  # unreadable file, or one of the many types Pillow's plugins raise for bad headers
         raise ImageError(f"{what}: cannot read the image header ({type(exc).__name__}: {exc})") from exc
     try:
-        _check_dims(image.width, image.height, max_pixels, what)
+        _check_dims(image.width, image.height, limits, what)
         _force_load(image, what)
     except BaseException:
         image.close()
@@ -263,13 +342,13 @@ def _force_load(image: Image.Image, what: str) -> None:
         raise ImageError(f"{what}: truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
 
 
-def _load_pil(image: Image.Image, what: str, max_pixels: int | None) -> Image.Image:
-    _check_dims(image.width, image.height, max_pixels, what)
+def _load_pil(image: Image.Image, what: str, limits: _Limits) -> Image.Image:
+    _check_dims(image.width, image.height, limits, what)
     _force_load(image, what)  # a lazily opened Image.open(...) is decoded here
     return image
 
 
-def _from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
+def _from_array(array: np.ndarray, limits: _Limits) -> Image.Image:
     """A channels-last uint8/uint16/float array as an L, RGB or RGBA image."""
     what = f"array of shape {tuple(array.shape)} and dtype {array.dtype}"
     if array.ndim == 3 and array.shape[2] == 1:
@@ -277,7 +356,7 @@ def _from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         hint = " (channels-first? transpose to H x W x C)" if array.ndim == 3 and array.shape[0] in (1, 3, 4) else ""
         raise ImageError(f"{what}: unsupported shape, expected H x W, H x W x 1, H x W x 3 or H x W x 4{hint}")
-    _check_dims(array.shape[1], array.shape[0], max_pixels, what)
+    _check_dims(array.shape[1], array.shape[0], limits, what)
     if array.dtype == np.uint8:
         u8 = array
     elif array.dtype == np.uint16:
@@ -296,8 +375,14 @@ def _from_array(array: np.ndarray, max_pixels: int | None) -> Image.Image:
 
 
 def _uint16_to_uint8(values: np.ndarray) -> np.ndarray:
-    """``round(v / 257)``: 0 -> 0 and 65535 -> 255, in exact integer arithmetic."""
-    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    """``round(v / 257)``: 0 -> 0 and 65535 -> 255, in exact integer arithmetic (a table of all 65536 levels)."""
+    return _U16_TABLE[values]
+
+
+_U16_TABLE = ((np.arange(65536, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+#: Rows per block when wide gray levels are converted: temporaries stay a few MB, whatever the image size, instead
+#: of several times the image (a 16-bit PNG of 100 kB can hold 64 M pixels).
+_BLOCK_PIXELS = 1 << 18
 
 
 def _finish(image: Image.Image, *, exif_transpose: bool, background: tuple[int, int, int] | None) -> Image.Image:
@@ -336,19 +421,43 @@ def _wide_gray_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     ``I;16*`` is 16-bit by definition: ``round(v / 257)``. ``I`` (32-bit) is read as 16-bit when any value exceeds
     255 (16-bit PNG and TIFF files) and as 8-bit otherwise (``convert("I")`` of an 8-bit image); values are clipped
     to the range first. ``F`` is read as [0, 1] when all values lie there, else as 0..255 and clipped like Pillow's
-    own conversion; NaN becomes 0.
+    own conversion; NaN becomes 0. Converted block by block, so memory beyond the input and output stays small.
     """
     if mode in _INT16_MODES:
-        return _uint16_to_uint8(values.astype(np.uint16))
+        return _uint16_to_uint8(values)
+    out = np.empty(values.shape, dtype=np.uint8)
+    if not values.size:
+        return out
+    blocks = _row_blocks(values)
     if mode == "I":
-        wide = values.astype(np.int64)
-        if wide.size and int(wide.max()) > 255:
-            return _uint16_to_uint8(np.clip(wide, 0, 65535))
-        return np.clip(wide, 0, 255).astype(np.uint8)
-    floats = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-    if floats.size and float(floats.min()) >= 0.0 and float(floats.max()) <= 1.0:
-        floats = floats * 255.0
-    return np.clip(np.rint(floats), 0, 255).astype(np.uint8)
+        sixteen = int(values.max()) > 255
+        for rows in blocks:
+            if sixteen:
+                out[rows] = _uint16_to_uint8(np.clip(values[rows], 0, 65535))
+            else:
+                out[rows] = np.clip(values[rows], 0, 255)
+        return out
+    unit = True
+    for rows in blocks:
+        block = _finite(values[rows])
+        unit = unit and float(block.min()) >= 0.0 and float(block.max()) <= 1.0
+    for rows in blocks:
+        floats = _finite(values[rows])
+        if unit:
+            floats *= 255.0
+        np.rint(floats, out=floats)
+        out[rows] = np.clip(floats, 0, 255, out=floats)
+    return out
+
+
+def _row_blocks(values: np.ndarray) -> list[slice]:
+    step = max(1, _BLOCK_PIXELS // max(1, values.shape[1] if values.ndim > 1 else 1))
+    return [slice(top, top + step) for top in range(0, values.shape[0], step)]
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    """float64 copy with NaN -> 0, +inf -> 255, -inf -> 0 (Pillow's own conversion saturates infinities)."""
+    return np.nan_to_num(values.astype(np.float64), copy=False, nan=0.0, posinf=255.0, neginf=0.0)
 
 
 def _rgb_triple(color: Iterable[int]) -> tuple[int, int, int]:
@@ -397,8 +506,14 @@ class ImageProcessor:
 
     ``preprocess`` gives one [3, H, W] float32 tensor, ``__call__`` a batch [N, 3, H, W]; (H, W) is ``output_size``
     (448 x 448 for the release). Both take anything :func:`load_image` accepts. A ``PIL.Image.Image`` is used as given
-    (converted to RGB like :func:`load_image`, but without EXIF transposition or a pixel limit), so the same PIL image
-    gives exactly the official ``pixel_values``. Every other source goes through :func:`load_image` with its defaults.
+    (converted to RGB like :func:`load_image`, but without EXIF transposition or a limit on its own pixels), so the
+    same PIL image gives exactly the official ``pixel_values``. Every other source goes through :func:`load_image`
+    with this processor's ``max_pixels`` and ``max_aspect_ratio``.
+
+    ``max_pixels`` and ``max_aspect_ratio`` are not part of the checkpoint's config: they bound the work of one call.
+    Every image, PIL ones included, must have an aspect ratio of at most ``max_aspect_ratio`` (``None``: any), and
+    no image the policy or the resize creates may exceed ``max_pixels`` (``None``: no bound), see
+    :meth:`check_size`. For encoded sources both are checked from the header, before any pixel is decoded.
     """
 
     def __init__(
@@ -415,6 +530,8 @@ class ImageProcessor:
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
         image_std: Sequence[float] = OPENAI_CLIP_STD,
         default_policy: str = DEFAULT_POLICY,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
     ) -> None:
         self.do_resize = bool(do_resize)
         self.size = _size_dict(size, "size", shortest_edge_ok=True)
@@ -431,6 +548,9 @@ class ImageProcessor:
         if any(s == 0.0 for s in self.image_std):
             raise ValueError(f"image_std must not contain 0, got {self.image_std}")
         self.default_policy = _check_policy(default_policy)
+        _limits(max_pixels, max_aspect_ratio, None)  # validates both
+        self.max_pixels = max_pixels
+        self.max_aspect_ratio = max_aspect_ratio
         #: The policy the checkpoint's ``config.json`` names (``image_aspect_ratio``), set by
         #: :func:`load_image_processor`; it overrides a task's own default policy in evaluation.
         self.checkpoint_policy: str | None = None
@@ -496,15 +616,49 @@ class ImageProcessor:
         ``default_policy``)."""
         policy = self.default_policy if policy is None else _check_policy(policy)
         if isinstance(image, Image.Image):
+            self.check_size(image.width, image.height, policy, "PIL image")
             _force_load(image, "PIL image")
             rgb = _to_rgb(image)
         else:
-            rgb = load_image(image)
+            def check(width: int, height: int, what: str) -> None:
+                self.check_size(width, height, policy, what)
+
+            rgb = _load(image, _limits(self.max_pixels, self.max_aspect_ratio, None, check))
         if policy == "pad":
             rgb = expand_to_square(rgb, self.pad_color)
         elif policy == "stretch":
             rgb = stretch_to_square(rgb)
         return torch.from_numpy(self._clip(rgb))
+
+    def check_size(self, width: int, height: int, policy: str | None = None, what: str = "image") -> None:
+        """Raise :class:`ImageError` when :meth:`preprocess` of a ``width`` x ``height`` image under ``policy``
+        (``None``: ``default_policy``) would go over this processor's limits: an aspect ratio over
+        ``max_aspect_ratio``, or a step creating an image of more than ``max_pixels`` pixels (the square of ``pad``
+        and ``stretch``, then the resize). Called by :meth:`preprocess` from the image's header, before decoding."""
+        policy = self.default_policy if policy is None else _check_policy(policy)
+        check_aspect_ratio(width, height, self.max_aspect_ratio, what)
+        limit = self.max_pixels
+        if limit is None or width <= 0 or height <= 0:
+            return
+        if policy in ("pad", "stretch") and width != height:
+            side = max(width, height)
+            if side * side > limit:
+                raise ImageError(
+                    f"{what}: image is {width}x{height}; the {policy!r} policy would make a {side}x{side} square "
+                    f"= {side * side:,} pixels, over the limit of {limit:,} (max_pixels); downscale the image, or "
+                    "use the 'crop' policy"
+                )
+            shape = f"{width}x{height}, made a {side}x{side} square by the {policy!r} policy"
+            width = height = side
+        else:
+            shape = f"{width}x{height}"
+        if self.do_resize:
+            new_width, new_height = self._resize_target(width, height)
+            if new_width * new_height > limit:
+                raise ImageError(
+                    f"{what}: image is {shape}; resizing it to {new_width}x{new_height} = "
+                    f"{new_width * new_height:,} pixels is over the limit of {limit:,} (max_pixels)"
+                )
 
     def __call__(self, images: ImageSource | Sequence[ImageSource], policy: str | None = None) -> torch.Tensor:
         """Images -> float32 batch [N, 3, H, W]. A list or tuple is a batch; anything else is one image (N = 1).

@@ -5,8 +5,14 @@ images and videos, :mod:`owl2.serving.rating`), ``GET /v1/models``, ``GET /healt
 text) and the chat page at ``/``. Requests of all clients share forwards through a
 :class:`~owl2.serving.batcher.ContinuousBatcher`: chat completions share decode steps, ratings share batched
 prefills between them. Every malformed request gets OpenAI's error JSON with a 4xx status: 400 for invalid input,
-401 for a missing or wrong API key, 404 for an unknown model or route, 413 for a body over the size limit, 429 when
-the queue is full.
+401 for a missing or wrong API key, 404 for an unknown model or route, 405 for a wrong method, 408 for a body that
+does not arrive in time, 413 for a body over the size limit, 415 for a body not sent as JSON, 429 when the queue is
+full.
+
+The body of every request is read whole before the app looks at it (:class:`RequestBody`: size limit and deadline,
+chunked bodies included), and the JSON routes parse it strictly (:func:`parse_json_body`) after the API key is
+checked. The connection limits (header deadline, keep-alive, header size, connection cap) are uvicorn's side:
+:mod:`owl2.serving.connection`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the body model of the route from its real annotation.
@@ -14,11 +20,13 @@ the queue is full.
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import html
 import io
 import json
+import math
 import os
-import secrets
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -29,12 +37,13 @@ import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from owl2.generation.engine import GenerationRequest, StepEvent
 from owl2.serving.batcher import ContinuousBatcher, PrefillRow, PrefillSubmission, QueueFullError, Submission
-from owl2.serving.images import ImagePolicy, fetch_image
+from owl2.serving.images import ImagePolicy, TooManyDownloads, fetch_image
 from owl2.serving.metrics import ServerMetrics
 from owl2.serving.protocol import (
     ChatCompletionRequest,
@@ -64,6 +73,17 @@ class ServerSettings:
     """None: the model's context length."""
     max_new_tokens: int = 1024
     max_body_bytes: int = 32 * 2**20
+    body_timeout: float = 60.0
+    """Seconds from the end of the headers for the whole body to arrive (408 after)."""
+    header_timeout: float = 10.0
+    """Seconds from the connection (or the next request's first byte) for the request line and headers (408 after;
+    :mod:`owl2.serving.connection`, not used under Ray Serve)."""
+    keep_alive_timeout: float = 5.0
+    """Seconds an idle kept-alive connection stays open (uvicorn's ``timeout_keep_alive``)."""
+    max_header_bytes: int = 16 * 1024
+    """The request line and headers together (431 over it)."""
+    max_connections: int | None = 512
+    """Open connections (or requests in flight) before a request gets 503; None: no cap."""
     images: ImagePolicy = field(default_factory=ImagePolicy)
     lenient: bool = False
     """Ignore unknown request fields instead of refusing them."""
@@ -79,6 +99,18 @@ class ServerSettings:
     """Positions per batched rating prefill: rows x the longest row (images counted as their visual tokens)."""
     max_rate_queue: int = 1024
     """Images (video frames counted one each) of ratings that may wait before 429."""
+
+    def __post_init__(self) -> None:
+        """ValueError for an HTTP limit that would refuse every request or none (a zero or NaN deadline, say)."""
+        for name in ("body_timeout", "header_timeout", "keep_alive_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.max_body_bytes < 0 or self.max_header_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 0 and max_header_bytes >= 1, got {self.max_body_bytes} and "
+                             f"{self.max_header_bytes}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1 (or None: no cap), got {self.max_connections}")
 
 
 EXAMPLE_SCENE_PATH = "/example/scene.png"
@@ -121,47 +153,216 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", **ext
     return JSONResponse(error_body(message, kind, **extra), status_code=status)
 
 
-class BodySizeLimit:
-    """ASGI middleware: 413 for a body over ``limit`` bytes, judged from Content-Length and from what arrives."""
+class RequestBody:
+    """ASGI middleware: reads the whole request body before the app runs and hands it on in one piece.
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    A body over ``limit`` bytes gets 413, judged from Content-Length and, for a chunked body, while it arrives; a
+    body that has not arrived ``timeout`` seconds after the headers gets 408 (uvicorn has no body deadline, so a
+    client could otherwise trickle a body for ever) and closes the connection. After a 413 the server drops the rest
+    of the body as it arrives (for at most the body deadline, :mod:`owl2.serving.connection`), so that a client
+    still sending it gets to read the answer. ``on_refused`` is called with the reason of each refusal."""
+
+    def __init__(self, app: Any, limit: int, timeout: float, on_refused: Any = None) -> None:
+        self.app, self.limit, self.timeout, self.on_refused = app, limit, timeout, on_refused
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_large = _error(413, f"request body over the limit of {self.limit:,} bytes", code="body_too_large")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await too_large(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"").strip()
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(413, "body_too_large", scope, receive, send)
             return
-        seen = 0
-        started = False
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            body = await asyncio.wait_for(self._read(receive), self.timeout)
         except _BodyTooLarge:
-            if not started:
-                await too_large(scope, receive, send)
+            await self._refuse(413, "body_too_large", scope, receive, send)
+            return
+        except asyncio.TimeoutError:
+            await self._refuse(408, "body_timeout", scope, receive, send)
+            return
+        if body is None:  # the client went away while sending: nobody to answer
+            return
+        pending: dict[str, Any] | None = {"type": "http.request", "body": body, "more_body": False}
+
+        async def replay() -> dict[str, Any]:
+            nonlocal pending
+            if pending is not None:
+                message, pending = pending, None
+                return message
+            return await receive()  # after the body: the disconnect, which streaming responses listen for
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive: Any) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _refuse(self, status: int, reason: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.on_refused is not None:
+            self.on_refused(reason)
+        message = (f"request body over the limit of {self.limit:,} bytes" if status == 413 else
+                   f"the request body did not arrive within {self.timeout:g} s")
+        response = _error(status, message, code=reason)
+        if status == 408:  # a client this slow gets no second request on the connection
+            response.headers["connection"] = "close"
+        await response(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):
     pass
+
+
+_PARSE_IN_THREAD_BYTES = 1 << 20
+"""JSON bodies of more bytes are parsed in the thread pool, so that other requests are not held up meanwhile."""
+
+_MAX_DIGITS = 1000
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+class InvalidJSON(ValueError):
+    """The body is not a JSON object this server accepts; the message says why in one line."""
+
+
+class _Duplicate(dict):  # type: ignore[type-arg]
+    """An object in which ``key`` appeared twice: kept as a marker until its path is known."""
+
+    key: str = ""
+
+
+class _LongNumber:
+    """An integer of more digits than anyone means: kept as a marker until its path is known."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+class _Markers:
+    """The hooks of one ``json.loads``: they replace what JSON does not allow by markers and note that they did,
+    so that :func:`_find_problem` is only run for such a body, and can name the field."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def pairs(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        value = dict(pairs)
+        if len(value) == len(pairs):
+            return value
+        self.seen = True
+        marked = _Duplicate(value)
+        keys: set[str] = set()
+        for key, _ in pairs:
+            if key in keys:
+                marked.key = key
+                break
+            keys.add(key)
+        return marked
+
+    def constant(self, name: str) -> float:
+        self.seen = True
+        return float(name.replace("Infinity", "inf"))
+
+    def real(self, text: str) -> float:
+        value = float(text)
+        self.seen = self.seen or not math.isfinite(value)
+        return value
+
+    def integer(self, text: str) -> int | _LongNumber:
+        if len(text) > _MAX_DIGITS:  # Python refuses over 4300 digits, with a message about its own limit
+            self.seen = True
+            return _LongNumber(len(text))
+        return int(text)
+
+
+def _find_problem(value: Any) -> str | None:
+    """The first thing in a parsed body that this server's JSON does not allow, as ``"path: what"``."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        where = path or "body"
+        if isinstance(item, _Duplicate):
+            return f"{where}: the key {item.key[:40]!r} appears twice in one object"
+        if isinstance(item, _LongNumber):
+            return f"{where}: a number of {item.digits:,} digits is out of range"
+        if isinstance(item, float) and not math.isfinite(item):
+            return f"{where}: input should be a finite number, got {item} (not a JSON number)"
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return (f"{where}: the string holds a lone UTF-16 surrogate (\\u{ord(item[exc.start]):04x}), "
+                        "which is not a character")
+        elif isinstance(item, dict):
+            for key, member in reversed(item.items()):
+                stack.append((f"{path}.{key}" if path else key, member))
+                stack.append((f"{where} (a key)", key))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", member) for i, member in reversed(list(enumerate(item))))
+    return None
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or :class:`InvalidJSON` with a one-line reason naming the field.
+
+    Stricter than ``json.loads`` where JSON leaves a choice or Python is lenient: the body must be UTF-8 (not
+    UTF-16, no byte-order mark), its top level an object, no key may appear twice in one object (parsers disagree
+    on which one wins), ``NaN``/``Infinity`` and numbers out of range (``1e999``, integers of over 1000 digits) are
+    refused, strings may not hold lone UTF-16 surrogates (``"\\ud800"``), and nesting deeper than Python's
+    recursion limit is an error, not a crash."""
+    if not body.strip():
+        raise InvalidJSON("the body is empty; send a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidJSON(f"the body is not UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})") from None
+    markers = _Markers()
+    try:
+        value = json.loads(text, object_pairs_hook=markers.pairs, parse_constant=markers.constant,
+                           parse_float=markers.real, parse_int=markers.integer)
+    except json.JSONDecodeError as exc:
+        raise InvalidJSON(f"the body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise InvalidJSON("the body is not valid JSON: nested too deeply") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+        raise InvalidJSON(f"the body must be a JSON object, got {kind}")
+    # only escapes make surrogates, and only the hooks make markers: the usual body is not walked
+    if (markers.seen or _SURROGATE_ESCAPE.search(text)) and (problem := _find_problem(value)):
+        raise InvalidJSON(problem)
+    return value
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+class _EventStream(StreamingResponse):
+    """A streamed answer that cancels its submissions however it ends. The stream's own ``finally`` does so too,
+    but an ASGI server may cancel the response before the stream has started (a client gone at once), and a
+    generator that never started runs no ``finally``."""
+
+    def __init__(self, content: Any, submissions: list[Submission], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.submissions = submissions
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for submission in self.submissions:
+                submission.cancel()
 
 
 class _Sink:
@@ -221,6 +422,8 @@ class Owl2Server:
                            param="messages", code="too_many_images")
         try:
             images = await run_in_threadpool(lambda: [fetch_image(u, settings.images) for u in urls])
+        except TooManyDownloads as exc:  # not the request's fault: retry later
+            raise APIError(429, str(exc), "rate_limit_error", param="messages", code="too_many_downloads") from exc
         except ValueError as exc:
             raise APIError(400, f"invalid image: {exc}", param="messages", code="invalid_image") from exc
         messages = _owl2_messages(body, images)
@@ -228,13 +431,17 @@ class Owl2Server:
         if requested is not None and requested > settings.max_new_tokens:
             raise APIError(400, f"max_tokens {requested} is over this server's limit of {settings.max_new_tokens}",
                            param="max_tokens")
+        min_tokens = body.min_tokens or 0
+        if min_tokens > (requested or settings.max_new_tokens):  # over max_tokens is refused by the protocol
+            raise APIError(400, f"min_tokens {min_tokens} is over this server's limit of {settings.max_new_tokens}",
+                           param="min_tokens")
         sampling: dict[str, Any] = {
             "max_new_tokens": requested or settings.max_new_tokens,
             "temperature": settings.default_temperature if body.temperature is None else body.temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "top_k": max(body.top_k or 0, 0),
             "repetition_penalty": body.repetition_penalty or 1.0,
-            "min_new_tokens": min(body.min_tokens or 0, requested or settings.max_new_tokens),
+            "min_new_tokens": min_tokens,
             "stop": body.stop_list,
             "seed": body.seed,
             "logprobs": (body.top_logprobs or 0) if body.logprobs else None,
@@ -252,7 +459,14 @@ class Owl2Server:
             raise APIError(400, f"this model's context is {self.context_length} tokens; the prompt takes "
                            f"{prompt_tokens}, which leaves {room} for the answer, but max_tokens is {requested}",
                            param="max_tokens", code="context_length_exceeded")
-        params = dataclasses.replace(request.params, max_new_tokens=min(request.params.max_new_tokens, room))
+        if min_tokens > room:
+            raise APIError(400, f"this model's context is {self.context_length} tokens; the prompt takes "
+                           f"{prompt_tokens}, which leaves {room} for the answer, but min_tokens is {min_tokens}",
+                           param="min_tokens", code="context_length_exceeded")
+        try:  # every value was checked above; a setting that still does not fit is the request's fault, not ours
+            params = dataclasses.replace(request.params, max_new_tokens=min(request.params.max_new_tokens, room))
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
         requests = []
         for choice in range(body.n):
             seed = None if body.seed is None else body.seed + choice
@@ -283,6 +497,9 @@ class Owl2Server:
             check_limits(body, max_items=settings.max_rate_items, max_frames=settings.max_video_frames)
             return await run_in_threadpool(build_job, self.pipeline, body, settings.images, self.context_length)
         except InvalidRating as exc:
+            if isinstance(exc.__cause__, TooManyDownloads):  # not the request's fault: retry later
+                raise APIError(429, str(exc), "rate_limit_error", param=exc.param,
+                               code="too_many_downloads") from exc
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
 
     def submit_rating(self, rows: list[PrefillRow]) -> "tuple[PrefillSubmission, _RowSink]":
@@ -389,9 +606,12 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
         finally:
             server.batcher.close()
 
+    # /openapi.json stays public, as on vLLM and OpenAI: the schema is the same for every owl2 server (it names no
+    # model, key or setting), and client generators fetch it; the interactive /docs pages are left out.
     app = FastAPI(title="owl2", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestBody, limit=settings.max_body_bytes, timeout=settings.body_timeout,
+                       on_refused=lambda reason: server.metrics.refused.labels(reason=reason).inc())
     body_model = LenientChatCompletionRequest if settings.lenient else ChatCompletionRequest
     rate_model = LenientRateRequest if settings.lenient else RateRequest
 
@@ -419,17 +639,57 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception) -> JSONResponse:
+        # the traceback goes to the server's log (Starlette re-raises after this answer); the client learns nothing
+        # of the server's internals (paths, library messages)
         server.metrics.requests.labels(status="500").inc()
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+        return _error(500, "internal server error; the server's log has the details", "server_error")
+
+    api_keys = [key.encode("utf-8") for key in settings.api_keys]
 
     async def authorize(request: Request) -> None:
-        if not settings.api_keys:
+        """401 unless the request sends ``Authorization: Bearer <one of the keys>``. The header is compared as
+        bytes, in constant time: a client may send any bytes there, and comparing str with non-ASCII characters
+        raises instead of answering."""
+        if not api_keys:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not any(secrets.compare_digest(key.strip(), k) for k in settings.api_keys):
+        header = next((value for name, value in request.scope["headers"] if name == b"authorization"), b"")
+        scheme, _, key = header.strip().partition(b" ")
+        matches = [hmac.compare_digest(key.strip(), k) for k in api_keys]  # every key, so timing says nothing
+        if scheme.lower() != b"bearer" or not any(matches):
             raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
+
+    class JSONRoute(APIRoute):
+        """A route with a JSON body: its API key is checked before the body is parsed, the body must be sent as
+        JSON (415: a browser page on another site can send text/plain without asking, but not JSON) and is parsed
+        strictly (:func:`parse_json_body`, 400)."""
+
+        def get_route_handler(self) -> Any:
+            handler = super().get_route_handler()
+            if self.body_field is None:
+                return handler
+            protected = any(getattr(d, "dependency", None) is authorize for d in self.dependencies)
+
+            async def checked(request: Request) -> Response:
+                if protected:
+                    await authorize(request)
+                content_type = request.headers.get("content-type")
+                if not _is_json(content_type):
+                    got = f"got {content_type[:60]!r}" if content_type else "got none"
+                    raise APIError(415, f"send the body as JSON with 'Content-Type: application/json' ({got})",
+                                   code="unsupported_media_type")
+                body = await request.body()
+                try:
+                    parsed = (await run_in_threadpool(parse_json_body, body) if len(body) > _PARSE_IN_THREAD_BYTES
+                              else parse_json_body(body))
+                except InvalidJSON as exc:
+                    raise APIError(400, str(exc), code="invalid_json") from None
+                request._json = parsed  # Starlette's request.json(), which FastAPI calls next, returns it as is
+                return await handler(request)
+
+            return checked
+
+    app.router.route_class = JSONRoute
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -475,14 +735,17 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
         ident, created = completion_id(), now()
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(
+            return _EventStream(
                 _stream(server, body, request, submissions, sinks, ident, created, prompt_tokens, include_usage,
-                        started),
+                        started), submissions,
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        collectors = [asyncio.ensure_future(_collect(server, body, request, sink, submissions, i))
+                      for i, sink in enumerate(sinks)]
         try:
-            choices = await asyncio.gather(*[_collect(server, body, request, sink, submissions, i)
-                                             for i, sink in enumerate(sinks)])
-        finally:
+            choices = await asyncio.gather(*collectors)
+        finally:  # one choice failed, or the client left: the other choices stop too, none is left waiting
+            for collector in collectors:
+                collector.cancel()
             for submission in submissions:
                 submission.cancel()
         completion_tokens = sum(c.pop("_tokens") for c in choices)

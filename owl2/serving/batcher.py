@@ -29,9 +29,12 @@ and chat tokens keep flowing between them. When nothing decodes, prefill batches
 
 A row's result does not depend on which rows share its forward: padding is masked, RoPE positions are per row and
 each generation row keeps its own sampling state (:class:`owl2.generation.engine.RowDecoder`). A failure stays with
-the rows that caused it: a newcomer or prefill-only batch that fails is retried row by row, and only the failing
-row gets the error. The waiting lines are bounded: ``submit`` and ``submit_prefill`` raise :class:`QueueFullError`
-when theirs is full (the server answers 429). ``max_batch_size=1`` decodes one request at a time (the baseline of
+the rows that caused it: a row whose settings, sampling or text fail ends alone, a newcomer or prefill-only batch
+that fails is retried row by row, and only the failing row gets the error. Every request the worker holds gets an
+answer: should the worker itself fail, each running row, each newcomer taken off the line and each prefill row of
+the iteration is told, and the worker goes on (a dead worker would leave every later request waiting forever). The
+waiting lines are bounded: ``submit`` and ``submit_prefill`` raise :class:`QueueFullError` when theirs is full (the
+server answers 429). ``max_batch_size=1`` decodes one request at a time (the baseline of
 ``benchmarks/serve_load.py``).
 """
 
@@ -76,9 +79,22 @@ class Submission:
     sink: EventSink
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    done: bool = False
+    """Its last event (one with a finish reason) or its error was handed to the sink."""
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def tell(self, event: StepEvent | BaseException) -> None:
+        """Hand ``event`` to the sink; nothing follows the request's last event or error. A sink that raises is a
+        client that cannot be reached: the request is cancelled, and the worker and the other rows go on."""
+        if self.done:
+            return
+        self.done = isinstance(event, BaseException) or event.finish_reason is not None
+        try:
+            self.sink(event)
+        except Exception:
+            self.cancelled = True
 
 
 @dataclass(frozen=True)
@@ -110,9 +126,25 @@ class PrefillSubmission:
     """A row failed: the request is lost, so its remaining rows are not run."""
     scheduled: int = 0
     """Rows handed to the runner so far."""
+    answered: set[int] = field(default_factory=set)
+    """Rows whose logits went to the sink."""
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def tell(self, index: int, result: torch.Tensor | BaseException) -> None:
+        """Hand row ``index``'s logits or error to the sink, at most once per row and nothing after an error. A sink
+        that raises cancels the request (as :meth:`Submission.tell`)."""
+        if self.failed or index in self.answered:
+            return
+        if isinstance(result, BaseException):
+            self.failed = True
+        else:
+            self.answered.add(index)
+        try:
+            self.sink(index, result)
+        except Exception:
+            self.cancelled = True
 
 
 @dataclass
@@ -242,9 +274,10 @@ class RunningBatch:
 
     def fail(self, error: BaseException) -> None:
         """End every row with ``error`` and forget the cache."""
-        for row in self.rows:
-            row.submission.sink(error)
+        rows = self.rows
         self.rows, self.cache, self.logits = [], None, None
+        for row in rows:
+            row.submission.tell(error)
 
     def room(self, rows: Sequence[_Row] | None = None) -> int:
         """Cache positions the rows can still write: the largest remaining output budget."""
@@ -260,21 +293,29 @@ class Runner:
         self.stats = stats
 
     def step(self, batch: RunningBatch) -> None:
-        """Emit every row's next token, drop finished and cancelled rows, decode one step for the others."""
+        """Emit every row's next token, drop finished, failed and cancelled rows, decode one step for the others. A
+        row whose sampling or text fails gets its error alone; only a failure of the shared forward raises."""
         assert batch.cache is not None and batch.logits is not None
         rows = batch.rows
         decoders = [row.decoder for row in rows]
+        logprobs = step_logprobs(decoders, batch.logits)  # before decode_step masks the stop ids in place
         chosen = decode_step(decoders, batch.logits)
-        logprobs = step_logprobs(decoders, batch.logits)
         keep: list[int] = []
         for i, row in enumerate(rows):
             if row.submission.cancelled:
                 self.stats.cancelled += 1
                 continue
-            event = row.decoder.advance(i, chosen[i], None if logprobs is None else logprobs[i])
+            picked = chosen[i]
+            try:
+                if isinstance(picked, Exception):
+                    raise picked
+                event = row.decoder.advance(i, picked, None if logprobs is None else logprobs[i])
+            except Exception as exc:  # this row's own failure: its neighbours go on
+                row.submission.tell(exc)
+                continue
             self.stats.generated_tokens += 1
-            row.submission.sink(event)
-            if not row.decoder.finished:
+            row.submission.tell(event)
+            if not row.decoder.finished and not row.submission.cancelled:
                 keep.append(i)
         if not keep:
             batch.rows, batch.cache, batch.logits = [], None, None
@@ -289,37 +330,51 @@ class Runner:
         batch.rows, batch.cache, batch.logits = kept, cache, out.logits[:, -1].float()
 
     def join(self, batch: RunningBatch, newcomers: list[Submission]) -> None:
-        """Prefill ``newcomers`` together and merge them into the running batch; a newcomer that fails gets its
-        error and the others still join."""
+        """Prefill ``newcomers`` together and merge them into the running batch. A newcomer whose settings or
+        prompt fail gets its error and the others still join; the running rows are never touched by a failure."""
+        engine = self.engine
+        joining: list[_Row] = []
+        for submission in newcomers:
+            try:  # the decoder first: a setting it refuses fails this newcomer alone, before any forward
+                decoder = RowDecoder(submission.request, engine.decode, engine.eos_ids,
+                                     submission.request.params.max_new_tokens, engine.model.device)
+            except Exception as exc:
+                submission.tell(exc)
+                continue
+            joining.append(_Row(submission, decoder))
+        if joining:
+            self._prefill(batch, joining)
+
+    def _prefill(self, batch: RunningBatch, joining: list[_Row]) -> None:
         engine = self.engine
         try:
-            prepared = engine.prepare([s.request.prompt_ids for s in newcomers],
-                                      [s.request.images for s in newcomers])
+            prepared = engine.prepare([r.submission.request.prompt_ids for r in joining],
+                                      [r.submission.request.images for r in joining])
             lengths = prepared["attention_mask"].sum(1).cpu()
             engine.check_context(lengths)
             fresh = engine.model.new_cache(*prepared["input_ids"].shape)
             out = engine.model(**prepared, cache=fresh, logits_to_keep=1)
         except Exception as exc:  # the newcomers' own problem: the running rows go on
-            if len(newcomers) > 1:  # find which of them it is: the others still join
-                for submission in newcomers:
-                    self.join(batch, [submission])
+            if len(joining) > 1:  # find which of them it is: the others still join
+                for row in joining:
+                    self._prefill(batch, [row])
                 return
-            newcomers[0].sink(exc)
+            joining[0].submission.tell(exc)
             return
         self.stats.prefills += 1
-        device = engine.model.device
-        joined = [
-            _Row(s, RowDecoder(s.request, engine.decode, engine.eos_ids,
-                               min(s.request.params.max_new_tokens, engine.context_length - int(n)), device))
-            for s, n in zip(newcomers, lengths, strict=True)
-        ]
-        everyone = batch.rows + joined
-        parts = [(batch.cache, range(len(batch.rows)))] if batch.rows and batch.cache is not None else []
-        merged = gather_rows([*parts, (fresh, range(len(joined)))], room=batch.room(everyone))
-        new_logits = out.logits[:, -1].float()
-        old = batch.logits if batch.rows else None
-        batch.rows, batch.cache = everyone, merged
-        batch.logits = new_logits if old is None else torch.cat([old, new_logits])
+        for row, n in zip(joining, lengths, strict=True):
+            row.decoder.max_new_tokens = min(row.decoder.max_new_tokens, engine.context_length - int(n))
+        everyone = batch.rows + joining
+        try:  # built aside and swapped in whole: a failure here leaves the running batch as it was
+            parts = [(batch.cache, range(len(batch.rows)))] if batch.rows and batch.cache is not None else []
+            merged = gather_rows([*parts, (fresh, range(len(joining)))], room=batch.room(everyone))
+            new_logits = out.logits[:, -1].float()
+            logits = new_logits if not batch.rows or batch.logits is None else torch.cat([batch.logits, new_logits])
+        except Exception as exc:
+            for row in joining:
+                row.submission.tell(exc)
+            return
+        batch.rows, batch.cache, batch.logits = everyone, merged, logits
 
     def prefill_only(self, rows: list[tuple[PrefillSubmission, int]]) -> None:
         """One forward for ``rows``; each row's logits (or error) go to its submission's sink."""
@@ -335,14 +390,13 @@ class Runner:
                     self.prefill_only([pair])
                 return
             submission, index = rows[0]
-            submission.failed = True
-            submission.sink(index, exc)
+            submission.tell(index, exc)
             return
         self.stats.prefill_only_batches += 1
         self.stats.prefill_only_rows += len(rows)
         self.stats.peak_prefill_only_rows = max(self.stats.peak_prefill_only_rows, len(rows))
         for (submission, index), row_logits in zip(rows, logits, strict=True):
-            submission.sink(index, row_logits)
+            submission.tell(index, row_logits)
 
 
 # --------------------------------------------------------------------------------------------------------- batcher
@@ -434,18 +488,17 @@ class ContinuousBatcher:
         try:
             if batch.rows:
                 self.runner.step(batch)
-        except Exception as exc:
+        except Exception as exc:  # the shared forward: every row in it ends
             batch.fail(exc)
         if not newcomers:
             return
         try:
             self.runner.join(batch, newcomers)
-        except Exception as exc:  # past the prefill (the merge): newcomers not yet in the batch are told too
+        except Exception as exc:  # join answers its own failures; anything else still reaches every newcomer
             joined = {id(row.submission) for row in batch.rows}
-            batch.fail(exc)
             for submission in newcomers:
                 if id(submission) not in joined:
-                    submission.sink(exc)
+                    submission.tell(exc)
 
     def _run(self) -> None:
         batch = RunningBatch()
@@ -459,10 +512,21 @@ class ContinuousBatcher:
                 prefill = self.scheduler.next_prefill()
                 self._update_waiting()
             decoding = bool(batch.rows)
+            # The handlers below catch faults of the worker itself (the runner answers the rows' own failures):
+            # they answer every request of that part of the iteration, and the worker keeps serving.
             with torch.inference_mode():
-                self._advance(batch, newcomers)
+                try:
+                    self._advance(batch, newcomers)
+                except Exception as exc:
+                    batch.fail(exc)
+                    for submission in newcomers:
+                        submission.tell(exc)
                 if prefill:
-                    self.runner.prefill_only(prefill)
+                    try:
+                        self.runner.prefill_only(prefill)
+                    except Exception as exc:
+                        for prefill_submission, index in prefill:
+                            prefill_submission.tell(index, exc)
                     self.stats.prefill_only_during_decode += int(decoding)
             self.stats.running = len(batch.rows)
             self.stats.peak_batch = max(self.stats.peak_batch, len(batch.rows))
@@ -472,6 +536,6 @@ class ContinuousBatcher:
             waiting, rows = self.scheduler.drain()
             self._update_waiting()
         for submission in waiting:
-            submission.sink(error)
+            submission.tell(error)
         for prefill_submission, index in rows:
-            prefill_submission.sink(index, error)
+            prefill_submission.tell(index, error)

@@ -25,6 +25,9 @@ class ServerMetrics:
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.ttft = Histogram("owl2_time_to_first_token_seconds", "Time from queueing to the first token",
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.refused = Counter("owl2_http_refused", "Requests and connections refused before reaching a route, by "
+                               "reason: body_too_large, body_timeout, header_timeout, headers_too_large, "
+                               "malformed_http, too_many_connections", ["reason"], registry=self.registry)
         self.rated_items = Counter("owl2_rated_items", "Images and videos rated", registry=self.registry)
         self.rate_latency = Histogram("owl2_rate_latency_seconds", "Time from arrival to the ratings of a request",
                                       buckets=_LATENCY_BUCKETS, registry=self.registry)

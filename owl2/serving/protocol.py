@@ -1,19 +1,82 @@
 """The wire format: OpenAI Chat Completions, owl2's rating requests (``POST /v1/rate``), and the response bodies.
 
 Requests are validated with pydantic. Unknown fields are an error (``strict``, the default) or ignored
-(``lenient``), and a field the model cannot honour with a non-default value (``presence_penalty=0.5``, ``tools``,
-a JSON ``response_format``) is refused with a message, never silently dropped.
+(``lenient``), and a field the model cannot honour with a non-default value (``presence_penalty=0.5``,
+``logit_bias``, ``tools``, a JSON ``response_format``) is refused with a message, never silently dropped. Every
+value that passes is one the server can act on: numbers are finite and bounded so that no sampling setting can
+overflow, and text is valid Unicode (JSON can spell a lone UTF-16 surrogate, ``"\\ud800"``, which no tokenizer
+takes).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from owl2.generation.sampling import MAX_LOGPROBS
+
+SEED_MIN = -(2**63)
+SEED_MAX = 2**63 - 1
+"""A request's ``seed``: a signed 64-bit integer (as vLLM takes); choice i of ``n`` samples with ``seed + i``."""
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _where(path: list[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else part
+    return out or "the body"
+
+
+def _children(container: dict[Any, Any] | list[Any]) -> Iterator[tuple[Any, Any]]:
+    return iter(container.items()) if isinstance(container, dict) else enumerate(container)
+
+
+def check_unicode(value: Any) -> Any:
+    """``value`` (parsed JSON) unchanged, or ``ValueError`` naming the first string or key that holds a lone UTF-16
+    surrogate: JSON can spell one (``"\\ud800"``), but it is no character, and encoding it fails (the tokenizer,
+    the log, the reply). A clean body costs one pass in C; the walk that names the place goes depth first with one
+    iterator per open container, so no nesting depth can exhaust the stack and no path is kept per element."""
+    def check(text: str, path: list[str | int]) -> None:
+        found = _SURROGATE.search(text)
+        if found:
+            raise ValueError(f"{_where(path)} is not valid Unicode: it holds a lone surrogate "
+                             f"(U+{ord(found.group()):04X}) at character {found.start()}")
+
+    if isinstance(value, str):
+        check(value, [])
+    if not isinstance(value, dict | list):
+        return value
+    try:  # one pass in C for the usual clean body; the walk below is there to name the place
+        if not _SURROGATE.search(json.dumps(value, ensure_ascii=False)):
+            return value
+    except (TypeError, ValueError, RecursionError):  # not plain JSON (a Python caller's objects), or very deep
+        pass
+    path: list[str | int] = []  # path[i]: where the container of stack[i + 1] sits in that of stack[i]
+    stack = [_children(value)]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            if stack:
+                path.pop()
+            continue
+        key, item = entry
+        if isinstance(key, str) and _SURROGATE.search(key):
+            raise ValueError(f"a field name in {_where(path)} is not valid Unicode (a lone surrogate)")
+        if isinstance(item, str):
+            check(item, [*path, key])
+        elif isinstance(item, dict | list):
+            path.append(key)
+            stack.append(_children(item))
+    return value
 
 
 class _Strict(BaseModel):
@@ -69,23 +132,30 @@ class ChatCompletionRequest(_Strict):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, Any] | None = None
+    tools: list[Any] | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
     # vLLM's extensions, which lmms-eval and VLMEvalKit users pass through extra_body
     top_k: int | None = Field(default=None, ge=-1)
     min_tokens: int | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, value: Any) -> Any:
+        return check_unicode(value)
 
     @field_validator("stop")
     @classmethod
@@ -102,6 +172,9 @@ class ChatCompletionRequest(_Strict):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise ValueError(f"{name} is not supported by this server (use repetition_penalty)")
+        for name in ("logit_bias", "tools"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported by this server")
         if self.response_format is not None and self.response_format.type != "text":
             raise ValueError(f"response_format {self.response_format.type!r} is not supported; only 'text'")
         if self.top_logprobs is not None and not self.logprobs:
@@ -111,6 +184,8 @@ class ChatCompletionRequest(_Strict):
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens disagree; give one of them")
+        if self.min_tokens and self.requested_max_tokens is not None and self.min_tokens > self.requested_max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) is over max_tokens ({self.requested_max_tokens})")
         return self
 
     @property
@@ -171,6 +246,11 @@ class RateItem(_Strict):
 
 class RateRequest(_Strict):
     """``POST /v1/rate``: rate images and videos with a Q-Align-family scorer (see docs/serving.md)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, value: Any) -> Any:
+        return check_unicode(value)
 
     model: str | None = None
     items: list[RateItem] = Field(min_length=1)

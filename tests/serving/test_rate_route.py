@@ -224,7 +224,8 @@ def test_fetching_does_not_block_the_server_and_long_videos_are_refused(tiny_pip
     images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowImage)
     threading.Thread(target=images.serve_forever, daemon=True).start()
     slow = f"http://127.0.0.1:{images.server_address[1]}/orange.png"
-    settings = ServerSettings(model_name="tiny", max_video_frames=64, images=ImagePolicy(allow_remote=True))
+    settings = ServerSettings(model_name="tiny", max_video_frames=64,
+                              images=ImagePolicy(allow_remote=True, allow_private_hosts=True))
     app = create_app(tiny_pipeline, settings)
 
     async def run(url: str) -> tuple[httpx.Response, float]:

@@ -153,7 +153,7 @@ def test_remote_images_when_enabled_with_timeout_and_size_cap(tiny_pipeline):
     images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
     threading.Thread(target=images.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{images.server_address[1]}"
-    policy = ImagePolicy(allow_remote=True, remote_timeout=0.5, remote_max_bytes=100_000)
+    policy = ImagePolicy(allow_remote=True, remote_timeout=0.5, remote_max_bytes=100_000, allow_private_hosts=True)
     app = create_app(tiny_pipeline, ServerSettings(model_name="tiny", images=policy))
     try:
         with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
@@ -161,10 +161,10 @@ def test_remote_images_when_enabled_with_timeout_and_size_cap(tiny_pipeline):
             assert fetched.status_code == 200
             assert fetched.json()["choices"][0]["message"]["content"] == \
                 client.post(CHAT, json=_question(data_url(scene("orange")))).json()["choices"][0]["message"]["content"]
-            for path, words in (("/slow.png", "no answer within"), ("/big.png", "over the limit"),
-                                ("/missing.png", "HTTP 404")):
+            for path in ("/slow.png", "/big.png", "/missing.png"):  # one message for every failure to fetch
                 refused = client.post(CHAT, json=_question(base + path))
-                assert refused.status_code == 400 and words in refused.json()["error"]["message"], refused.text
+                assert refused.status_code == 400, refused.text
+                assert "could not fetch the image" in refused.json()["error"]["message"], refused.text
     finally:
         images.shutdown()
 
