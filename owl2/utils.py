@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -42,7 +43,21 @@ def _mode_for(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o7777
     except FileNotFoundError:
-        return 0o666 & ~_umask()
+        return new_file_mode()
+
+
+def new_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0666 less the process umask."""
+    return 0o666 & ~_umask()
+
+
+def publish_file(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Give ``tmp``, a finished file written by a library that picks its own mode (safetensors writes 0600), the
+    mode :func:`atomic_output` would, make it durable, then rename it to ``path`` in one step."""
+    os.chmod(tmp, _mode_for(Path(path)))
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def _umask() -> int:
@@ -61,16 +76,62 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         handle.write(text)
 
 
+JSON_MAX_BYTES = 64 * 2**20
+"""The largest settings file :func:`read_json_object` reads (configs, indexes, tokenizer settings are kilobytes)."""
+JSON_MAX_DEPTH = 64
+"""The deepest nesting :func:`read_json_object` accepts (real settings files nest a few levels)."""
+
+
 def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON object in ``path``; ValueError naming the file when it is not valid JSON or not an object."""
+    """The JSON object in ``path``; ValueError naming the file when it is not one.
+
+    Refused, each as one line: a path that is not a regular file (a FIFO would block the read forever, a device
+    never end), a file over :data:`JSON_MAX_BYTES`, text that is not UTF-8 or not valid JSON, nesting deeper than
+    :data:`JSON_MAX_DEPTH` (which would otherwise surface as a ``RecursionError`` here or wherever the value is
+    copied), and a top-level value that is not an object. ``FileNotFoundError`` passes through unchanged.
+    """
     path = Path(path)
+    raw = _read_regular_file(path, JSON_MAX_BYTES)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text, so not a JSON file") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply (more than {JSON_MAX_DEPTH} levels)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if _nesting_depth(data, JSON_MAX_DEPTH) > JSON_MAX_DEPTH:
+        raise ValueError(f"{path}: JSON nested too deeply (more than {JSON_MAX_DEPTH} levels)")
     return data
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``path``, which must be a regular file; ValueError otherwise."""
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer; it changes nothing for regular files
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path}: not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        raw = handle.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"{path}: larger than {limit // 2**20} MiB, far too large for a settings file")
+    return raw
+
+
+def _nesting_depth(value: Any, limit: int) -> int:
+    """How deep lists and objects nest in ``value`` (1 for a flat one), counted up to ``limit + 1`` only."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:  # iterative: the point is to survive values too deep for recursion
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                break
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def progress(items: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True,

@@ -20,12 +20,14 @@ from owl2.checkpoint.io import (
     CheckpointError,
     ShardWriter,
     build_empty,
+    check_capacity,
     check_keys,
     check_shape,
     expected_keys,
     iter_checkpoint,
     parse_dtype,
     resolve_checkpoint,
+    weight_files,
 )
 from owl2.model.config import Owl2Config
 
@@ -55,7 +57,8 @@ def convert_checkpoint(
     """Convert ``source`` (official or owl2 layout, local or hub id) into sharded safetensors at ``destination``.
 
     ``dtype`` casts floating tensors (default: keep the stored dtype). The recomputed buffers of the official model
-    are dropped. Raises :class:`CheckpointError` on missing/unexpected keys, wrong shapes or a failed verification.
+    are dropped. Raises :class:`CheckpointError` on missing/unexpected keys, wrong shapes, a corrupt, refused or
+    outside source file (as :func:`owl2.load_model` does) or a failed verification.
     """
     dtype = parse_dtype(dtype)
     src = resolve_checkpoint(source)
@@ -63,13 +66,15 @@ def convert_checkpoint(
     if dst.resolve() == src.resolve():
         raise CheckpointError("destination must differ from the source directory")
     config = Owl2Config.from_json(src)
+    files = weight_files(src)
+    check_capacity(src, config, files)  # before the model is laid out, which an absurd config makes slow
     expected = expected_keys(build_empty(config), config)
 
     writer = ShardWriter(dst, max_shard_size)
     seen: set[str] = set()
     unexpected: list[str] = []
     skipped: list[str] = []
-    for key, tensor in iter_checkpoint(src, show_progress=show_progress, desc="converting"):
+    for key, tensor in iter_checkpoint(src, show_progress=show_progress, desc="converting", files=files):
         if key not in expected.shapes:
             (skipped if RECOMPUTED_KEYS.search(key) else unexpected).append(key)
             continue

@@ -5,14 +5,22 @@ safetensors (one file, or shards with ``model.safetensors.index.json``). Pickles
 ``torch.load(weights_only=True)``. Weights stream shard by shard into a model built on the meta device and are cast
 as they arrive, so peak memory is the model in the target dtype plus one shard.
 
-Writes sharded safetensors plus ``config.json``, every file atomically.
+Every file a checkpoint names is read as data, never trusted: weight files must lie inside the checkpoint directory
+(symlinks followed), sizes in ``config.json`` are checked against what the weight files can hold before anything is
+built, and a corrupt or hostile file is one :class:`CheckpointError` line naming it, never a traceback.
+
+Writes sharded safetensors plus ``config.json``, every file atomically, with the modes a plain ``open`` would give.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import pickle
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +32,7 @@ from torch import nn
 
 from owl2.model.config import Owl2Config
 from owl2.model.modeling import Owl2ForCausalLM, set_default_layout
-from owl2.utils import atomic_output, atomic_write_text, progress
+from owl2.utils import atomic_output, atomic_write_text, progress, publish_file, read_json_object
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -41,8 +49,21 @@ DTYPES = {
 }
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint directory is missing files or does not match its config."""
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint directory is missing files, holds a corrupt or refused file, or does not match its config.
+
+    A ``ValueError`` (bad input, as the command line reports it: one line, exit status 2); also a ``RuntimeError``,
+    which it was first, so older ``except RuntimeError`` handlers still catch it.
+    """
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    """A library's error message as a clause of ours: its first sentence of its first line, at most ``limit``
+    characters (torch follows its point with paragraphs of advice)."""
+    lines = str(text).strip().splitlines()
+    line = lines[0].strip().split(". ")[0] if lines else ""
+    line = "".join(c if c.isprintable() else "?" for c in line)  # it may quote the file: no terminal escapes
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -107,48 +128,166 @@ def _hub_failure(exc: Exception) -> str:
 
 
 def weight_files(directory: str | os.PathLike[str]) -> list[Path]:
-    """The weight files of a checkpoint directory, preferring safetensors over pickles."""
+    """The weight files of a checkpoint directory, preferring safetensors over pickles.
+
+    An index (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``) must map tensor names to file
+    names; every file, listed or single, must be a regular file inside ``directory`` once symlinks are followed (in a
+    Hugging Face hub cache snapshot, inside the repo's cache folder, where the snapshot's links point). Anything
+    else is a :class:`CheckpointError` naming the index or file.
+    """
     directory = Path(directory)
+    root = _containment_root(directory)
     for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (PICKLE_INDEX, PICKLE_SINGLE)):
         index = directory / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index} has no weight_map")
-            files = [directory / name for name in dict.fromkeys(weight_map.values())]
+            files = [_inside(directory, name, root, index) for name in _shard_names(index)]
             absent = [f.name for f in files if not f.is_file()]
             if absent:
                 raise CheckpointError(f"{index} lists shards that are missing: {', '.join(absent)}")
             return files
         if (directory / single).is_file():
-            return [directory / single]
+            return [_inside(directory, single, root, None)]
     raise CheckpointError(
         f"no weights in {directory}: expected {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {PICKLE_INDEX} or "
         f"{PICKLE_SINGLE}"
     )
 
 
-def read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) from one weight file, tensors on the CPU in their stored dtype."""
-    if file.suffix == ".safetensors":
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield key, handle.get_tensor(key)
-        return
+def _shard_names(index: Path) -> list[str]:
+    """The distinct file names an index's ``weight_map`` lists, in order of first mention."""
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (non-zip) pickle format cannot be memory-mapped
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        data = read_json_object(index)
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(_one_line(exc) if isinstance(exc, ValueError) else f"{index}: cannot read it "
+                              f"({exc.strerror or exc})") from None
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name.strip() or "\0" in name:
+            shown = repr(name) if isinstance(name, str) else f"a {type(name).__name__}"
+            raise CheckpointError(f"{index}: weight_map[{key[:80]!r}] must name a shard file, got {shown[:80]}")
+    return list(dict.fromkeys(weight_map.values()))
+
+
+def _containment_root(directory: Path) -> Path:
+    """The folder every weight file of ``directory`` must resolve into: the directory itself, or for a snapshot of
+    the Hugging Face hub cache (``models--owner--name/snapshots/REVISION``, whose files link to ``../../blobs``) the
+    repo's cache folder."""
+    real = _resolved(directory)
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop, before Python 3.13
+        raise CheckpointError(f"{path}: cannot follow its symlinks ({_one_line(exc)})") from None
+
+
+def _inside(directory: Path, name: str, root: Path, index: Path | None) -> Path:
+    """``directory / name`` once it is known to resolve (symlinks followed) inside ``root``; ``index`` is the file
+    that named it, if any."""
+    where = f"{index}: shard {name!r}" if index is not None else f"{directory / name}"
+    if Path(name).is_absolute():
+        raise CheckpointError(f"{where} is an absolute path; shards must be files inside the checkpoint directory")
+    real = _resolved(directory / name)
+    if not real.is_relative_to(root):
+        raise CheckpointError(f"{where} resolves to {real}, outside the checkpoint directory {directory}; a "
+                              "checkpoint's files must lie inside it (copy the file in rather than linking to it)")
+    return directory / name
+
+
+def read_shard(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from one weight file, tensors on the CPU in their stored dtype.
+
+    Safetensors files are memory-mapped; pickles are opened with ``torch.load(weights_only=True)`` (memory-mapped
+    when in the zip format), so a pickle that asks to run code or build anything but tensors is refused. A corrupt,
+    truncated or refused file raises :class:`CheckpointError` naming it, never the library's own exception.
+    """
+    if file.suffix == ".safetensors":
+        with contextlib.ExitStack() as stack:
+            with _reading(file, "a safetensors file"):
+                handle = stack.enter_context(safe_open(str(file), framework="pt"))
+                keys = list(handle.keys())
+            for key in keys:
+                with _reading(file, "a safetensors file"):
+                    tensor = handle.get_tensor(key)
+                yield key, tensor
+        return
+    with _reading(file, "a PyTorch weights file"):
+        state = _torch_load(file)
     if not isinstance(state, dict):
-        raise CheckpointError(f"{file} does not hold a state dict")
+        raise CheckpointError(f"{file} does not hold a state dict (it holds a {type(state).__name__})")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{file} is not a plain state dict: entry {str(key)[:80]!r} holds a "
+                                  f"{type(value).__name__}, not a tensor")
     yield from state.items()
     del state
 
 
-def iter_checkpoint(directory: Path, *, show_progress: bool = True, desc: str = "loading") -> Iterator[
-    tuple[str, torch.Tensor]
-]:
-    files = weight_files(directory)
+def read_tensor_file(file: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every (key, tensor) of one safetensors or pickled weights file, read as :func:`read_shard` reads it (a
+    corrupt, truncated or refused file is one :class:`CheckpointError` line naming it)."""
+    return dict(read_shard(Path(file)))
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The reason in torch's refusal of a pickle, without the advice around it (which suggests running the file's
+    code with ``weights_only=False``)."""
+    for line in str(exc).splitlines():
+        line = line.replace("WeightsUnpickler error:", "").strip()
+        if line and "weights_only" not in line and not line.startswith(("Check the documentation", "Please file")):
+            return _one_line(line)
+    return "not a pickle of plain tensors"
+
+
+def _torch_load(file: Path) -> object:
+    with open(file, "rb") as handle:
+        zipped = handle.read(4) == b"PK\x03\x04"
+    if zipped:
+        # Memory-mapped, so tensor data stays in the file until used; a zip that cannot be mapped is corrupt, not a
+        # reason to read (and perhaps inflate) it whole into memory.
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(file, map_location="cpu", weights_only=True)  # the legacy format cannot be memory-mapped
+
+
+@contextlib.contextmanager
+def _reading(file: Path, kind: str) -> Iterator[None]:
+    """Turn whatever a reader library raises about ``file`` into one :class:`CheckpointError` line.
+
+    torch's message for a refused pickle suggests ``weights_only=False``, i.e. running the file's code: it is
+    never passed on."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as exc:
+        reason = _unpickling_reason(exc)
+        culprit = re.search(r"GLOBAL ([\w.]+)", reason)
+        if culprit is None:  # no code asked for: the stream itself is broken or not a pickle at all
+            raise CheckpointError(f"{file}: not {kind} owl2 can read (truncated or corrupt?): {reason}") from None
+        raise CheckpointError(
+            f"{file}: refused: the pickle asks to run code or build objects other than tensors "
+            f"({culprit.group(1)}); owl2 only loads pickled weights that are plain tensors (a safetensors copy of the "
+            "checkpoint avoids pickles)"
+        ) from None
+    except MemoryError:
+        raise CheckpointError(f"{file}: not {kind} owl2 can read: it claims more memory than there is") from None
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot read it ({exc.strerror or _one_line(exc)})") from None
+    except Exception as exc:  # safetensors, torch, zipfile and pickle each raise their own kinds for a bad file
+        raise CheckpointError(f"{file}: not {kind} owl2 can read (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {_one_line(exc)}") from None
+
+
+def iter_checkpoint(directory: Path, *, show_progress: bool = True, desc: str = "loading",
+                    files: list[Path] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every (key, tensor) of the checkpoint in ``directory`` (of ``files``, its :func:`weight_files`, when given)."""
+    files = weight_files(directory) if files is None else files
     for file in progress(files, total=len(files), desc=desc, enabled=show_progress):
         yield from read_shard(file)
 
@@ -158,12 +297,80 @@ def iter_checkpoint(directory: Path, *, show_progress: bool = True, desc: str = 
 class ExpectedKeys:
     shapes: dict[str, torch.Size]
     tied: frozenset[str]
+    floating: frozenset[str] = frozenset()
+    """Keys whose tensors must be floating point (a checkpoint's integer tensor there would break the forward)."""
 
 
 def expected_keys(model: nn.Module, config: Owl2Config) -> ExpectedKeys:
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    tied = frozenset({"lm_head.weight"}) if config.tie_word_embeddings else frozenset()
-    return ExpectedKeys(shapes, tied)
+    state = model.state_dict()
+    shapes = {k: v.shape for k, v in state.items()}
+    return ExpectedKeys(shapes, _tied(config), frozenset(k for k, v in state.items() if v.is_floating_point()))
+
+
+def _tied(config: Owl2Config) -> frozenset[str]:
+    """Keys a checkpoint of ``config`` need not store: they share another key's tensor."""
+    return frozenset({"lm_head.weight"}) if config.tie_word_embeddings else frozenset()
+
+
+def stored_size(config: Owl2Config) -> int:
+    """How many tensor elements a complete checkpoint of ``config`` stores (a tied ``lm_head`` not counted).
+
+    Computed without laying out the model: one layer of each stack is built on the meta device, and the rest scaled
+    up, so a config that claims a million layers costs as little as one that claims two.
+    """
+    from owl2.model.abstractor import AbstractorLayer
+    from owl2.model.llama import DecoderLayer
+    from owl2.model.vision import VisionEncoderLayer
+
+    def elements(module: nn.Module, skip: frozenset[str] = frozenset()) -> int:
+        return sum(t.numel() for k, t in module.state_dict().items() if k not in skip)
+
+    layers = (config.num_hidden_layers, config.vision.num_hidden_layers, config.abstractor.num_hidden_layers)
+    shallow = dataclasses.replace(
+        config, num_hidden_layers=1, vision=dataclasses.replace(config.vision, num_hidden_layers=1),
+        abstractor=dataclasses.replace(config.abstractor, num_hidden_layers=1), extra={}, visual_extra={})
+    with torch.device("meta"):
+        total = elements(Owl2ForCausalLM(shallow), _tied(config))
+        for count, layer in zip(layers, (DecoderLayer(config), VisionEncoderLayer(config.vision),
+                                         AbstractorLayer(config.abstractor)), strict=True):
+            total += (count - 1) * elements(layer)
+    return total
+
+
+def stored_capacity(files: list[Path]) -> int:
+    """The most tensor elements ``files`` can hold: what the safetensors headers declare (the library checks
+    them against the file size), and for a pickle its size in bytes (no element takes less than a byte)."""
+    total = 0
+    for file in files:
+        if file.suffix == ".safetensors":
+            with _reading(file, "a safetensors file"), safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    shape = handle.get_slice(key).get_shape()
+                    total += int(torch.Size(shape).numel())
+        else:
+            with _reading(file, "a PyTorch weights file"):
+                size = file.stat().st_size
+            if size == 0:
+                raise CheckpointError(f"{file}: not a PyTorch weights file owl2 can read: the file is empty")
+            total += size
+    return total
+
+
+def check_capacity(directory: Path, config: Owl2Config, files: list[Path]) -> None:
+    """Raise :class:`CheckpointError` when ``config`` describes more than twice the weights ``files`` can hold.
+
+    Checked before the model is laid out, which for an absurd config (a million layers) would take minutes and
+    gigabytes on its own. A config only a little too large is left to the key and shape checks, whose messages name
+    the tensors that differ.
+    """
+    needed, held = stored_size(config), stored_capacity(files)
+    if needed > 2 * held:
+        names = ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise CheckpointError(
+            f"{directory / 'config.json'} describes a model of {needed:,} weights but the weight files ({names}) hold "
+            f"at most {held:,}: the config does not belong to these weights (num_hidden_layers "
+            f"{config.num_hidden_layers}, hidden_size {config.hidden_size}, vocab_size {config.vocab_size})"
+        )
 
 
 def check_keys(expected: ExpectedKeys, seen: set[str], unexpected: list[str], where: Path) -> None:
@@ -172,7 +379,7 @@ def check_keys(expected: ExpectedKeys, seen: set[str], unexpected: list[str], wh
         return
 
     def listing(keys: list[str]) -> str:
-        shown = ", ".join(keys[:20])
+        shown = ", ".join(_shown_key(k) for k in keys[:20])
         return shown + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
 
     parts = []
@@ -183,11 +390,25 @@ def check_keys(expected: ExpectedKeys, seen: set[str], unexpected: list[str], wh
     raise CheckpointError(f"checkpoint {where} does not match its config: " + "; ".join(parts))
 
 
+def _shown_key(key: str) -> str:
+    """A tensor name from a file as it goes into a one-line message: as written when short and printable, else its
+    ``repr`` cut to 100 characters (a key is the file's text, newlines and terminal escapes included)."""
+    if len(key) <= 100 and key.isprintable():
+        return key
+    text = repr(key)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def check_shape(key: str, tensor: torch.Tensor, expected: ExpectedKeys) -> None:
+    """Raise :class:`CheckpointError` unless ``tensor`` has the shape the config gives ``key`` and, where the model
+    holds floating-point values, a floating-point dtype."""
     if tensor.shape != expected.shapes[key]:
         raise CheckpointError(
             f"{key}: checkpoint shape {list(tensor.shape)} differs from the config's {list(expected.shapes[key])}"
         )
+    if key in expected.floating and not tensor.is_floating_point():
+        raise CheckpointError(f"{key}: the checkpoint stores it as {str(tensor.dtype).removeprefix('torch.')}, "
+                              "not as floating-point numbers")
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -233,11 +454,13 @@ def load_model(
     device = torch.device(device)
     directory = resolve_checkpoint(path_or_id, revision=revision)
     config = Owl2Config.from_json(directory)
+    files = weight_files(directory)
+    check_capacity(directory, config, files)
     model = build_empty(config)
     expected = expected_keys(model, config)
     seen: set[str] = set()
     unexpected: list[str] = []
-    for key, tensor in iter_checkpoint(directory, show_progress=show_progress):
+    for key, tensor in iter_checkpoint(directory, show_progress=show_progress, files=files):
         if key not in expected.shapes:
             if not RECOMPUTED_KEYS.search(key):
                 unexpected.append(key)
@@ -271,6 +494,22 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * units[(match.group(2) or "").upper()])
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` to the safetensors file ``path`` atomically and durably, with the mode a plain ``open``
+    would give it (0666 less the umask; safetensors' own ``save_file`` makes every file private, 0600)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        publish_file(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 class ShardWriter:
     """Collects tensors and writes them as safetensors shards of at most ``max_shard_size`` bytes each.
 
@@ -299,7 +538,7 @@ class ShardWriter:
         if not self.pending:
             return
         part = self.directory / f".owl2-part-{len(self.parts):05d}.safetensors.tmp"
-        save_file(self.pending, str(part), metadata={"format": "pt"})
+        save_safetensors(self.pending, part, metadata={"format": "pt"})
         self.parts.append((part, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -333,15 +572,21 @@ PROCESSING_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"
 
 
 def copy_processing_files(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> list[str]:
-    """Copy the tokenizer and image-processor files that ``source`` has into ``destination`` (each atomically)."""
+    """Copy the tokenizer and image-processor files that ``source`` has into ``destination`` (each atomically).
+
+    Each must resolve inside ``source``, as weight files must (:func:`weight_files`): a link to a file elsewhere
+    would otherwise publish that file's contents with the checkpoint ``owl2 merge`` or training writes. All are
+    checked before any is copied.
+    """
     source, destination = Path(source), Path(destination)
-    copied = []
-    for name in PROCESSING_FILES:
-        if (source / name).is_file():
-            with atomic_output(destination / name) as handle:
-                handle.write((source / name).read_bytes())
-            copied.append(name)
-    return copied
+    root = _containment_root(source)
+    names = [name for name in PROCESSING_FILES if (source / name).is_file()]
+    for name in names:
+        _inside(source, name, root, None)
+    for name in names:
+        with atomic_output(destination / name) as handle:
+            handle.write((source / name).read_bytes())
+    return names
 
 
 def save_model(
@@ -387,14 +632,17 @@ __all__ = [
     "ShardWriter",
     "atomic_output",
     "build_empty",
+    "check_capacity",
     "check_keys",
     "copy_processing_files",
     "iter_checkpoint",
     "load_model",
     "parse_dtype",
     "read_shard",
+    "read_tensor_file",
     "resolve_checkpoint",
     "save_model",
+    "save_safetensors",
     "save_state_dict",
     "weight_files",
 ]

@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from owl2.checkpoint.io import save_safetensors
 from owl2.training.distributed import DistEnv, barrier, unwrap
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -74,18 +75,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def put_back(moved: Path, target: Path) -> bool:
+    """Rename ``moved`` -- a complete copy that a swap moved aside before a kill -- back to ``target`` when
+    ``target`` is missing (the caller checks completeness); returns whether it did. A rename that fails (another
+    process put it back first, or the directory is read-only) is not an error: the caller reads what is there."""
+    if target.exists():
+        return False
+    try:
+        os.rename(moved, target)
+    except OSError:
+        return False
+    _fsync_dir(target.parent)
+    return True
+
+
 def _restore_displaced(root: Path) -> None:
     """Put back each ``.old-step-N`` whose ``step-N`` is missing: a run killed while swapping in a rewritten step
     leaves the complete previous copy there and no visible one."""
     for path in sorted(root.glob(".old-step-*")):
         match = _DISPLACED_DIR.match(path.name)
-        if match is None or (root / match.group(1)).exists() or not _is_complete(path):
-            continue
-        try:
-            os.rename(path, root / match.group(1))
-        except OSError:  # another rank put it back first, or the directory is read-only: list what is there
-            continue
-        _fsync_dir(root)
+        if match is not None and not (root / match.group(1)).exists() and _is_complete(path):
+            put_back(path, root / match.group(1))
 
 
 def _remove_checkpoint(path: Path) -> None:
@@ -254,7 +264,7 @@ def save_checkpoint(
         optim = optimizer_state(model, optimizer)
     torch.save(rng_state(env.device), tmp / f"rng-rank{env.rank}.pt")
     if env.is_main:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+        save_safetensors({k: v.contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
         if optim is not None:
             torch.save(optim, tmp / "optimizer.pt")
         torch.save({"state": state.to_dict(), "scheduler": scheduler.state_dict(), "recipe": recipe,

@@ -27,19 +27,19 @@ the fully trained tensors replace the base's, then each LoRA pair is folded in a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import pickle
 import re
+import secrets
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 
 from owl2.checkpoint.io import (
@@ -48,12 +48,14 @@ from owl2.checkpoint.io import (
     copy_processing_files,
     load_model,
     parse_dtype,
+    read_tensor_file,
     resolve_checkpoint,
     save_model,
 )
 from owl2.model.config import Owl2Config
 from owl2.model.modeling import Owl2ForCausalLM
-from owl2.utils import atomic_write_text, read_json_object
+from owl2.training.checkpointing import _fsync_dir, put_back
+from owl2.utils import atomic_write_text, new_file_mode, read_json_object
 
 _LAYER = r"model\.layers\.\d+\."
 _MLP = r"mlp\.(gate_proj|up_proj|down_proj)"
@@ -232,63 +234,209 @@ def _settings_of(model: nn.Module) -> LoraSettings:
     return settings
 
 
+# save_adapter's hidden working directories beside ``NAME``: ``.NAME.<random>.tmp`` (the new adapter being written)
+# and ``.NAME.<random>.old`` (the previous one, moved aside for the swap). Older versions drew the random part with
+# tempfile.mkdtemp, which the pattern also matches.
+_HIDDEN_SUFFIX = re.compile(r"\.[a-z0-9_]+\.(?P<kind>tmp|old)")
+
+
+def _new_hidden_dir(directory: Path, kind: str) -> Path:
+    """A new empty ``.NAME.<random>.<kind>`` beside ``directory``, with the mode a plain ``mkdir`` gives: it
+    becomes the published adapter, and ``tempfile.mkdtemp``'s 0700 would hide that from the owner's group."""
+    for _ in range(100):
+        path = directory.parent / f".{directory.name}.{secrets.token_hex(4)}.{kind}"
+        try:
+            path.mkdir()
+        except FileExistsError:  # taken: draw another name
+            continue
+        return path
+    raise FileExistsError(f"no free name for a temporary directory beside {directory}")
+
+
+def _hidden_dirs(directory: Path) -> list[tuple[Path, str]]:
+    """The hidden working directories of :func:`save_adapter` beside ``directory``, with their kind (tmp or old)."""
+    prefix = f".{directory.name}"
+    try:
+        entries = list(directory.parent.iterdir())
+    except OSError:  # no parent yet, or not listable: nothing of ours there
+        return []
+    found = []
+    for path in entries:
+        match = _HIDDEN_SUFFIX.fullmatch(path.name[len(prefix):]) if path.name.startswith(prefix) else None
+        if match is not None and path.is_dir() and not path.is_symlink():
+            found.append((path, match["kind"]))
+    return found
+
+
+def _is_complete_adapter(directory: Path) -> bool:
+    """Whether ``directory`` holds every file :func:`save_adapter` writes."""
+    return all((directory / name).is_file() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SETTINGS_FILE))
+
+
+def _recover_adapter(directory: Path) -> Path:
+    """Where the adapter ``directory`` is to be read from, after putting back one that a killed save left aside.
+
+    A save killed between its two renames leaves no ``directory`` and the previous adapter, complete, at
+    ``.NAME.<random>.old/NAME``: it is renamed back (only when complete; the newest if several). If the rename is
+    not possible (a read-only parent), the hidden copy is returned to be read where it lies. Nothing is deleted
+    here: readers may run beside a save in progress."""
+    if directory.exists():
+        return directory
+    moved = []
+    for old, kind in _hidden_dirs(directory):
+        candidate = old / directory.name
+        if kind == "old" and _is_complete_adapter(candidate):
+            with contextlib.suppress(OSError):  # gone meanwhile: another process put it back
+                moved.append((old.stat().st_mtime_ns, candidate))
+    if not moved:
+        return directory
+    candidate = max(moved)[1]
+    if put_back(candidate, directory):
+        with contextlib.suppress(OSError):
+            os.rmdir(candidate.parent)  # the emptied .old directory; only ever removed when empty
+        return directory
+    return directory if directory.exists() else candidate
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Save the adapter of ``model`` (from :func:`apply_lora`) as one peft adapter directory; returns its path.
 
     The directory holds peft's ``adapter_config.json`` and ``adapter_model.safetensors`` (LoRA matrices and, when
     trained, the abstractor) plus ``owl2_lora.json`` (the :class:`LoraSettings`). Everything is written to a
-    temporary directory beside ``directory`` and renamed into place, so a crash leaves either the previous adapter
-    or the new one, never a mix: an earlier adapter is first renamed aside and removed only after the new one is in
-    place.
+    hidden temporary directory beside ``directory``, flushed to disk and renamed into place, so ``directory`` is
+    always a complete adapter, the previous one or the new one: an earlier adapter is renamed aside first and
+    removed only after the new one is in place. A process killed between those two renames leaves the previous
+    adapter complete in a hidden ``.NAME.<random>.old`` directory; reading the adapter (:func:`load_adapter`,
+    :func:`read_settings`, :func:`adapter_layout`, merging) or the next save puts it back. The next save also
+    deletes the hidden leftovers of a killed save, so only one process may save to ``directory`` at a time.
     """
     settings = _settings_of(model)
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    _recover_adapter(directory)
+    for leftover, _ in _hidden_dirs(directory):  # a killed save's half-written or replaced copies
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = _new_hidden_dir(directory, "tmp")
     old: Path | None = None
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         atomic_write_text(tmp / SETTINGS_FILE, json.dumps(asdict(settings), indent=2, sort_keys=True) + "\n")
         for file in tmp.iterdir():  # peft writes plainly; make the contents durable before the rename publishes them
+            os.chmod(file, new_file_mode())  # safetensors writes 0600; give what a plain open gives, as elsewhere
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
+        _fsync_dir(tmp)
         if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+            old = _new_hidden_dir(directory, "old")
             os.replace(directory, old / directory.name)
+            _fsync_dir(directory.parent)
         os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not directory.exists() and (old / directory.name).exists():
-            os.replace(old / directory.name, directory)  # put the previous adapter back
+            put_back(old / directory.name, directory)  # the previous adapter, as it was
+        if old is not None and not (old / directory.name).exists():
+            shutil.rmtree(old, ignore_errors=True)  # else it stays hidden for the next read or save to put back
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
+# The JSON types of the fields of owl2_lora.json (a bool is never taken for a number).
+_SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    "preset": (str,), "target_pattern": (str, type(None)), "r": (int,), "alpha": (int, float),
+    "dropout": (int, float), "train_abstractor": (bool,), "quantize_base": (str, type(None)),
+}
+
+
+def _has_type(value: Any, kinds: tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and (not isinstance(value, bool) or bool in kinds)
+
+
+def _adapter_config(directory: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict: :class:`CheckpointError` naming the file when it is not a JSON object, or
+    when a rank, alpha, dropout or target list it gives has the wrong type (peft's own errors would not name it)."""
+    where = directory / ADAPTER_CONFIG
+    try:
+        config = read_json_object(where)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    checks = {"r": ("a positive integer", lambda v: _has_type(v, (int,)) and v > 0),
+              "lora_alpha": ("a positive number", lambda v: _has_type(v, (int, float)) and v > 0),
+              "lora_dropout": ("a number in [0, 1)", lambda v: _has_type(v, (int, float)) and 0 <= v < 1),
+              "target_modules": ("a regex or a list of module names", lambda v: v is None or isinstance(v, str)
+                                 or (isinstance(v, list) and all(isinstance(t, str) for t in v)))}
+    for name, (wanted, valid) in checks.items():
+        if name in config and not valid(config[name]):
+            raise CheckpointError(f"{where}: {name} must be {wanted}, got {json.dumps(config[name])[:80]}")
+    return config
+
+
+def _settings_file(file: Path) -> LoraSettings:
+    """The :class:`LoraSettings` in ``owl2_lora.json``, checked: one :class:`CheckpointError` line naming the file
+    and the field when a value has the wrong type or is not a valid setting."""
+    try:
+        data = read_json_object(file)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    known = {k: v for k, v in data.items() if k in _SETTING_TYPES}
+    for key, value in known.items():
+        if not _has_type(value, _SETTING_TYPES[key]):
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in _SETTING_TYPES[key])
+            raise CheckpointError(f"{file}: {key} must be {wanted}, got {json.dumps(value)[:80]}")
+    settings = LoraSettings(**known)
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise CheckpointError(f"{file}: {exc}") from None
+    return settings
+
+
+def _check_weights(file: Path) -> None:
+    """One :class:`CheckpointError` line naming ``file`` when its safetensors header cannot be read or promises
+    more bytes than the file holds (truncated, corrupt); only the header is read."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot read it ({exc.strerror or exc})") from None
+    except Exception as exc:  # safetensors raises its own error type for a bad file
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{file}: not a safetensors file owl2 can read (truncated or corrupt?): "
+                              f"{reason}") from None
+
+
 def read_settings(directory: str | os.PathLike[str]) -> LoraSettings:
     """The :class:`LoraSettings` recorded in an adapter directory.
 
     An adapter saved by peft itself (no ``owl2_lora.json``) gets settings rebuilt from its ``adapter_config.json``.
+    A file that is not valid JSON, a value of the wrong type in it, or weights whose safetensors header is
+    unreadable or promises more bytes than the file holds raise :class:`CheckpointError` naming the file.
     """
-    directory = Path(directory)
+    directory = _recover_adapter(Path(directory))
     if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{directory} is not a LoRA adapter directory: expected {ADAPTER_CONFIG} and "
                               f"{ADAPTER_WEIGHTS}")
+    config = _adapter_config(directory)
+    _check_weights(directory / ADAPTER_WEIGHTS)  # peft would raise safetensors' own error, naming no file
     if (directory / SETTINGS_FILE).is_file():
-        data = read_json_object(directory / SETTINGS_FILE)
-        known = {k: v for k, v in data.items() if k in LoraSettings.__dataclass_fields__}
-        return LoraSettings(**known)
-    config = read_json_object(directory / ADAPTER_CONFIG)
+        return _settings_file(directory / SETTINGS_FILE)
     targets = config.get("target_modules")
     pattern = targets if isinstance(targets, str) else "|".join(f"(.*\\.)?{re.escape(t)}" for t in targets or [])
-    return LoraSettings(
+    settings = LoraSettings(
         target_pattern=pattern,
-        r=int(config.get("r", 8)),
-        alpha=int(config.get("lora_alpha", 8)),
+        r=config.get("r", 8),
+        alpha=config.get("lora_alpha", 8),
         dropout=float(config.get("lora_dropout", 0.0)),
         train_abstractor=bool(config.get("modules_to_save")),
     )
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise CheckpointError(f"{directory / ADAPTER_CONFIG}: {exc}") from None
+    return settings
 
 
 def load_adapter(
@@ -306,7 +454,7 @@ def load_adapter(
     """
     _check_base(base_model)
     peft = _require_peft()
-    directory = Path(directory)
+    directory = _recover_adapter(Path(directory))
     settings = read_settings(directory)
     int8 = quantize_base and settings.quantize_base is not None
     if int8:
@@ -332,7 +480,7 @@ def adapter_layout(directory: str | os.PathLike[str]) -> str:
     full rank: abstractor, vision tower); a peft adapter saved as ``adapter_model.bin`` alone is read the same way.
     Raises :class:`CheckpointError` naming what is missing.
     """
-    directory = Path(directory)
+    directory = _recover_adapter(Path(directory))
     if not directory.is_dir():
         raise CheckpointError(f"no LoRA adapter directory at {directory}")
     if not (directory / ADAPTER_CONFIG).is_file():
@@ -356,22 +504,9 @@ def adapter_layout(directory: str | os.PathLike[str]) -> str:
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """A flat ``{name: tensor}`` file; pickles are opened with ``weights_only=True`` so no code in them can run."""
-    if file.suffix == ".safetensors":
-        return load_file(file)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's message spans many lines and suggests weights_only=False; keep only the reason.
-        reason = next((line.strip() for line in str(exc).splitlines() if "nsupported" in line), "not a tensor file")
-        raise CheckpointError(f"{file}: refused to unpickle with weights_only=True ({reason}); only plain tensor "
-                              "state dicts are loaded") from None
-    except (RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"{file} is not a readable torch file: {str(exc).splitlines()[0]}") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise CheckpointError(f"{file} does not hold a state dict of tensors")
-    return state
+    """A flat ``{name: tensor}`` file, read as checkpoints are: pickles with ``weights_only=True`` so no code in them
+    can run, and a corrupt, truncated or refused file is one :class:`CheckpointError` line naming it."""
+    return read_tensor_file(file)
 
 
 _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])(?:\.default)?\.weight")
@@ -394,7 +529,7 @@ def _pattern_value(patterns: Any, module: str, default: Any) -> Any:
 
 
 def _llava_config(directory: Path) -> dict[str, Any]:
-    config = read_json_object(directory / ADAPTER_CONFIG)
+    config = _adapter_config(directory)
     where = directory / ADAPTER_CONFIG
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise CheckpointError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA")
@@ -506,7 +641,7 @@ def merge_into(model: Owl2ForCausalLM, directory: str | os.PathLike[str]) -> Owl
     weight's dtype.
     """
     _check_base(model)
-    directory = Path(directory)
+    directory = _recover_adapter(Path(directory))
     if adapter_layout(directory) == "llava":
         _apply(_plan_llava(model, directory))
         return model
@@ -532,7 +667,7 @@ def merge_adapter(
     base+adapter's logits. Returns the weight files written.
     """
     base_dir = resolve_checkpoint(base_path)
-    adapter_dir = Path(adapter_dir)
+    adapter_dir = _recover_adapter(Path(adapter_dir))
     # Clear errors for a wrong directory before the (slow) base load.
     if adapter_layout(adapter_dir) == "owl2":
         read_settings(adapter_dir)

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from owl2.utils import atomic_write_text, pyplot, save_figure
 
 METRICS_FILE = "metrics.jsonl"
+logger = logging.getLogger("owl2.training")
+_SHOWN_PROBLEMS = 5
 
 
 class MetricsLogger:
     """Appends one JSON object per logged step to ``metrics.jsonl`` (flushed, so a killed run keeps its lines).
 
-    ``resume_step``: records after that step are dropped first (they belong to the part of a killed run that the
-    resumed run repeats). ``tensorboard``: also write events under ``tensorboard/`` when the package is installed.
+    ``resume_step``: the file is rewritten first with only the records :func:`read_metrics` can use up to that
+    step (later ones belong to the part of a killed run that the resumed run repeats; unreadable lines are dropped
+    with a warning rather than blocking the resume). ``tensorboard``: also write events under ``tensorboard/`` when
+    the package is installed.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, resume_step: int | None = None,
@@ -26,7 +32,7 @@ class MetricsLogger:
         if resume_step is None:
             atomic_write_text(self.path, "")
         else:
-            kept = [line for line in read_metrics(self.path) if line.get("step", 0) <= resume_step]
+            kept = [record for record in read_metrics(self.path) if record["step"] <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._handle = self.path.open("a", encoding="utf-8")
         self._tb = None
@@ -52,25 +58,92 @@ class MetricsLogger:
             self._tb.close()
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _metrics_problem(record: dict[str, Any]) -> str:
+    """Why a JSON object is not a usable metrics record ("" when it is): every writer logs the step and the loss."""
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return "no integer step"
+    if not _is_number(record.get("loss")):
+        return "no numeric loss"
+    return ""
+
+
+def read_json_lines(
+    path: str | os.PathLike[str], check: Callable[[dict[str, Any]], str] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The JSON objects of a JSON-lines file in file order, and a note (``"line 7 (not valid JSON)"``) for each
+    non-blank line that was dropped; a missing file gives two empty lists.
+
+    The file is read as bytes and split on ``\\n`` before decoding, so one damaged line (bytes that are not UTF-8,
+    or the torn last line of a killed writer, which may end inside a multi-byte character) costs only that line.
+    A line is dropped when it is not UTF-8, not JSON, not a JSON object, or when ``check`` returns a reason for it.
+    Text after the last newline is kept when it is a whole usable record (a writer killed before the newline).
+    """
+    path = Path(path)
+    records: list[dict[str, Any]] = []
+    dropped: list[str] = []
+    if not path.is_file():
+        return records, dropped
+    lines = path.read_bytes().split(b"\n")
+    torn = lines.pop()  # what follows the last newline: empty unless the last write was cut short
+    for number, raw in enumerate([*lines, torn], start=1):
+        if not raw.strip():
+            continue
+        problem = ""
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            problem = "not UTF-8"
+        except json.JSONDecodeError:
+            problem = "not valid JSON"
+        except RecursionError:  # a line of thousands of nested brackets
+            problem = "nested too deeply"
+        else:
+            if not isinstance(record, dict):
+                problem = f"a JSON {type(record).__name__}, not an object"
+            elif check is not None:
+                problem = check(record)
+        if not problem:
+            records.append(record)
+        elif number > len(lines):
+            dropped.append("the torn last line (a run killed while writing it)")
+        else:
+            dropped.append(f"line {number} ({problem})")
+    return records, dropped
+
+
+def describe_dropped(dropped: list[str]) -> str:
+    """The notes of :func:`read_json_lines` as one short phrase (the first few, then how many more)."""
+    shown = ", ".join(dropped[:_SHOWN_PROBLEMS])
+    more = f" and {len(dropped) - _SHOWN_PROBLEMS} more" if len(dropped) > _SHOWN_PROBLEMS else ""
+    return shown + more
+
+
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (a torn last line from a killed run is ignored)."""
+    """The records of a ``metrics.jsonl`` file (``path`` is the file or the run directory holding it), in order.
+
+    A record is a JSON object with an integer ``step`` and a numeric ``loss``. Any other line -- the torn last line
+    of a killed run, bytes damaged on disk, a line that is not an object -- is left out, with one warning that
+    counts them and names their line numbers; a missing file gives ``[]``.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    records, dropped = read_json_lines(path, _metrics_problem)
+    if dropped:
+        logger.warning("%s: kept %d metrics record(s); left out %d unreadable line(s): %s", path, len(records),
+                       len(dropped), describe_dropped(dropped))
     return records
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike[str], title: str = "training loss") -> bool:
     """Loss (and learning rate) against step as a PNG; False when matplotlib is missing or nothing was logged."""
-    points = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    # Only numbers can be drawn: a record read some other way may lack a field or hold text in it.
+    points = [(r["step"], r["loss"]) for r in records if _is_number(r.get("step")) and _is_number(r.get("loss"))]
     if not points:
         return False
     plt = pyplot()
@@ -83,7 +156,7 @@ def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike[str],
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    lrs = [(r["step"], r["lr"]) for r in records if "lr" in r]
+    lrs = [(r["step"], r["lr"]) for r in records if _is_number(r.get("step")) and _is_number(r.get("lr"))]
     if lrs:
         twin = ax.twinx()
         twin.plot(*zip(*lrs, strict=True), color="tab:orange", alpha=0.6, label="learning rate")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -87,3 +88,85 @@ def test_bad_files_give_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="JSON object"):
         Owl2Config.from_json(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(num_hidden_layers=4.5), r"^num_hidden_layers must be an integer, got 4\.5$"),
+        (lambda d: d.update(num_hidden_layers=4.0), "num_hidden_layers must be an integer"),
+        (lambda d: d.update(hidden_size="64"), "hidden_size must be an integer, got '64'"),
+        (lambda d: d.update(vocab_size=None), "vocab_size must be an integer, got None"),
+        (lambda d: d.update(tie_word_embeddings="yes"), "tie_word_embeddings must be true or false"),
+        (lambda d: d.update(rms_norm_eps=float("inf")), "rms_norm_eps must be a finite number"),
+        (lambda d: d.update(rms_norm_eps=0), "rms_norm_eps must be positive"),
+        (lambda d: d.update(num_key_value_heads=2.0), "num_key_value_heads must be an integer or null"),
+        (lambda d: d.update(rope_scaling=[2]), "rope_scaling must be an object or null"),
+        (lambda d: d.update(architectures="x"), "architectures must be a list of strings"),
+        (lambda d: d["visual_config"]["visual_model"].update(patch_size="14"),
+         "visual_config.visual_model.patch_size must be an integer"),
+        (lambda d: d["visual_config"]["visual_abstractor"].update(grid_size=4.0),
+         "visual_config.visual_abstractor.grid_size must be an integer or null"),
+        (lambda d: d.update(num_hidden_layers=1_000_000), "num_hidden_layers must be between 1 and 1024"),
+        (lambda d: d.update(vocab_size=-1), "vocab_size must be positive"),
+        (lambda d: d.update(intermediate_size=10**12), "intermediate_size must be between"),
+        (lambda d: d.update(max_position_embeddings=10**10), "max_position_embeddings must be between"),
+        (lambda d: d.update(initializer_range=-0.1), "initializer_range must not be negative"),
+        (lambda d: d["visual_config"]["visual_model"].update(num_hidden_layers=0), "vision num_hidden_layers must be"),
+        (lambda d: d["visual_config"]["visual_model"].update(num_attention_heads=0), "vision num_attention_heads"),
+        (lambda d: d["visual_config"]["visual_model"].update(patch_size=0), "vision patch_size must be positive"),
+        (lambda d: d["visual_config"]["visual_model"].update(image_size=10**6), "vision image_size must be between"),
+        (lambda d: d["visual_config"]["visual_model"].update(attention_dropout=2.0), "attention_dropout must be"),
+        (lambda d: d["visual_config"]["visual_abstractor"].update(num_hidden_layers=10**9),
+         "abstractor num_hidden_layers must be between"),
+        (lambda d: d["visual_config"]["visual_abstractor"].update(num_attention_heads=0),
+         "abstractor num_attention_heads must be positive"),
+        (lambda d: d["visual_config"]["visual_abstractor"].update(num_learnable_queries=10**9),
+         "num_learnable_queries must be between"),
+        (lambda d: d.update(rope_scaling={"type": "linear", "factor": "2"}), "rope_scaling"),
+        (lambda d: d.update(visual_config=[1]), "visual_config must be an object, got list"),
+        (lambda d: d["visual_config"].update(visual_abstractor="x"),
+         "visual_config.visual_abstractor must be an object, got str"),
+    ],
+)
+def test_wrong_types_and_absurd_sizes_are_one_line_config_errors(edit, message):
+    """Before the model is built: a float layer count or a string size would fail as a TypeError deep inside
+    construction, a million layers would take minutes to lay out."""
+    data = official_tiny_dict()
+    edit(data)
+    with pytest.raises(ConfigError, match=message) as caught:
+        Owl2Config.from_dict(data)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_released_configs_are_within_the_bounds():
+    assert Owl2Config().num_hidden_layers == 32  # the 7B defaults validate
+    Owl2Config.from_dict({**official_tiny_dict(), "vocab_size": 128256, "hidden_size": 16384,
+                          "intermediate_size": 53248, "num_hidden_layers": 126, "num_attention_heads": 128,
+                          "num_key_value_heads": 8, "max_position_embeddings": 131072, "rope_theta": 500000})
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    data = official_tiny_dict()
+    data["num_hidden_layers"] = 4.5
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: num_hidden_layers must"):
+        Owl2Config.from_json(tmp_path)
+    (tmp_path / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        Owl2Config.from_json(tmp_path)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ConfigError, match=r"config\.json: not a regular file"):
+        Owl2Config.from_json(tmp_path)
+
+
+def test_from_dict_survives_values_nested_too_deeply_to_copy():
+    """Unknown keys are deep-copied; one nested thousands deep (built in Python, no JSON limit) is a ConfigError."""
+    value: list = []
+    for _ in range(5000):
+        value = [value]
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        Owl2Config.from_dict({**official_tiny_dict(), "my_key": value})
+    with pytest.raises(ConfigError, match="the config must be an object"):
+        Owl2Config.from_dict([1, 2])  # type: ignore[arg-type]
