@@ -571,6 +571,17 @@ PROCESSING_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"
 """What a pipeline reads besides the weights and config (:func:`owl2.load`)."""
 
 
+def check_processing_files(source: str | os.PathLike[str]) -> list[str]:
+    """The tokenizer and image-processor files that ``source`` has, each checked to resolve inside it (what
+    :func:`copy_processing_files` will copy; a training run checks them before its first step, not at its end)."""
+    source = Path(source)
+    root = _containment_root(source)
+    names = [name for name in PROCESSING_FILES if (source / name).is_file()]
+    for name in names:
+        _inside(source, name, root, None)
+    return names
+
+
 def copy_processing_files(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> list[str]:
     """Copy the tokenizer and image-processor files that ``source`` has into ``destination`` (each atomically).
 
@@ -579,10 +590,7 @@ def copy_processing_files(source: str | os.PathLike[str], destination: str | os.
     checked before any is copied.
     """
     source, destination = Path(source), Path(destination)
-    root = _containment_root(source)
-    names = [name for name in PROCESSING_FILES if (source / name).is_file()]
-    for name in names:
-        _inside(source, name, root, None)
+    names = check_processing_files(source)
     for name in names:
         with atomic_output(destination / name) as handle:
             handle.write((source / name).read_bytes())
@@ -634,6 +642,7 @@ __all__ = [
     "build_empty",
     "check_capacity",
     "check_keys",
+    "check_processing_files",
     "copy_processing_files",
     "iter_checkpoint",
     "load_model",

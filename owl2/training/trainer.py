@@ -42,7 +42,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from owl2.checkpoint.io import copy_processing_files, load_model, resolve_checkpoint, save_state_dict
+from owl2.checkpoint.io import (
+    check_processing_files,
+    copy_processing_files,
+    load_model,
+    resolve_checkpoint,
+    save_state_dict,
+)
 from owl2.data import IGNORE_INDEX, ModalityLengthGroupedSampler, SupervisedDataset, collate
 from owl2.model.config import Owl2Config
 from owl2.model.init import init_weights
@@ -231,6 +237,7 @@ class Trainer:
 
         tokenizer_dir = config.model.tokenizer or config.model.path
         self.tokenizer_dir = resolve_checkpoint(tokenizer_dir)
+        check_processing_files(self.tokenizer_dir)  # copied next to the final weights: refused now, not at the end
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         model = build_model(config, self.env)
         self.model_config = model.config

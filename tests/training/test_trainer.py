@@ -253,3 +253,22 @@ def test_lora_recipe_trains_resumes_and_merges(tmp_path, tiny_world, quantize_ba
         before = owl2.load_model(base_model, show_progress=False)(**batch).loss
     assert torch.allclose(expected.logits, got.logits, atol=1e-5)
     assert float(got.loss) < float(before) - 0.1  # the adapter lowered the loss on its training data
+
+
+def test_a_tokenizer_file_linked_from_outside_is_refused_before_the_first_step(tmp_path, tiny_world, capsys):
+    # final/ gets a copy of the tokenizer files: a link to a private file would publish it, so the run refuses at
+    # the start, not after the last step
+    model_dir, data = tiny_world
+    linked = tmp_path / "model"
+    linked.mkdir()
+    for source in model_dir.iterdir():
+        (linked / source.name).write_bytes(source.read_bytes())
+    secret = tmp_path / "private" / "settings.json"
+    secret.parent.mkdir()
+    secret.write_text("{}")
+    (linked / "special_tokens_map.json").unlink()
+    (linked / "special_tokens_map.json").symlink_to(secret)
+    recipe = write_recipe(tmp_path, linked, data, model={"tokenizer": str(linked)})
+    assert cli(["train", str(recipe)]) == 2
+    assert "special_tokens_map.json resolves to" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
