@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import threading
 import time
 import tracemalloc
 import zlib
@@ -26,6 +25,7 @@ from owl2.processing.image import (
     check_aspect_ratio,
     load_image,
 )
+from tests.conftest import in_thread
 
 
 def png(image: Image.Image, **save_kwargs: object) -> bytes:
@@ -44,21 +44,6 @@ def header_only_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"garbage") + chunk(b"IEND", b"")
 
 
-def in_thread(function, limit: float = 10.0):
-    """``function()`` in a thread with a time limit, so that a regression fails instead of hanging the suite."""
-    result: list = []
-
-    def run() -> None:
-        try:
-            result.append(function())
-        except BaseException as exc:  # handed to the test
-            result.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(limit)
-    assert not thread.is_alive(), f"still running after {limit} s"
-    return result[0]
 
 
 # ------------------------------------------------------------------------------------------ thin strips, big squares

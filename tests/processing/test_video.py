@@ -234,7 +234,7 @@ def test_uniform_sampling_rescues_a_short_clip(tmp_path: Path) -> None:
 def test_max_frames(tmp_path: Path) -> None:
     path = _write(tmp_path / "long.mp4", 40, 1)
     assert len(load_video(path, max_frames=40)) == 40
-    with pytest.raises(VideoError, match=r"long\.mp4 samples 40 frames, more than max_frames=32") as info:
+    with pytest.raises(VideoError, match=r"long\.mp4 samples at least 33 frames, more than max_frames=32") as info:
         load_video(path, max_frames=32)
     assert "\n" not in str(info.value)
     assert _indices(load_video(path, num_frames=8, max_frames=32)) == uniform_indices(40, 8)
@@ -349,8 +349,8 @@ def test_fewer_decoded_frames_than_packets_repeat_the_last(tmp_path: Path, monke
     path = _write(tmp_path / "clip.mp4", 20, 10)
     real_probe = video._probe
 
-    def overcounting_probe(av_module: object, name: str) -> tuple[int, int, Fraction | None]:
-        index, count, rate = real_probe(av_module, name)
+    def overcounting_probe(av_module: object, name: str, *limits: object) -> tuple[int, int, Fraction | None]:
+        index, count, rate = real_probe(av_module, name, *limits)
         return index, count + 4, rate  # as if 4 packets at the end did not decode
 
     monkeypatch.setattr(video, "_probe", overcounting_probe)
