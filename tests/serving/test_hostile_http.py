@@ -11,7 +11,6 @@ import http.client
 import json
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 
@@ -20,7 +19,7 @@ import pytest
 
 from owl2.serving.app import ServerSettings, create_app
 from owl2.serving.connection import uvicorn_config
-from tests.serving.conftest import free_port, start_server
+from tests.serving.conftest import free_port, run_uvicorn, start_server
 
 CHAT = "/v1/chat/completions"
 RATE = "/v1/rate"
@@ -35,22 +34,9 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tempe
 @contextlib.contextmanager
 def serve_guarded(app) -> Iterator[int]:
     """``app`` under uvicorn with the configuration ``owl2 serve`` uses, on a free loopback port; yields the port."""
-    import uvicorn
-
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(app, port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
+    with run_uvicorn(uvicorn_config(app, port=port, log_level="critical")):
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def _settings(**extra) -> ServerSettings:
