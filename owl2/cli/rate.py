@@ -231,6 +231,9 @@ class RatingsFile:
         self._handle: IO[str] | None = None
         if self.path.is_dir():
             raise ValueError(f"--output {self.path} is a directory")
+        if self.path.exists() and not self.path.is_file():
+            # the atomic rewrite would replace a FIFO or a device by a plain file, and reading it could block
+            raise ValueError(f"--output {self.path} is not a regular file (a FIFO, socket or device)")
         if self.path.is_file():
             text = self.path.read_text(encoding="utf-8")
             if text and not text.endswith("\n"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             raise ValueError(f"{flag} must be a positive number, got {value:g}")
     if args.max_connections < 0:
         raise ValueError(f"--max-connections must be 0 (no cap) or more, got {args.max_connections}")
+    if args.allowed_local_media is not None and not Path(args.allowed_local_media).is_dir():
+        raise ValueError(f"--allowed-local-media {args.allowed_local_media}: not a directory")
     keys = list(args.api_key or [])
     if os.environ.get("OWL2_API_KEY"):
         keys.append(os.environ["OWL2_API_KEY"])
@@ -55,6 +58,27 @@ def _missing(module: str, why: str) -> None:
         raise ValueError(f"{why}, which is not installed") from None
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` for uvicorn to listen on, bound before the model loads so that a port in
+    use, a host name that does not resolve or a port out of range is a one-line ValueError at once (uvicorn would
+    report it after the load, in its log, with an exit code of its own)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be 0 to 65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"--host {host!r}: not an address of this machine ({getattr(exc, 'strerror', exc)})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart while old ones linger
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def _serve(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
@@ -81,14 +105,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     from owl2.serving.connection import uvicorn_config
 
-    print(f"loading {args.model or 'owl2-tiny (the embedded default)'} ...", file=sys.stderr, flush=True)
-    app = build_app(options)
-    if app.state.server.pipeline.is_embedded:
-        from owl2.api import EMBEDDED_MODEL_NOTICE
+    with listen(args.host, args.port) as sock:
+        print(f"loading {args.model or 'owl2-tiny (the embedded default)'} ...", file=sys.stderr, flush=True)
+        app = build_app(options)
+        if app.state.server.pipeline.is_embedded:
+            from owl2.api import EMBEDDED_MODEL_NOTICE
 
-        print(EMBEDDED_MODEL_NOTICE.replace("pass --model", "serve it with --model"), file=sys.stderr, flush=True)
-    print(f"serving {options.settings.model_name} at {url}/v1 (chat page: {url}/)", file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+            print(EMBEDDED_MODEL_NOTICE.replace("pass --model", "serve it with --model"), file=sys.stderr,
+                  flush=True)
+        print(f"serving {options.settings.model_name} at {url}/v1 (chat page: {url}/)", file=sys.stderr, flush=True)
+        uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level)).run(
+            sockets=[sock])
     return 0
 
 

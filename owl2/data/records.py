@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from owl2.processing.tokenizer import IMAGE_PLACEHOLDER
+from owl2.constants import IMAGE_PLACEHOLDER
 
 __all__ = ["BadRecord", "Record", "SkippedRecordWarning", "iter_raw_records", "parse_record", "read_records",
            "report_skip"]
@@ -86,6 +86,8 @@ def iter_raw_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
     line number) instead of aborting the whole file. A ``.json`` file that is not a list raises ``ValueError``.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the read, a device never end it
+        raise ValueError(f"{path}: not a regular file (a data set is a JSON or JSONL file)")
     text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
     if path.suffix != ".jsonl" and stripped.startswith("["):

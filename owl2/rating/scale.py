@@ -100,7 +100,8 @@ class RatingScale:
     ``levels``: words, best first (default :data:`LEVELS`); or groups of words of equal length whose logits are
     averaged level by level before the softmax (Q-Boost's three triads ``[["good", "average", "poor"], ["high",
     "medium", "low"], ["fine", "acceptable", "bad"]]``). ``weights``: one per level (default ``n, n-1, ..., 1``).
-    ``token_ids`` [groups, levels] come from ``tokenizer`` (the first piece after BOS of each word).
+    ``token_ids`` [groups, levels] come from ``tokenizer`` (the first piece after BOS of each word); two levels whose
+    pieces are the same (``["good", "good"]``, or words that split into one shared first piece) are a ValueError.
     """
 
     def __init__(self, tokenizer: Any, levels: Sequence[str] | Sequence[Sequence[str]] | None = None,
@@ -117,6 +118,15 @@ class RatingScale:
         if not all(math.isfinite(w) for w in self.weights) or min(self.weights) == max(self.weights):
             raise ValueError(f"weights must be finite and not all equal, got {list(self.weights)}")
         self.token_ids = torch.tensor([[level_token_id(tokenizer, word) for word in words] for words in groups])
+        seen: dict[tuple[int, ...], int] = {}
+        for level, column in enumerate(self.token_ids.T.tolist()):
+            # two levels read from the same logits always get the same probability: the rating would say nothing
+            # of them (and the probs, keyed by level, would drop one)
+            other = seen.setdefault(tuple(column), level)
+            if other != level:
+                raise ValueError(f"levels {self.levels[other]!r} and {self.levels[level]!r} begin with the same "
+                                 f"token {column if len(column) > 1 else column[0]}, so the model cannot tell them "
+                                 "apart; use words that begin differently")
 
     def __repr__(self) -> str:
         return f"RatingScale(levels={list(self.levels)}, weights={list(self.weights)})"

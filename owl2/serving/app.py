@@ -101,7 +101,8 @@ class ServerSettings:
     """Images (video frames counted one each) of ratings that may wait before 429."""
 
     def __post_init__(self) -> None:
-        """ValueError for an HTTP limit that would refuse every request or none (a zero or NaN deadline, say)."""
+        """ValueError for an HTTP limit that would refuse every request or none (a zero or NaN deadline, say), or an
+        API key that would let in everyone (an empty one) or no one (white space at an end)."""
         for name in ("body_timeout", "header_timeout", "keep_alive_timeout"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
@@ -111,6 +112,16 @@ class ServerSettings:
                              f"{self.max_header_bytes}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(f"max_connections must be at least 1 (or None: no cap), got {self.max_connections}")
+        if isinstance(self.api_keys, str | bytes):  # its characters would each be a key of one character
+            raise ValueError("api_keys must be a list of keys, not one string")
+        for key in self.api_keys:
+            # an empty key would let in any client that sends "Authorization: Bearer" with nothing after it, and a
+            # key with white space at an end or a control character can never match the header a client sends
+            if not isinstance(key, str) or not key or key != key.strip() or any(ord(c) < 32 or ord(c) == 127
+                                                                               for c in key):
+                got = f"a key of {len(key)} characters" if isinstance(key, str) else type(key).__name__
+                raise ValueError("api_keys must be non-empty strings without white space at either end or control "
+                                 f"characters, got {got}")
 
 
 EXAMPLE_SCENE_PATH = "/example/scene.png"
@@ -149,8 +160,31 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", **extra: Any) -> JSONResponse:
-    return JSONResponse(error_body(message, kind, **extra), status_code=status)
+MAX_ERROR_CHARS = 500
+"""An error message or param is cut to this many characters: they quote the client's input (a field name, a model
+name, a number), which may be megabytes long."""
+
+_ECHO_CHARS = 40
+"""A piece of the client's input quoted in an error message (a field name, a model name) is cut to this length."""
+
+
+def _clip(text: str, limit: int = _ECHO_CHARS) -> str:
+    """``text``, or its start and an ellipsis when it is longer than ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _shown(number: int) -> str:
+    """An integer of the client's as written in a message: its digits, or how many there are when they are many."""
+    digits = str(number)
+    return digits if len(digits) <= 20 else f"of {len(digits):,} digits"
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", *, param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    """OpenAI's error JSON; message and param are cut to :data:`MAX_ERROR_CHARS`, whatever they quote."""
+    return JSONResponse(error_body(_clip(message, MAX_ERROR_CHARS), kind,
+                                   param=None if param is None else _clip(param, MAX_ERROR_CHARS), code=code),
+                        status_code=status)
 
 
 class RequestBody:
@@ -305,7 +339,8 @@ def _find_problem(value: Any) -> str | None:
                         "which is not a character")
         elif isinstance(item, dict):
             for key, member in reversed(item.items()):
-                stack.append((f"{path}.{key}" if path else key, member))
+                name = _clip(key)  # the client's key: the path names it briefly
+                stack.append((f"{path}.{name}" if path else name, member))
                 stack.append((f"{where} (a key)", key))
         elif isinstance(item, list):
             stack.extend((f"{path}[{i}]", member) for i, member in reversed(list(enumerate(item))))
@@ -403,11 +438,13 @@ class Owl2Server:
                                          prefill_tokens=settings.prefill_tokens,
                                          prefill_queue_images=settings.max_rate_queue)
         self.metrics = ServerMetrics(self.batcher, engine.image_cache)
+        self.building_images = 0
+        """Images of rating requests being fetched and decoded (changed on the event loop only)."""
 
     # --------------------------------------------------------------------------------------------- requests
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.settings.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+            raise APIError(404, f"the model {_clip(model)!r} does not exist; this server serves "
                            f"{self.settings.model_name!r}", param="model", code="model_not_found")
 
     async def build(self, body: ChatCompletionRequest) -> "tuple[list[GenerationRequest], int]":
@@ -429,11 +466,13 @@ class Owl2Server:
         messages = _owl2_messages(body, images)
         requested = body.requested_max_tokens
         if requested is not None and requested > settings.max_new_tokens:
-            raise APIError(400, f"max_tokens {requested} is over this server's limit of {settings.max_new_tokens}",
+            raise APIError(400, f"max_tokens {_shown(requested)} is over this server's limit of "
+                           f"{settings.max_new_tokens}",
                            param="max_tokens")
         min_tokens = body.min_tokens or 0
         if min_tokens > (requested or settings.max_new_tokens):  # over max_tokens is refused by the protocol
-            raise APIError(400, f"min_tokens {min_tokens} is over this server's limit of {settings.max_new_tokens}",
+            raise APIError(400, f"min_tokens {_shown(min_tokens)} is over this server's limit of "
+                           f"{settings.max_new_tokens}",
                            param="min_tokens")
         sampling: dict[str, Any] = {
             "max_new_tokens": requested or settings.max_new_tokens,
@@ -490,17 +529,38 @@ class Owl2Server:
 
     async def build_rating(self, body: RateRequest) -> RatingJob:
         """The rows and read-out of a rating request, or :class:`APIError`; images are fetched and decoded in the
-        thread pool."""
-        self.check_model(body.model)
+        thread pool. The caller holds a reservation (:meth:`reserve_rating`) for its images meanwhile."""
         settings = self.settings
         try:
-            check_limits(body, max_items=settings.max_rate_items, max_frames=settings.max_video_frames)
             return await run_in_threadpool(build_job, self.pipeline, body, settings.images, self.context_length)
         except InvalidRating as exc:
             if isinstance(exc.__cause__, TooManyDownloads):  # not the request's fault: retry later
                 raise APIError(429, str(exc), "rate_limit_error", param=exc.param,
                                code="too_many_downloads") from exc
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
+
+    def reserve_rating(self, body: RateRequest) -> int:
+        """Check a rating request's model and limits, and count its images as waiting from now on; -> that count,
+        for :meth:`release_rating` once its rows are queued (or it failed). 429 before any image is decoded when
+        the rating queue has no room for them: decoded images are large (a 100-byte PNG becomes a tensor of
+        megabytes), and without this every request arriving at once would decode all of its images before the
+        queue refused it. As in the queue, a request over the bound on its own is taken when nothing waits."""
+        self.check_model(body.model)
+        settings = self.settings
+        try:
+            check_limits(body, max_items=settings.max_rate_items, max_frames=settings.max_video_frames)
+        except InvalidRating as exc:
+            raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
+        images = sum(1 if item.video is None else len(item.video) for item in body.items)
+        waiting = self.building_images + self.batcher.scheduler.queued_images
+        if waiting and waiting + images > settings.max_rate_queue:
+            raise APIError(429, f"the rating queue is full ({waiting} images waiting or being decoded, limit "
+                           f"{settings.max_rate_queue}); retry later", "rate_limit_error", code="queue_full")
+        self.building_images += images
+        return images
+
+    def release_rating(self, images: int) -> None:
+        self.building_images -= images
 
     def submit_rating(self, rows: list[PrefillRow]) -> "tuple[PrefillSubmission, _RowSink]":
         self.batcher.start()
@@ -628,8 +688,8 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
             return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                           code="invalid_json")
         where = _field_path(first.get("loc", ()))
-        problems = "; ".join(f"{_field_path(e.get('loc', ())) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors()[:5])
+        problems = "; ".join(f"{_field_path(e.get('loc', ())) or 'body'}: "
+                             f"{_clip(e['msg'].removeprefix('Value error, '), 200)}" for e in exc.errors()[:5])
         return _error(400, f"invalid request: {problems}", param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
@@ -757,10 +817,14 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
     @app.post("/v1/rate", dependencies=[Depends(authorize)])
     async def rate(body: rate_model, request: Request) -> Response:  # type: ignore[valid-type]
         started = time.perf_counter()
-        job = await server.build_rating(body)
-        if await request.is_disconnected():  # gave up while its images were decoded: nothing to run
-            raise APIError(499, "client disconnected")
-        submission, sink = server.submit_rating(job.rows)
+        reserved = server.reserve_rating(body)
+        try:
+            job = await server.build_rating(body)
+            if await request.is_disconnected():  # gave up while its images were decoded: nothing to run
+                raise APIError(499, "client disconnected")
+            submission, sink = server.submit_rating(job.rows)
+        finally:  # queued now (the queue counts them), or failed
+            server.release_rating(reserved)
         server.metrics.prompt_tokens.inc(job.prompt_tokens)
         try:
             level_logits = await _collect_ratings(job, sink, request, submission)
@@ -774,12 +838,13 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
 
 
 def _field_path(loc: Sequence[Any]) -> str:
-    """A pydantic error location as a path, ``("body", "items", 3, "image_url")`` -> ``items[3].image_url``."""
+    """A pydantic error location as a path, ``("body", "items", 3, "image_url")`` -> ``items[3].image_url``; a
+    name of the client's (an unknown field) is cut short."""
     path = ""
     for part in loc:
         if part == "body" and not path:
             continue
-        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+        path += f"[{part}]" if isinstance(part, int) else f".{_clip(str(part))}" if path else _clip(str(part))
     return path
 
 

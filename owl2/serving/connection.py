@@ -13,6 +13,8 @@ with OpenAI's error JSON:
 - malformed HTTP (a bad request line, a bad Content-Length, control characters in a header) gets 400;
 - a request on a connection beyond ``max_connections`` open ones (or while that many requests are in flight) gets
   503 with ``Retry-After``;
+- a client that stops reading its answer (the socket's buffers stay full) for ``linger_timeout`` seconds is
+  disconnected, so that it cannot hold its connection and the rest of its answer for ever;
 - a body the app refused without reading it all (413) is read and dropped for at most ``linger_timeout`` seconds,
   so that the client, still sending, gets to read the answer (closing a socket with unread data resets it, and the
   client would see a reset instead of the 413); then the connection is closed.
@@ -55,13 +57,14 @@ class GuardedH11Protocol(H11Protocol):
     linger_timeout: ClassVar[float] = 60.0
     on_refused: ClassVar[Callable[[str], None] | None] = None
     """Called with the reason of each refusal (``header_timeout``, ``headers_too_large``, ``malformed_http``,
-    ``too_many_connections``): the server's metrics count them."""
+    ``too_many_connections``, ``send_timeout``): the server's metrics count them."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limit_concurrency = None  # uvicorn's own check answers in plain text; _admit does it in JSON
         self._header_deadline: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        self._stalled: asyncio.TimerHandle | None = None
         self._app = self.app
         self.app = self._admit
 
@@ -82,9 +85,32 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        if self._linger is not None:
-            self._linger.cancel()
+        for timer in (self._linger, self._stalled):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)
+
+    # ------------------------------------------------------------------------------------------ stalled reader
+    def pause_writing(self) -> None:
+        """The answer has filled the socket's buffers: the client is not reading. It gets ``linger_timeout``
+        seconds to read on, or the connection is dropped; otherwise a client that never reads would hold its
+        connection, and all of its answer not yet sent, for ever."""
+        super().pause_writing()
+        if self._stalled is None:
+            self._stalled = self.loop.call_later(self.linger_timeout, self._reader_too_slow)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+
+    def _reader_too_slow(self) -> None:
+        self._stalled = None
+        if self.flow.write_paused and not self.transport.is_closing():
+            self._refuse("send_timeout")
+            # close() would first flush the buffer, which is what this client does not let happen
+            self.transport.abort()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -146,12 +172,20 @@ class GuardedH11Protocol(H11Protocol):
     # ------------------------------------------------------------------------------- header size, connection cap
     async def _admit(self, scope: Any, receive: Any, send: Any) -> None:
         """The app; or 431 for a request line and headers over ``max_header_bytes`` that arrived in one piece (h11
-        checks its limit only while a request is incomplete); or 503 while more than ``max_connections``
+        checks its limit only while a request is incomplete); or 400 for a request that gives both Content-Length and
+        Transfer-Encoding; or 503 while more than ``max_connections``
         connections are open or requests are in flight (this connection and this request counted)."""
         size = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(k) + len(v) + 4
                                                                           for k, v in scope["headers"])
         limit = self.max_connections
-        if size > self.max_header_bytes:
+        names = {name for name, _ in scope["headers"]}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            # h11 frames such a body by Transfer-Encoding alone; a proxy in front that went by Content-Length would
+            # read the rest as a second request (request smuggling), so refuse it and close (RFC 9112, 6.1)
+            self._refuse("malformed_http")
+            await _send_error(send, 400, "malformed HTTP request: both Content-Length and Transfer-Encoding given",
+                              "malformed_http")
+        elif size > self.max_header_bytes:
             self._refuse("headers_too_large")
             await _send_error(send, 431, f"the request line and headers are over the limit of "
                               f"{self.max_header_bytes:,} bytes", "headers_too_large")
@@ -187,6 +221,8 @@ def uvicorn_config(app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_l
         "header_timeout": settings.header_timeout, "max_connections": settings.max_connections,
         "max_header_bytes": settings.max_header_bytes, "linger_timeout": settings.body_timeout,
         "on_refused": staticmethod(lambda reason: server.metrics.refused.labels(reason=reason).inc())})
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
+    # ws="none": the server has no WebSocket routes; an upgrade request is answered as plain HTTP (JSON), and the
+    # WebSocket handshake code is not exposed to clients at all
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol, ws="none",
                           timeout_keep_alive=settings.keep_alive_timeout,  # type: ignore[arg-type]
                           h11_max_incomplete_event_size=settings.max_header_bytes)

@@ -205,7 +205,10 @@ class _Download:
             for _ in range(MAX_REDIRECTS + 1):
                 status, location, body = self._get(url)
                 if status in _REDIRECTS and location:
-                    url = urllib.parse.urljoin(url, location)
+                    try:
+                        url = urllib.parse.urljoin(url, location)
+                    except ValueError:  # a Location no URL parser takes ("http://[::1"): a failure like any other
+                        raise _could_not_fetch(self.policy) from None
                     continue
                 if status != 200:
                     raise _could_not_fetch(self.policy)

@@ -274,6 +274,27 @@ def test_malformed_http_gets_a_json_400(guarded, raw):
         assert _closed(sock)
 
 
+def test_content_length_with_transfer_encoding_is_refused_and_smuggles_nothing(guarded):
+    """h11 frames such a body by Transfer-Encoding and kept the connection open, so the bytes a proxy in front would
+    count as the body by Content-Length were answered here as a second request (request smuggling)."""
+    port, _ = guarded
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n%s" % (5 + len(smuggled), smuggled))
+    with _connect(port) as sock:
+        sock.sendall(raw)
+        status, headers, body = _response(sock)
+        error = _check_error(status, body, 400, "Transfer-Encoding")
+        assert error["code"] == "malformed_http" and headers["connection"] == "close"
+        sock.settimeout(5)
+        rest = b""
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            while chunk := sock.recv(65536):
+                rest += chunk
+        assert b"HTTP/1.1" not in rest, rest[:200]  # the smuggled request got no answer
+    _still_serves(port)
+
+
 # ------------------------------------------------------------------------------------------------- API keys
 def test_non_ascii_authorization_is_401_not_500(tiny_pipeline):
     """Starlette decodes headers as Latin-1; comparing such a str with a key raised TypeError (500)."""
@@ -406,6 +427,20 @@ def test_unknown_routes_and_methods_get_json_4xx(guarded):
         assert "access-control-allow-origin" not in cross.headers
 
 
+def test_websocket_upgrades_are_answered_as_plain_http(guarded):
+    """The server has no WebSocket routes, yet uvicorn ran the handshake and closed it with an empty 403; an upgrade
+    request is now an ordinary request with its ordinary JSON answer."""
+    port, _ = guarded
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+               "Sec-WebSocket-Version": "13"}
+    for path, status in (("/v1/models", 200), ("/nope", 404)):
+        with _connect(port) as sock:
+            sock.sendall(_request("GET", path, headers=upgrade))
+            got, _, body = _response(sock)
+            assert got == status, (got, body[:200])
+            assert json.loads(body)  # JSON, not an empty handshake refusal
+
+
 # ------------------------------------------------------------------------------------------------ connection cap
 def test_connections_over_the_cap_get_503_and_recover(tiny_pipeline):
     app = create_app(tiny_pipeline, _settings(max_connections=3, header_timeout=5.0))
@@ -467,6 +502,30 @@ def test_streams_that_hang_up_free_their_slots(tiny_pipeline):
         assert time.monotonic() - started < 10
 
 
+def test_a_client_that_stops_reading_is_dropped(guarded):
+    """A client that read nothing of its answers waited on a full socket for ever: it held its connection, and
+    what was still to be sent, as long as it liked. Now it is dropped after the deadline. Pipelined requests for the
+    chat page fill the buffers faster than any generation; a stream whose client stops reading is held the same."""
+    port, _ = guarded
+    before = _refused(port, "send_timeout")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    sock.connect(("127.0.0.1", port))
+    with sock:
+        sock.settimeout(10)
+        sock.sendall(_request("GET", "/") * 400)  # megabytes of answers, more than the socket buffers hold
+        started = time.monotonic()
+        while _refused(port, "send_timeout") == before and time.monotonic() - started < 30:
+            time.sleep(0.1)
+        assert _refused(port, "send_timeout") == before + 1, "the connection of a client that reads nothing was kept"
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):  # what was buffered, then the end of the connection
+                received += chunk
+        assert 0 < received.count(b"HTTP/1.1 200 OK") < 400  # the rest was never sent
+    _still_serves(port)
+
+
 # ------------------------------------------------------------------------------------------------ owl2 serve
 def test_serve_command_applies_its_connection_flags(tiny_checkpoint):
     process = start_server(tiny_checkpoint, "--header-timeout", "1", "--body-timeout", "1", "--max-header-kb", "2",
@@ -500,9 +559,21 @@ def test_serve_command_refuses_bad_limits(flag):
         settings_from_args(build_parser().parse_args(["serve", flag]))
 
 
+def test_serve_command_refuses_an_empty_api_key():
+    from owl2.cli.main import build_parser
+    from owl2.cli.serve import settings_from_args
+
+    with pytest.raises(ValueError, match="api_keys must be non-empty"):
+        settings_from_args(build_parser().parse_args(["serve", "--api-key", ""]))
+
+
 @pytest.mark.parametrize("field, value", [("body_timeout", 0), ("header_timeout", float("nan")),
                                           ("keep_alive_timeout", float("inf")), ("max_header_bytes", 0),
-                                          ("max_connections", 0), ("max_body_bytes", -1)])
+                                          ("max_connections", 0), ("max_body_bytes", -1),
+                                          ("api_keys", ("",)), ("api_keys", ("sekrit ",)), ("api_keys", ("a\tb",)),
+                                          ("api_keys", "sekrit")])
 def test_server_settings_refuse_bad_limits(field, value):
+    """Also keys: an empty one let in every client that sends "Authorization: Bearer", and one string was taken as
+    a key per character."""
     with pytest.raises(ValueError, match=field):
         ServerSettings(**{field: value})

@@ -248,7 +248,8 @@ def test_every_fetch_failure_gives_the_same_message() -> None:
         messages = {name: str(timed_fetch(u, LOCAL)[0]) for name, u in {
             "refused": f"http://127.0.0.1:{closed_port}/ok.png", "404": url + "/missing.png",
             "declared huge": url + "/declared-huge", "endless": url + "/endless", "drip": url + "/drip",
-            "4 redirects": loop, "unknown host": "http://no-such-host.invalid/a.png"}.items()}
+            "4 redirects": loop, "unknown host": "http://no-such-host.invalid/a.png",
+            "a redirect no parser takes": redirect(host, "http://[::1")}.items()}
     assert len(set(messages.values())) == 1, messages
     message = messages["refused"]
     assert message.startswith("image URL: " + COULD_NOT_FETCH)

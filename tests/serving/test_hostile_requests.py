@@ -254,6 +254,41 @@ def test_the_server_is_still_idle_and_healthy_after_the_corpus(url):
     assert health["status"] == "ok" and health["waiting"] == 0
 
 
+# (name, route, body, status, words): an error message quotes the client's input briefly, however long it is
+_LONG = "k" * 100_000
+_DIGITS = "9" * 999
+LONG_ECHOES: list[tuple[str, str, object, int, str]] = [
+    ("max_tokens of 999 digits", CHAT, _raw(f'"max_tokens": {_DIGITS}').replace(b'"max_tokens": 4, ', b""), 400,
+     "max_tokens of 999 digits"),
+    ("min_tokens of 999 digits", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "min_tokens": '
+     + _DIGITS.encode() + b"}", 400, "min_tokens of 999 digits"),
+    ("an unknown field of 100,000 characters", CHAT, {**_user(), _LONG: 1}, 400, "extra inputs"),
+    ("a content part type of 100,000 characters", CHAT,
+     {"messages": [{"role": "user", "content": [{"type": _LONG}]}]}, 400, "messages[0].content"),
+    ("a model name of 100,000 characters", CHAT, {**_user(), "model": _LONG}, 404, "does not exist"),
+    ("NaN under a key of 100,000 characters", CHAT, b'{"' + _LONG.encode() + b'": {"a": NaN}}', 400, "finite"),
+    ("a rating model name of 100,000 characters", "/v1/rate", {"items": [{"image_url": "data:,"}], "model": _LONG},
+     404, "does not exist"),
+    ("an unknown rating field of 100,000 characters", "/v1/rate", {"items": [{"image_url": "data:,"}], _LONG: 1},
+     400, "extra inputs"),
+]
+
+
+@pytest.mark.parametrize(("name", "route", "body", "status", "words"), LONG_ECHOES,
+                         ids=[case[0] for case in LONG_ECHOES])
+def test_error_messages_quote_long_input_briefly(url, name, route, body, status, words):
+    """Messages quoted the client's field names, model names and numbers whole: a 100 kB name came back twice."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        if isinstance(body, bytes):
+            response = client.post(route, content=body, headers={"content-type": "application/json"})
+        else:
+            response = client.post(route, json=body)
+    assert response.status_code == status, f"{name}: {response.status_code} {response.text[:300]}"
+    assert len(response.content) < 1000, f"{name}: {len(response.content):,} bytes: {response.text[:300]}"
+    error = response.json()["error"]
+    assert "\n" not in error["message"] and words.lower() in error["message"].lower(), error["message"]
+
+
 # ------------------------------------------------------------------------------------------ the protocol alone
 @pytest.mark.parametrize(("body", "where"), [
     ({"messages": [{"role": "user", "content": "ok \ud800"}]}, "messages[0].content"),

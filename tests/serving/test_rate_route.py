@@ -256,6 +256,38 @@ def test_fetching_does_not_block_the_server_and_long_videos_are_refused(tiny_pip
         images.shutdown()
 
 
+def test_images_being_decoded_count_against_the_rating_queue(tiny_pipeline):
+    """Rating requests decoded all of their images before the queue could refuse them, so any number arriving at
+    once all held their decoded images (megabytes per image for a real model) at the same time. Now the images of a
+    request being fetched and decoded count as waiting: one more gets 429 at once, and once the first is queued
+    and run the room is back."""
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowImage)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    slow = f"http://127.0.0.1:{images.server_address[1]}/orange.png"
+    settings = ServerSettings(model_name="tiny", max_rate_queue=1,
+                              images=ImagePolicy(allow_remote=True, allow_private_hosts=True))
+    app = create_app(tiny_pipeline, settings)
+    other = {"items": [{"image_url": data_url(scene("red"))}]}
+
+    async def run(url: str) -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            first = asyncio.create_task(client.post(RATE, json={"items": [{"image_url": slow}]}))
+            await asyncio.sleep(0.3)  # the server is now fetching its image
+            refused = await client.post(RATE, json=other)
+            return refused, await first
+
+    try:
+        with serve_in_thread(app) as url:
+            refused, first = asyncio.run(asyncio.wait_for(run(url), timeout=60))
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == "queue_full"
+            assert first.status_code == 200, first.text
+            assert app.state.server.building_images == 0
+            assert httpx.post(url + RATE, json=other, timeout=60).status_code == 200
+    finally:
+        images.shutdown()
+
+
 def test_cli_parses_rating_options(tmp_path: Path):
     from owl2.cli.main import build_parser
     from owl2.cli.serve import settings_from_args
