@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from owl2.assets import EMBEDDED_IMAGE_SIZE, default_model, default_model_dir
 from owl2.checkpoint.io import load_model, parse_dtype, resolve_checkpoint
+from owl2.constants import DEFAULT_TEMPLATE
 from owl2.generation import GenerationEngine, GenerationRequest, GenerationResult, SamplingParams
 from owl2.model.modeling import Owl2ForCausalLM
 
@@ -53,9 +55,8 @@ def example_scene() -> Image.Image:
     """The example scene of the README (``examples/scene.png``), drawn at owl2-tiny's 64 px. It is drawn rather than
     read because ``examples/`` is not part of the installed package."""
     from owl2.data.shapes import generate_scene, render_scene
-    from owl2.experiments.tiny import IMAGE_SIZE
 
-    return render_scene(generate_scene(EXAMPLE_SCENE_SEED), size=IMAGE_SIZE)
+    return render_scene(generate_scene(EXAMPLE_SCENE_SEED), size=EMBEDDED_IMAGE_SIZE)
 
 
 def _is_single_image(images: Any) -> bool:
@@ -99,7 +100,7 @@ class Pipeline:
         tokenizer: Any,
         image_processor: Any,
         *,
-        template: str = "mplug_owl2",
+        template: str = DEFAULT_TEMPLATE,
         policy: str | None = None,
         source: str | os.PathLike[str] | None = None,
         adapter: str | os.PathLike[str] | None = None,
@@ -125,8 +126,6 @@ class Pipeline:
         """Whether this is the embedded ``owl2-tiny`` (the entry points then say what it can and cannot do)."""
         if self.source is None or self.adapter is not None:  # an adapter makes it another model
             return False
-        from owl2.experiments.tiny import default_model_dir
-
         return self.source.resolve() == default_model_dir().resolve()
 
     # ------------------------------------------------------------------------------------------------ rendering
@@ -238,20 +237,6 @@ class Pipeline:
         ids = self.tokenizer.encode(" " + choice.strip(), add_bos=False)
         # SentencePiece gives " x" a lone "▁" piece first when the text starts with a space; drop it
         return ids[1:] if len(ids) > 1 and self.tokenizer.decode(ids[:1]).strip() == "" else ids
-
-
-def default_model() -> Path:
-    """Returns the embedded model's directory: the ``owl2-tiny`` checkpoint shipped in the package, which every
-    entry point (``owl2.load()``, ``owl2 ask``/``chat``/``eval``/``train``) uses when no model is given.
-    ``owl2.load(owl2.default_model())`` equals ``owl2.load()``. Raises ``FileNotFoundError`` when its weights are
-    missing."""
-    from owl2.experiments.tiny import default_model_dir
-
-    directory = default_model_dir()
-    if not (directory / "model.safetensors").is_file():
-        raise FileNotFoundError(f"the embedded model is missing from {directory}; rebuild it with "
-                                "`owl2 experiment build-tiny --install` or pass a model")
-    return directory
 
 
 def load(

@@ -1,4 +1,4 @@
-"""The documented interface for external checks, exactly as the README shows it."""
+"""The documented interface for external checks, exactly as docs/model.md shows it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from tests.conftest import OFFICIAL_TINY
 def test_documented_interface(oracle):
     model = owl2.load_model(str(OFFICIAL_TINY), dtype=torch.float32)
     assert isinstance(model, torch.nn.Module) and not model.training
-    batch = owl2.prepare_official_inputs(oracle["input_ids_image"], attention_mask=None, pixel_values=oracle["image"])
+    batch = owl2.prepare_official_inputs(oracle["input_ids_image"], attention_mask=None, pixel_values=oracle["image"],
+                                         config=model.config)
     assert set(batch) == {"input_ids", "attention_mask", "pixel_values"}
     out = model(**batch)
     assert out.logits.shape == (1, 14 - 1 + 9, 320)

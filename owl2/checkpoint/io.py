@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from owl2.model.config import Owl2Config
-from owl2.model.modeling import Owl2ForCausalLM, set_default_layout
+from owl2.model.modeling import Owl2ForCausalLM
 from owl2.utils import atomic_output, atomic_write_text, progress, publish_file, read_json_object
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -448,7 +448,8 @@ def load_model(
     Tensors are cast to ``dtype`` shard by shard. Missing or unexpected keys raise :class:`CheckpointError` listing
     them; the official model's recomputed buffers (``rotary_emb.inv_freq``, the abstractor's sin-cos tables) are
     accepted and ignored. ``quantize`` ("int8-dynamic" or "int8") quantises the LLM's linear layers for inference
-    (see :mod:`owl2.model.quantize`).
+    (see :mod:`owl2.model.quantize`); without it, bf16 weights on the CPU get the faster few-row kernel
+    (:func:`~owl2.model.quantize.use_cpu_bf16_kernels`).
     """
     dtype = parse_dtype(dtype)
     device = torch.device(device)
@@ -475,11 +476,12 @@ def load_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_buffers(model, device)
-    set_default_layout(config)
-    if quantize is not None:
-        from owl2.model.quantize import quantize_language_model
+    from owl2.model.quantize import quantize_language_model, use_cpu_bf16_kernels
 
+    if quantize is not None:
         quantize_language_model(model, quantize)
+    else:
+        use_cpu_bf16_kernels(model)  # a no-op unless the weights are bf16 on the CPU
     return model.eval()
 
 

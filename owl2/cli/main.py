@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from owl2.checkpoint import CheckpointError, convert_checkpoint
 from owl2.cli import ADAPTER_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP
@@ -38,7 +39,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def _load_pipeline(args: argparse.Namespace, *, notice: bool = False):  # -> owl2.api.Pipeline (lazy: torch is slow)
+def _load_pipeline(args: argparse.Namespace, *, notice: bool = False):  # -> owl2.api.Pipeline, imported on use
     """The pipeline of ``--model``; ``notice``: say on stderr what the embedded model can do, when it is the one."""
     from owl2.api import EMBEDDED_MODEL_NOTICE, load
 
@@ -61,17 +62,35 @@ def _jsonl_image(image: object, folder: Path) -> object:
     return str(path if path.is_absolute() else folder / path)
 
 
+def _jsonl_images(record: dict[str, object], where: str) -> list[str]:
+    """The image paths or URLs of one JSONL record: ``"images"`` (a list, one string or null) or ``"image"`` (one
+    string, or null/empty for none); ValueError naming ``where`` for any other shape (a number, an object, a list of
+    lists), which would otherwise fail deep in the pipeline without the line's number."""
+    if "images" in record:
+        images = record["images"]
+        images = [] if images is None else [images] if isinstance(images, str) else images
+        if not isinstance(images, list):
+            raise ValueError(f'{where}: "images" must be a list of image paths or URLs, got {type(images).__name__}')
+    else:
+        images = [record["image"]] if record.get("image") else []
+    for image in images:
+        if not isinstance(image, str) or not image:
+            raise ValueError(f"{where}: an image must be a path or URL (a non-empty string), got {image!r:.60}")
+    return images
+
+
 def _ask(args: argparse.Namespace) -> int:
     import json
 
     if (args.prompt is None) == (args.jsonl is None):
         raise ValueError("give exactly one of --prompt or --jsonl")
-    pipe = _load_pipeline(args, notice=True)
     if args.prompt is not None:
         jobs = [{"prompt": args.prompt, "images": list(args.image or [])}]
-    else:
+    else:  # read before the model loads: a bad line is reported at once
         jobs = []
         folder = Path(args.jsonl).parent
+        if Path(args.jsonl).is_dir():
+            raise ValueError(f"--jsonl {args.jsonl}: is a directory; give a file of JSON lines")
         with open(args.jsonl, encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):
                 if not line.strip():
@@ -82,9 +101,10 @@ def _ask(args: argparse.Namespace) -> int:
                     raise ValueError(f"{args.jsonl} line {number}: not valid JSON ({exc})") from None
                 if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                     raise ValueError(f'{args.jsonl} line {number}: expected {{"prompt": str, "image": ...}}')
-                images = record.get("images", [record["image"]] if record.get("image") else [])
-                images = [_jsonl_image(image, folder) for image in ([images] if isinstance(images, str) else images)]
-                jobs.append({**record, "prompt": record["prompt"], "images": images})
+                images = _jsonl_images(record, f"{args.jsonl} line {number}")
+                jobs.append({**record, "prompt": record["prompt"],
+                             "images": [_jsonl_image(image, folder) for image in images]})
+    pipe = _load_pipeline(args, notice=True)
     imageless = sum(not job["images"] for job in jobs)
     if imageless and pipe.is_embedded:
         from owl2.api import EMBEDDED_NO_IMAGE_HINT
@@ -283,6 +303,16 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError(f"give {', '.join(missing)} (or --list to see the tasks)")
     task = get_task(args.task)
     output = args.output or str(Path("eval-results") / Path(args.model or "owl2-tiny").name)
+    # what the arguments alone show is reported before the model loads
+    if args.limit is not None and args.limit < 1:  # a negative one would slice off the end of the data set
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    data = Path(args.data)
+    if data.exists() and not (data.is_file() or data.is_dir()):  # reading a FIFO would wait for a writer
+        raise ValueError(f"--data {args.data}: not a regular file or directory (a FIFO, socket or device)")
+    if Path(output).exists() and not Path(output).is_dir():
+        raise ValueError(f"--output {output}: exists and is not a directory (the results go into a directory)")
     pipe = _load_pipeline(args)
     from owl2.evaluation.harness import EvaluationInterrupted
 
@@ -305,14 +335,14 @@ def _demo(args: argparse.Namespace) -> int:
     import random
     import tempfile
 
+    from owl2.assets import EMBEDDED_IMAGE_SIZE
     from owl2.data.shapes import generate_scene, render_scene, scene_questions, score_answer
-    from owl2.experiments.tiny import IMAGE_SIZE
 
     if args.image:
         return _demo_images(args)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**9)
     scene = generate_scene(f"demo/{seed}")
-    image = render_scene(scene, size=IMAGE_SIZE)  # the resolution owl2-tiny is trained at
+    image = render_scene(scene, size=EMBEDDED_IMAGE_SIZE)  # the resolution owl2-tiny is trained at
     if args.output is None:  # a fresh file of our own: a scene.png of the user's in this folder is never touched
         handle, output = tempfile.mkstemp(prefix=f"owl2-demo-{seed}-", suffix=".png")
         os.close(handle)
@@ -388,13 +418,55 @@ def _version() -> str:
         return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser that can add some of its arguments only when the command is parsed or its help shown
+    (:meth:`defer`): building the whole command line then imports only what every command needs, and
+    ``owl2 convert --help`` does not import the shapes world or the tiny recipe for ``experiment``'s options."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deferred: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def defer(self, add_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+        """Call ``add_arguments(self)`` before this parser is first used; arguments keep their order of calls."""
+        self._deferred.append(add_arguments)
+
+    def _complete(self) -> None:
+        while self._deferred:
+            self._deferred.pop(0)(self)
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+
+def _add_build_options(experiment: argparse.ArgumentParser) -> None:
+    """``owl2 experiment``'s options of the tiny build, whose choices and defaults come from the recipe."""
     from owl2.data.shapes import ANSWER_EXAMPLES, ANSWER_STYLES
     from owl2.experiments.tiny import TinyBuild
 
+    experiment.add_argument("--answer-style", choices=ANSWER_STYLES, default=TinyBuild.answer_style,
+                            help="build-tiny: the form of the training answers, e.g. for \"Is there a red circle?\": "
+                            + "; ".join(f'"{example}" ({style})' for style, example in ANSWER_EXAMPLES.items())
+                            + f" (default: {TinyBuild.answer_style}, the recipe)")
+    experiment.add_argument("--object-pieces", action=argparse.BooleanOptionalAction, default=TinyBuild.object_pieces,
+                            help='build-tiny: one tokenizer piece per object phrase ("red circle", "small red circle"; '
+                            "off in the recipe)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="owl2", description="mPLUG-Owl2 in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"owl2 {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     convert = commands.add_parser(
         "convert",
@@ -471,13 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--from-build", default=None, metavar="DIR",
                             help="mam-ablation: the folder of a finished build-tiny run is the MAM variant (implies "
                                  "--full); only the no-MAM variant is trained")
-    experiment.add_argument("--answer-style", choices=ANSWER_STYLES, default=TinyBuild.answer_style,
-                            help="build-tiny: the form of the training answers, e.g. for \"Is there a red circle?\": "
-                            + "; ".join(f'"{example}" ({style})' for style, example in ANSWER_EXAMPLES.items())
-                            + f" (default: {TinyBuild.answer_style}, the recipe)")
-    experiment.add_argument("--object-pieces", action=argparse.BooleanOptionalAction, default=TinyBuild.object_pieces,
-                            help='build-tiny: one tokenizer piece per object phrase ("red circle", "small red circle"; '
-                            "off in the recipe)")
+    experiment.defer(_add_build_options)
     experiment.set_defaults(handler=_experiment)
 
     train = commands.add_parser(

@@ -6,8 +6,9 @@ over-length rule), :mod:`owl2.data.dataset` (lazy images, no dummy image for tex
 synthetic shapes world: scenes, questions, training and held-out sets).
 """
 
+from owl2.constants import DEFAULT_TEMPLATE, IGNORE_INDEX
 from owl2.data.dataset import DEFAULT_TOKENS_PER_IMAGE, TRAINING_IMAGE_POLICY, SupervisedDataset, collate
-from owl2.data.masking import DEFAULT_TEMPLATE, IGNORE_INDEX, TokenizedConversation, tokenize_conversation, truncate
+from owl2.data.masking import TokenizedConversation, tokenize_conversation, truncate
 from owl2.data.records import BadRecord, Record, parse_record, read_records
 from owl2.data.sampler import ModalityLengthGroupedSampler
 from owl2.data.shapes import (

@@ -28,8 +28,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from owl2.data.masking import DEFAULT_TEMPLATE, IGNORE_INDEX, TokenizedConversation, tokenize_conversation, truncate
+from owl2.constants import DEFAULT_TEMPLATE, IGNORE_INDEX, OFFICIAL_IMAGE_TOKEN
+from owl2.data.masking import TokenizedConversation, tokenize_conversation, truncate
 from owl2.data.records import BadRecord, Record, read_records, report_skip
+from owl2.model.config import Owl2Config
+from owl2.model.inputs import expand_official_ids
 from owl2.processing.conversation import ConversationTemplate
 from owl2.processing.image import ImageError, ImageProcessor
 from owl2.processing.tokenizer import Owl2Tokenizer
@@ -213,8 +216,8 @@ class SupervisedDataset(Dataset):
 def collate(
     samples: Sequence[dict[str, Any]],
     *,
+    config: Owl2Config,
     pad_token_id: int = 0,
-    config: Any | None = None,
 ) -> dict[str, torch.Tensor]:
     """Samples of :class:`SupervisedDataset` -> model inputs, right-padded.
 
@@ -223,12 +226,9 @@ def collate(
     at least one image, ``pixel_values`` ``[sum of n, 3, S, S]`` in sample order. When a sample has a soft label,
     also ``soft_labels`` ``[B, L]`` (float32), ``level_ids`` ``[B, L]`` and ``level_positions`` ``[B]``: the level
     word's index in the expanded sequence, -1 in rows without a soft label (whose other two rows are zeros).
-    ``config``: the model's
-    :class:`~owl2.model.config.Owl2Config` (its layout; default the most recently loaded model's). ``pad_token_id``:
-    use ``tokenizer.pad_token_id``.
+    ``config``: the model's :class:`~owl2.model.config.Owl2Config` (``model.config``), whose layout the batch
+    takes. ``pad_token_id``: use ``tokenizer.pad_token_id``.
     """
-    from owl2.model.inputs import expand_official_ids
-
     if not samples:
         raise ValueError("collate needs at least one sample")
     rows = []
@@ -266,10 +266,8 @@ def collate(
 
 
 def _soft_label_rows(samples: Sequence[dict[str, Any]], input_ids: torch.Tensor,
-                     config: Any | None) -> dict[str, torch.Tensor]:
-    from owl2.model.modeling import default_layout_config
-
-    per_image = (config or default_layout_config()).tokens_per_image
+                     config: Owl2Config) -> dict[str, torch.Tensor]:
+    per_image = config.tokens_per_image
     width = max(len(s["soft_label"]) for s in samples if s.get("soft_label") is not None)
     soft = torch.zeros(len(samples), width, dtype=torch.float32)
     level_ids = torch.zeros(len(samples), width, dtype=torch.long)
@@ -278,7 +276,7 @@ def _soft_label_rows(samples: Sequence[dict[str, Any]], input_ids: torch.Tensor,
         if sample.get("soft_label") is None:
             continue
         official = sample["level_position"]
-        images_before = sum(1 for token in sample["input_ids"][:official] if token < 0)
+        images_before = sum(1 for token in sample["input_ids"][:official] if token == OFFICIAL_IMAGE_TOKEN)
         # Every image before the level word stands for tokens_per_image positions after expansion.
         positions[row] = official + (per_image - 1) * images_before
         soft[row] = torch.tensor(sample["soft_label"], dtype=torch.float32)

@@ -29,18 +29,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from owl2.constants import DEFAULT_TEMPLATE, IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from owl2.data.records import BadRecord
 from owl2.processing.conversation import ConversationTemplate, get_template, render_conversation
-from owl2.processing.tokenizer import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, Owl2Tokenizer
+from owl2.processing.tokenizer import Owl2Tokenizer
 
 __all__ = ["DEFAULT_TEMPLATE", "IGNORE_INDEX", "TokenizedConversation", "tokenize_conversation", "truncate"]
-
-IGNORE_INDEX = -100
-"""Label of positions that are not trained on (PyTorch's cross-entropy default)."""
-
-DEFAULT_TEMPLATE = "mplug_owl2"
-"""owl2's inference template. The official trainer's ``--version v1`` (``vicuna_v1`` with a system prompt) trains on
-a prompt the model never sees at inference; pass ``template="vicuna_v1"`` to reproduce it anyway."""
 
 
 @dataclass

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from owl2.processing.tokenizer import IMAGE_PLACEHOLDER
+from owl2.constants import IMAGE_PLACEHOLDER
 from owl2.utils import atomic_write_text
 
 __all__ = [

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from owl2.processing.tokenizer import IMAGE_PLACEHOLDER
+from owl2.constants import IMAGE_PLACEHOLDER
 from owl2.utils import atomic_write_text
 
 __all__ = [

@@ -31,8 +31,8 @@ A language model pre-trained on the conversations as plain text, as LLaMA-2 is, 
 tokens in stages 1 and 2 (its attention had settled on text positions; ``docs/experiments.md``), so stage 0 gives it
 the images from the start.
 
-:func:`default_model_dir` is where the shipped copy lives; ``owl2.load()``, ``owl2 ask`` and ``owl2 chat`` use it
-when no model is given.
+:func:`owl2.assets.default_model_dir` is where the shipped copy lives; ``owl2.load()``, ``owl2 ask`` and
+``owl2 chat`` use it when no model is given.
 """
 
 from __future__ import annotations
@@ -46,27 +46,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from owl2.assets import EMBEDDED_IMAGE_SIZE, default_model_dir
+from owl2.constants import IMAGE_PLACEHOLDER
 from owl2.data.shapes import ANSWER_EXAMPLES, SHORT_ANSWER_PROMPT
 from owl2.experiments.vision_pretrain import PROBE_FILE
-from owl2.processing.tokenizer import IMAGE_PLACEHOLDER
 from owl2.training.optim import VISION_SIDE
 from owl2.utils import atomic_write_text
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL_NAME = "owl2-tiny"
 TINY_CONFIGS = Path(__file__).resolve().parent / "recipes" / "tiny"
 """The recipe's model config and stage files, in the package (an installed owl2 has no repository around it)."""
-IMAGE_SIZE = 64
+IMAGE_SIZE = EMBEDDED_IMAGE_SIZE
 EVAL_FILE = "eval_results.json"
 """The held-out figures of the model card, machine-readable (the accuracy tests compare with them)."""
 STAGE_DIRS = ("stage-v", "stage0", "stage1", "stage2", "stage3", "stage4")
 MULTI_TURN_SCENES = 200
 """Held-out scenes of the multi-turn check in the model card (:func:`evaluate_multi_turn`)."""
-
-
-def default_model_dir() -> Path:
-    """The shipped ``owl2-tiny`` checkpoint (``owl2/assets/owl2-tiny``)."""
-    return PACKAGE_DIR / "assets" / DEFAULT_MODEL_NAME
 
 
 @dataclass
@@ -123,7 +118,7 @@ def _corpus(records: list[dict[str, Any]]) -> list[str]:
     for record in records:
         turns = record["conversations"]
         for human, gpt in zip(turns[::2], turns[1::2], strict=False):
-            lines.append(f"USER: {human['value'].replace('<|image|>', '')} ASSISTANT: {gpt['value']}")
+            lines.append(f"USER: {human['value'].replace(IMAGE_PLACEHOLDER, '')} ASSISTANT: {gpt['value']}")
     return lines
 
 

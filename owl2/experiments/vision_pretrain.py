@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from owl2.constants import IGNORE_INDEX
 from owl2.utils import atomic_write_text
 
 if sys.version_info >= (3, 11):
@@ -38,7 +39,6 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = ["VisionPretrainConfig", "grid_targets", "pretrain_vision", "scene_tensors"]
 
-IGNORE = -100
 PROBE_FILE = "probe.json"
 
 
@@ -89,7 +89,7 @@ def grid_targets(scene: Any, grid: int) -> dict[str, torch.Tensor]:
     from owl2.data.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXTURES
 
     colours = list(COLOURS)
-    objects = torch.full((grid * grid, 3), IGNORE, dtype=torch.long)
+    objects = torch.full((grid * grid, 3), IGNORE_INDEX, dtype=torch.long)
     offset = torch.zeros(grid * grid, 2)
     present = torch.zeros(grid * grid)
     for obj in scene.objects:

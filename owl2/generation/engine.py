@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from owl2.constants import OFFICIAL_IMAGE_TOKEN
 from owl2.generation.sampling import SamplingParams, make_generator, next_token
 from owl2.generation.streaming import TextStream
-from owl2.model.inputs import OFFICIAL_IMAGE_TOKEN, expand_official_ids
+from owl2.model.inputs import expand_official_ids
 from owl2.model.modeling import Owl2ForCausalLM
 
 

@@ -41,9 +41,9 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 import owl2
+from owl2.constants import DEFAULT_TEMPLATE, IMAGE_PLACEHOLDER
 from owl2.generation import GenerationRequest, SamplingParams
 from owl2.processing.conversation import get_template, render_conversation
-from owl2.processing.tokenizer import IMAGE_PLACEHOLDER
 
 LLAVA_IMAGE_PLACEHOLDER = "<image>"
 """The placeholder LLaVA-derived task prompts use; it means the same as ``<|image|>``."""
@@ -98,7 +98,7 @@ class Owl2LMMS(lmms):
         max_batch_size: int | None = None,
         policy: str | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        template: str = "mplug_owl2",
+        template: str = DEFAULT_TEMPLATE,
         **unknown: Any,
     ) -> None:
         super().__init__()

@@ -5,11 +5,12 @@ Read top to bottom: ``config`` (one config object), ``vision`` (ViT), ``abstract
 ``inputs`` (official-style ids -> owl2 inputs); ``init`` (random initialisation for training from scratch).
 """
 
+from owl2.constants import IGNORE_INDEX, OFFICIAL_IMAGE_TOKEN
 from owl2.model.cache import KVCache
 from owl2.model.config import AbstractorConfig, ConfigError, Owl2Config, VisionConfig
 from owl2.model.init import copy_text_branch_to_image_branch, init_weights
-from owl2.model.inputs import OFFICIAL_IMAGE_TOKEN, prepare_official_inputs
-from owl2.model.modeling import IGNORE_INDEX, GenerateOutput, Owl2ForCausalLM, Owl2Model, Owl2Output
+from owl2.model.inputs import prepare_official_inputs
+from owl2.model.modeling import GenerateOutput, Owl2ForCausalLM, Owl2Model, Owl2Output
 
 __all__ = [
     "IGNORE_INDEX",

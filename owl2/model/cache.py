@@ -2,8 +2,8 @@
 
 All rows of a batch share one write offset (prompts are left-padded), so a step writes one slice per layer and
 never reallocates. Besides keys and values the cache remembers, per cached position, whether it is a real token
-(the attention mask), whether it is an image position (the modality it was encoded with), and each row's next
-RoPE position, so padding and images stay correct across decode steps.
+(the attention mask), and each row's next RoPE position, so padding stays correct across decode steps. The modality
+of a cached position needs no record: its keys and values were projected by its own MAM branch when it was written.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
-        self.image_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
         self.has_padding = False
@@ -53,7 +52,6 @@ class KVCache:
     def reset(self) -> None:
         """Forget every cached position; the buffers are kept for the next generation."""
         self.valid.zero_()
-        self.image_mask.zero_()
         self.next_position.zero_()
         self.length = 0
         self.has_padding = False
@@ -74,12 +72,10 @@ class KVCache:
             )
         return self.length
 
-    def commit(self, valid: torch.Tensor, image_mask: torch.Tensor | None, has_padding: bool) -> None:
-        """Record the bookkeeping of the chunk just written (``valid``/``image_mask`` are [B, T])."""
+    def commit(self, valid: torch.Tensor, has_padding: bool) -> None:
+        """Record the bookkeeping of the chunk just written (``valid`` is [B, T])."""
         start, end = self.length, self.length + valid.shape[1]
         self.valid[:, start:end] = valid
-        if image_mask is not None:
-            self.image_mask[:, start:end] = image_mask
         self.next_position += valid.sum(-1)
         self.has_padding = self.has_padding or has_padding
         self.length = end
@@ -110,7 +106,6 @@ def gather_rows(parts: Sequence[tuple[KVCache, Sequence[int]]], room: int) -> KV
     out.keys = first.keys.new_zeros(shape)
     out.values = first.values.new_zeros(shape)
     out.valid = first.valid.new_zeros(batch, length + room)
-    out.image_mask = first.image_mask.new_zeros(batch, length + room)
     out.next_position = first.next_position.new_zeros(batch)
     out.length, out.has_padding = length, True
     row = 0
@@ -122,7 +117,6 @@ def gather_rows(parts: Sequence[tuple[KVCache, Sequence[int]]], room: int) -> KV
         out.keys[:, block, :, target] = cache.keys[:, index, :, source]
         out.values[:, block, :, target] = cache.values[:, index, :, source]
         out.valid[block, target] = cache.valid[index, source]
-        out.image_mask[block, target] = cache.image_mask[index, source]
         out.next_position[block] = cache.next_position[index]
         row += len(rows)
     return out

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from owl2.constants import IGNORE_INDEX, OFFICIAL_IMAGE_TOKEN
 from owl2.model.config import Owl2Config
-from owl2.model.modeling import IGNORE_INDEX, default_layout_config
 
-OFFICIAL_IMAGE_TOKEN = -200
+__all__ = ["OFFICIAL_IMAGE_TOKEN", "expand_official_ids", "prepare_official_inputs"]
 
 
 def prepare_official_inputs(
@@ -21,16 +21,16 @@ def prepare_official_inputs(
     attention_mask: torch.Tensor | None = None,
     pixel_values: torch.Tensor | None = None,
     *,
+    config: Owl2Config,
     labels: torch.Tensor | None = None,
-    config: Owl2Config | None = None,
     pad_token_id: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Official-style ``input_ids`` [B, T] (one -200 per image) -> model inputs with every image expanded.
 
     Returns ``input_ids``/``attention_mask`` [B, T'] (and ``labels`` with -100 at image positions when given) plus
     ``pixel_values`` unchanged. Rows that grow by different amounts are padded on the side the batch is already
-    padded on (left when any row starts with padding, else right). ``config`` gives the layout (tokens per image and
-    image id); by default, that of the model most recently returned by :func:`owl2.load_model`.
+    padded on (left when any row starts with padding, else right). ``config`` is the model's config
+    (``model.config``); it gives the layout: ``tokens_per_image`` positions holding ``image_token_index`` per image.
     """
     num_images = 0 if pixel_values is None else int(pixel_values.shape[0])
     batch = expand_official_ids(
@@ -45,14 +45,15 @@ def expand_official_ids(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
+    config: Owl2Config,
     labels: torch.Tensor | None = None,
-    config: Owl2Config | None = None,
     pad_token_id: int = 0,
     num_images: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The id/mask/label part of :func:`prepare_official_inputs`; ``num_images``, when given, must equal the number
     of placeholders."""
-    config = config or default_layout_config()
+    if not isinstance(config, Owl2Config):
+        raise TypeError(f"config must be the model's Owl2Config (model.config), got {type(config).__name__}")
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}")
     per_image, image_id = config.tokens_per_image, config.image_token_index

@@ -8,6 +8,9 @@ with the host:
 * all-text input (every decode step, text-only prompts) runs branch 0 directly;
 * mixed input gathers the text rows and the image rows once and runs each K/V branch only on its own rows; the norms
   share one normalisation and pick the gain per position.
+
+The linear layers are plain ``nn.Linear``; faster CPU kernels (bf16 decode steps, int8) are swapped in when a model
+is loaded (:mod:`owl2.model.quantize`).
 """
 
 from __future__ import annotations
@@ -22,36 +25,13 @@ from owl2.model.config import Owl2Config
 
 TEXT, IMAGE = 0, 1
 
-# At or below this many rows, bf16 matmuls on the CPU avoid F.linear (see Linear).
-_FEW_ROWS = 8
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` that picks a faster CPU kernel for bf16 inputs of a few rows (decode steps).
-
-    With torch 2.13 on the CPU, ``F.linear`` streams bf16 weights at about 16 GB/s for 1-8 rows, and on a strided
-    [B, 1, D] view it copies the whole weight first. ``torch.mv`` (one row) and ``weight @ x.T`` (2-8 rows) read
-    the same weights 25-40 % faster (measured on Zen 4 with weights that do not fit in cache). Other dtypes,
-    devices and larger inputs use ``F.linear`` unchanged.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or not 0 < rows <= _FEW_ROWS:
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, x.shape[-1])
-        out = torch.mv(self.weight, flat[0])[None] if rows == 1 else (self.weight @ flat.T).T
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-
 @dataclass(frozen=True)
 class ModalityRoute:
     """Where the image positions of the current chunk are, shared by every layer of one forward.
 
     ``image_mask`` is ``None`` when every position is text. Otherwise ``text_index``/``image_index`` hold the flat
-    (``batch * time``) positions of each modality, computed with a single host sync.
+    (``batch * time``) positions of each modality, found once per forward by one ``nonzero`` per modality: two host
+    syncs (one when the mask holds no image position, none without a mask).
     """
 
     image_mask: torch.Tensor | None = None
@@ -118,7 +98,7 @@ class MultiwayLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, branches: int = 2) -> None:
         super().__init__()
         self.out_features = out_features
-        self.multiway = nn.ModuleList([Linear(in_features, out_features, bias=bias) for _ in range(branches)])
+        self.multiway = nn.ModuleList([nn.Linear(in_features, out_features, bias=bias) for _ in range(branches)])
 
     def forward(self, x: torch.Tensor, route: ModalityRoute) -> torch.Tensor:
         if route.text_only or len(self.multiway) == 1:
@@ -192,11 +172,11 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         bias = config.attention_bias
         d, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
-        self.q_proj = Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
         branches = 2 if config.modality_adaptive else 1
         self.k_proj = MultiwayLinear(d, kv, bias=bias, branches=branches)
         self.v_proj = MultiwayLinear(d, kv, bias=bias, branches=branches)
-        self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
 
     def forward(
         self,
@@ -225,9 +205,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: Owl2Config) -> None:
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from owl2.constants import IGNORE_INDEX
 from owl2.model.abstractor import VisualAbstractor
 from owl2.model.cache import KVCache
 from owl2.model.config import Owl2Config
-from owl2.model.llama import AttentionContext, DecoderLayer, Linear, ModalityRoute, RMSNorm, RotaryEmbedding
+from owl2.model.llama import AttentionContext, DecoderLayer, ModalityRoute, RMSNorm, RotaryEmbedding
 from owl2.model.vision import VisionModel
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -88,8 +87,8 @@ class Owl2Model(nn.Module):
         if num_positions != num_images * per_image:
             raise ValueError(
                 f"got {num_images} image(s) but {num_positions} image positions in input_ids; each image needs "
-                f"exactly {per_image} positions holding id {image_id} (use owl2.prepare_official_inputs to expand "
-                "official-style ids)"
+                f"exactly {per_image} positions holding id {image_id} (use owl2.prepare_official_inputs with "
+                "config=model.config to expand official-style ids)"
             )
         if num_images == 0:
             return embeds, None
@@ -139,7 +138,7 @@ class Owl2ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Owl2Model(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -214,7 +213,7 @@ class Owl2ForCausalLM(nn.Module):
         )
         hidden, states = self.model.decode(embeds, ctx, cache, output_hidden_states)
         if cache is not None:
-            cache.commit(valid, image_mask, has_padding)
+            cache.commit(valid, has_padding)
         if logits_to_keep > 0:
             # contiguous: the CPU's float32 matmul on the strided slice of a batch is several times slower
             hidden = hidden[:, -logits_to_keep:].contiguous()
@@ -349,17 +348,3 @@ def _as_id_tensor(ids: int | Sequence[int] | None, device: torch.device) -> torc
         return None
     ids = [ids] if isinstance(ids, int) else list(ids)
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
-
-
-# The layout (tokens per image, image id) that prepare_official_inputs uses when it is not given a config: that of
-# the model most recently returned by owl2.load_model, so `prepare_official_inputs(ids, mask, px)` fits it.
-_DEFAULT_LAYOUT: list[Owl2Config] = []
-
-
-def set_default_layout(config: Owl2Config) -> None:
-    _DEFAULT_LAYOUT[:] = [config]
-
-
-def default_layout_config() -> Owl2Config:
-    """The config of the most recently loaded model, else the 7B default."""
-    return _DEFAULT_LAYOUT[0] if _DEFAULT_LAYOUT else Owl2Config()

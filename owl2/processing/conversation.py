@@ -64,7 +64,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from owl2.processing.tokenizer import IMAGE_PLACEHOLDER
+from owl2.constants import DEFAULT_TEMPLATE, IMAGE_PLACEHOLDER
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -137,8 +137,6 @@ VICUNA_V1 = ConversationTemplate(
 
 TEMPLATES: dict[str, ConversationTemplate] = {"mplug_owl2": MPLUG_OWL2, "vicuna_v1": VICUNA_V1, "v1": VICUNA_V1}
 """Templates by name (the official ``conv_templates`` keys for these two)."""
-
-DEFAULT_TEMPLATE = "mplug_owl2"
 
 
 def get_template(name: str | ConversationTemplate) -> ConversationTemplate:

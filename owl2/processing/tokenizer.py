@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from owl2.constants import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from owl2.utils import read_json_object
 
 __all__ = [
@@ -66,12 +67,6 @@ __all__ = [
     "SpecialToken",
     "load_tokenizer",
 ]
-
-IMAGE_PLACEHOLDER = "<|image|>"
-"""The literal the official prompts use where an image goes (not a vocabulary token)."""
-
-IMAGE_TOKEN_INDEX = -200
-"""The id ``tokenizer_image_token`` puts in place of each ``<|image|>`` (``IMAGE_TOKEN_INDEX`` upstream)."""
 
 TOKENIZER_MODEL_NAME = "tokenizer.model"
 TOKENIZER_JSON_NAME = "tokenizer.json"

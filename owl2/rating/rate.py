@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from owl2.model.inputs import OFFICIAL_IMAGE_TOKEN
+from owl2.constants import OFFICIAL_IMAGE_TOKEN
 from owl2.rating.scale import Rating, RatingScale, render_rating_prompt
 from owl2.utils import progress
 

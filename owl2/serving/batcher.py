@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from owl2.constants import OFFICIAL_IMAGE_TOKEN
 from owl2.generation.engine import (
     GenerationEngine,
     GenerationRequest,
@@ -57,7 +58,6 @@ from owl2.generation.engine import (
     step_logprobs,
 )
 from owl2.model.cache import KVCache, gather_rows
-from owl2.model.inputs import OFFICIAL_IMAGE_TOKEN
 
 EventSink = Callable[[StepEvent | BaseException], None]
 """Called from the worker thread with each step's event of a request, or with the error that ended it."""

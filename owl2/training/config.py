@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from owl2.constants import DEFAULT_TEMPLATE
 from owl2.data.quality import LEVELS, QUALITY_PREFIX
 from owl2.training.optim import STAGES, OptimConfig
 
@@ -64,7 +65,7 @@ class DataSection:
     image_root: str | None = None
     """Where relative image paths point; default the data file's directory."""
     max_length: int = 2048
-    template: str = "mplug_owl2"
+    template: str = DEFAULT_TEMPLATE
     image_policy: str = "pad"
     num_workers: int = 0
 
@@ -206,6 +207,8 @@ def _resolve_recipe_file(name_or_path: str | os.PathLike[str]) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.exists():
+        raise RecipeError(f"recipe {str(path)!r} is not a regular file (give a TOML file)")
     packaged = RECIPES_DIR / f"{name_or_path}.toml"
     if packaged.is_file():
         return packaged

@@ -5,13 +5,16 @@ so the learning rates, layer-wise decay and warm-up/cosine schedule are the same
 config (``train.deepspeed_config``, default ``recipes/zero2.json``) chooses the ZeRO stage; owl2 fills in the batch
 sizes, accumulation and clipping from the recipe so the two cannot disagree. The loss is already normalised over the
 global batch, so it is passed to ``engine.backward`` without DeepSpeed's division by the accumulation steps.
+:class:`DeepSpeedStrategy` is the engine behind the trainer's :class:`~owl2.training.distributed.Strategy` interface.
 ZeRO stages 1 and 2 are supported; stage 3 partitions the parameters themselves, which owl2's checkpoints do not
 gather, and is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import torch
 from torch import nn
 
 from owl2.training.config import RECIPES_DIR, TrainConfig
-from owl2.training.distributed import DistEnv
+from owl2.training.distributed import DistEnv, Diverged, Strategy
 
 DEFAULT_CONFIG = RECIPES_DIR / "zero2.json"
 
@@ -56,3 +59,34 @@ def deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, schedul
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, env),
     )
     return engine, ds_optimizer, ds_scheduler
+
+
+class DeepSpeedStrategy(Strategy):
+    """The DeepSpeed engine: it takes the model's place once the optimizer is attached, runs the backward, and at
+    the step's last micro-batch clips (``gradient_clipping``), updates, zeroes the gradients and advances the
+    schedule itself."""
+
+    name = "deepspeed"
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, scheduler: Any,
+                         config: TrainConfig) -> tuple[Any, Any]:
+        self._model, optimizer, scheduler = deepspeed_engine(self.model, optimizer, scheduler, config, self.env)
+        return optimizer, scheduler
+
+    def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the engine knows the accumulation boundary from its micro-step count
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.model.backward(loss, scale_wrt_gas=False)  # already normalised over the global step
+        if not last:
+            self.model.step()  # only counts the micro-batch; the update happens at the last one
+
+    def clip_and_step(self, optimizer: Any, scheduler: Any, clip: float, loss_value: float,
+                      diverged: Diverged) -> float:
+        # The engine clips to the gradient_clipping its config got from the recipe, and computes the norm inside its
+        # step, so only the loss can be checked before the update.
+        if not math.isfinite(loss_value):
+            diverged(loss_value, float("nan"))
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")

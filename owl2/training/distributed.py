@@ -1,18 +1,30 @@
-"""Process groups and data-parallel wrappers: one process (no wrapper), DDP, FSDP2 (``fully_shard``), DeepSpeed.
+"""Process groups and data-parallel strategies: one process (no wrapper), DDP, FSDP2 (``fully_shard``), DeepSpeed.
 
 Launch with ``torchrun --nproc_per_node N -m owl2 train ...``: torchrun sets ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK`` and this module joins the group (NCCL on CUDA, gloo on the CPU). Every strategy sees the same global
 batch: each rank takes its slice of the sampler's mega-batch, and gradients are averaged over ranks.
+
+The trainer drives every strategy through one interface, :class:`Strategy` (made by :func:`make_strategy`): it wraps
+the model, attaches the optimizer, runs each micro-batch's backward (holding the gradient sync back until the last
+micro-batch of a step) and takes the optimizer step. :class:`Strategy` itself is the one-process case; DDP and
+FSDP2 are below, DeepSpeed is in :mod:`owl2.training.deepspeed`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from owl2.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,114 @@ def wrap_fsdp(model: nn.Module, env: DistEnv) -> nn.Module:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module under a DDP or DeepSpeed wrapper (FSDP2 shards in place and has no wrapper)."""
     return model.module if hasattr(model, "module") else model
+
+
+# ---------------------------------------------------------------------------------------------------- strategies
+Diverged = Callable[[float, float], None]
+"""Called with ``(loss, gradient norm)`` when either is not finite; raises."""
+
+
+class Strategy:
+    """One process, no wrapper: the interface every data-parallel strategy implements, and its plain case.
+
+    Call :meth:`wrap` with the built model, then :meth:`attach_optimizer` with the optimizer and schedule built on
+    :func:`unwrap` of it; from then on :attr:`model` is what the forward runs on (a wrapper or an engine). Each
+    micro-batch of a step runs its forward and :meth:`backward` inside :meth:`no_sync`; :meth:`clip_and_step` ends
+    the step."""
+
+    name: ClassVar[str] = "none"
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+        self._model: nn.Module | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The model as the strategy runs it (set by :meth:`wrap`)."""
+        if self._model is None:
+            raise RuntimeError("Strategy.wrap has not been called")
+        return self._model
+
+    def wrap(self, model: nn.Module, config: TrainConfig) -> nn.Module:
+        """Take the built model (its trainable parameters set, on this rank's device) of the recipe ``config`` and
+        return it wrapped."""
+        self._model = model
+        return model
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, scheduler: Any,
+                         config: TrainConfig) -> tuple[Any, Any]:
+        """The ``(optimizer, scheduler)`` the steps use, given those built on the unwrapped model and the recipe
+        ``config`` as it runs (its batch layout fitted to the data)."""
+        return optimizer, scheduler
+
+    def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward and backward: gradients are synchronised over ranks only when
+        ``last`` (the step's last micro-batch)."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate the gradients of ``loss`` (a scalar already normalised over the global step)."""
+        loss.backward()
+
+    def clip_and_step(self, optimizer: Any, scheduler: Any, clip: float, loss_value: float,
+                      diverged: Diverged) -> float:
+        """Clip the gradients to the norm ``clip`` (0: no clipping), update, advance the schedule and zero the
+        gradients; returns the gradient norm before clipping. Calls ``diverged`` first, without updating, when the
+        step's loss (``loss_value``) or the norm is not finite."""
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over all shards
+            norm = norm.full_tensor()
+        norm = float(norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            diverged(loss_value, norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+
+class DdpStrategy(Strategy):
+    """DistributedDataParallel: gradients are all-reduced in the backward of the step's last micro-batch."""
+
+    name = "ddp"
+
+    def wrap(self, model: nn.Module, config: TrainConfig) -> nn.Module:
+        return super().wrap(wrap_ddp(model, self.env), config)
+
+    def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last else self.model.no_sync()
+
+
+class FsdpStrategy(Strategy):
+    """FSDP2: each layer's parameters are sharded over the ranks; gradients are reduce-scattered at the step's last
+    micro-batch."""
+
+    name = "fsdp"
+
+    def wrap(self, model: nn.Module, config: TrainConfig) -> nn.Module:
+        if config.lora.enabled:
+            raise ValueError("LoRA trains few parameters: use train.distributed='ddp' rather than fsdp")
+        return super().wrap(wrap_fsdp(model, self.env), config)
+
+    @contextlib.contextmanager
+    def no_sync(self, last: bool) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(last)
+        yield
+
+
+def make_strategy(distributed: str, env: DistEnv) -> Strategy:
+    """The strategy that ``train.distributed`` (``distributed``) asks for in this launch (see
+    :func:`resolve_strategy`); DDP and FSDP2 in one process fall back to no wrapper, which would only add
+    overhead."""
+    name = resolve_strategy(distributed, env)
+    if name == "deepspeed":
+        from owl2.training.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(env)
+    if name in ("ddp", "fsdp") and env.distributed:
+        return (DdpStrategy if name == "ddp" else FsdpStrategy)(env)
+    return Strategy(env)
 
 
 def shutdown(env: DistEnv) -> None:

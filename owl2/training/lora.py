@@ -187,9 +187,9 @@ def _register_int8(config: Any) -> None:
 
 
 def _quantize(model: Owl2ForCausalLM, mode: str) -> None:
-    from owl2.model.quantize import quantize_language_model
+    from owl2.model.quantize import quantization, quantize_language_model
 
-    current = getattr(model, "quantization", None)
+    current = quantization(model)
     if current is None:
         quantize_language_model(model, mode)
     elif current != mode:
@@ -222,16 +222,42 @@ def apply_lora(model: Owl2ForCausalLM, settings: LoraSettings | None = None) -> 
     peft_model = peft.get_peft_model(model, config)
     # peft's new modules (dropout, the abstractor copy) start in training mode; match the base's mode throughout.
     peft_model.train(was_training)
-    # Recorded on the wrapper so save_adapter can write it beside peft's files.
-    peft_model.owl2_lora_settings = settings
     return peft_model
 
 
 def _settings_of(model: nn.Module) -> LoraSettings:
-    settings = getattr(model, "owl2_lora_settings", None)
-    if not isinstance(settings, LoraSettings):
+    """The :class:`LoraSettings` of a peft model from :func:`apply_lora` or :func:`load_adapter`, read back from
+    what it is: peft's LoRA config gives the rank, alpha, dropout, targets and whether the abstractor trains, the
+    types of the base's layers whether it is int8 (:func:`owl2.model.quantize.quantization`). A target pattern
+    that is one of :data:`LORA_PRESETS` is given as that preset."""
+    from owl2.model.quantize import quantization
+
+    config = getattr(model, "peft_config", {}).get("default")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else None
+    if config is None or not isinstance(base, Owl2ForCausalLM):
         raise ValueError("save_adapter expects the model returned by apply_lora or load_adapter")
+    settings = _settings_from_peft_config(config.to_dict())
+    presets = {pattern: name for name, pattern in LORA_PRESETS.items()}
+    if settings.target_pattern in presets:
+        settings.preset, settings.target_pattern = presets[settings.target_pattern], None
+    settings.quantize_base = "int8" if quantization(base) == "int8" else None
     return settings
+
+
+def _settings_from_peft_config(config: dict[str, Any]) -> LoraSettings:
+    """:class:`LoraSettings` from peft's ``adapter_config.json`` fields (peft's defaults where one is missing);
+    a list of target module names becomes a pattern that matches their full names."""
+    targets = config.get("target_modules")
+    if isinstance(targets, (set, frozenset)):  # peft keeps a list given to it as a set
+        targets = sorted(targets)
+    pattern = targets if isinstance(targets, str) else "|".join(f"(.*\\.)?{re.escape(t)}" for t in targets or [])
+    return LoraSettings(
+        target_pattern=pattern,
+        r=config.get("r", 8),
+        alpha=config.get("lora_alpha", 8),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        train_abstractor=bool(config.get("modules_to_save")),
+    )
 
 
 # save_adapter's hidden working directories beside ``NAME``: ``.NAME.<random>.tmp`` (the new adapter being written)
@@ -423,15 +449,7 @@ def read_settings(directory: str | os.PathLike[str]) -> LoraSettings:
     _check_weights(directory / ADAPTER_WEIGHTS)  # peft would raise safetensors' own error, naming no file
     if (directory / SETTINGS_FILE).is_file():
         return _settings_file(directory / SETTINGS_FILE)
-    targets = config.get("target_modules")
-    pattern = targets if isinstance(targets, str) else "|".join(f"(.*\\.)?{re.escape(t)}" for t in targets or [])
-    settings = LoraSettings(
-        target_pattern=pattern,
-        r=config.get("r", 8),
-        alpha=config.get("lora_alpha", 8),
-        dropout=float(config.get("lora_dropout", 0.0)),
-        train_abstractor=bool(config.get("modules_to_save")),
-    )
+    settings = _settings_from_peft_config(config)
     try:
         settings.validate()
     except ValueError as exc:
@@ -466,7 +484,6 @@ def load_adapter(
     was_training = base_model.training
     model = peft.PeftModel.from_pretrained(base_model, str(directory), config=config, is_trainable=is_trainable)
     model.train(was_training)
-    model.owl2_lora_settings = settings if int8 else LoraSettings(**{**asdict(settings), "quantize_base": None})
     return model
 
 

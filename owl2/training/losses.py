@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from owl2.data.masking import IGNORE_INDEX
+from owl2.constants import IGNORE_INDEX
 
 __all__ = ["SOFT_LABEL_KEYS", "mask_level_words", "soft_label_kl"]
 

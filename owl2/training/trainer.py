@@ -24,7 +24,6 @@ with the tokenizer and image processor) or, with LoRA, ``adapter/``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -64,16 +63,7 @@ from owl2.training.checkpointing import (
     save_checkpoint,
 )
 from owl2.training.config import TrainConfig
-from owl2.training.distributed import (
-    DistEnv,
-    all_reduce_sum,
-    barrier,
-    init_distributed,
-    resolve_strategy,
-    unwrap,
-    wrap_ddp,
-    wrap_fsdp,
-)
+from owl2.training.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, make_strategy, unwrap
 from owl2.training.losses import SOFT_LABEL_KEYS, mask_level_words, soft_label_kl
 from owl2.training.metrics import MetricsLogger, plot_loss_curve, read_metrics
 from owl2.training.optim import build_optimizer, build_scheduler, core_model, lr_multiplier, set_trainable
@@ -219,26 +209,62 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 # ------------------------------------------------------------------------------------------------------ the loop
 class Trainer:
-    """Holds a run's pieces; :meth:`run` trains to the end (see the module docstring)."""
+    """Holds a run's pieces; :meth:`run` trains to the end (see the module docstring).
+
+    Building one runs the setup steps below in order; each says what it sets up and what it needs from the steps
+    before it. The order is part of the behaviour: the steps that draw random numbers (the model's initial weights,
+    the LoRA adapters) run after the seeding, in the same order on every rank, so every run of a recipe starts
+    from the same weights."""
 
     def __init__(self, config: TrainConfig, *, resume: str | bool | None = None) -> None:
+        self._setup_run(config)
+        self._setup_processing()
+        model = self._setup_model()
+        batch_size, grad_accum, note = self._setup_data()
+        self._setup_schedule(batch_size, grad_accum, note)
+        self._setup_optimizer(model)
+        self._setup_resume(resume)
+
+    @property
+    def model(self) -> nn.Module:
+        """The model the forward runs on (a DDP wrapper or a DeepSpeed engine around it, where the strategy has
+        one; :func:`~owl2.training.distributed.unwrap` gives the model itself)."""
+        return self.strategy.model
+
+    # ---------------------------------------------------------------------------------------------------- setup
+    def _setup_run(self, config: TrainConfig) -> None:
+        """The recipe (``config``, with the default model filled in), this process's place in the launch (``env``),
+        the data-parallel ``strategy``, the ``output_dir``, and the seeded random-number generators.
+
+        Needs nothing; refuses a LoRA recipe without peft here, before the model loads (minutes for 7B)."""
         config = config.with_default_model()
-        if config.lora.enabled:  # before the model loads (minutes for 7B), not after
+        if config.lora.enabled:
             from owl2.training.lora import _require_peft
 
             _require_peft()
         self.config = config
         self.env = init_distributed(config.train.device)
-        self.strategy = resolve_strategy(config.train.distributed, self.env)
-        if self.strategy in ("ddp", "fsdp") and not self.env.distributed:
-            self.strategy = "none"  # one process: a wrapper would only add overhead
+        self.strategy = make_strategy(config.train.distributed, self.env)
         self.output_dir = Path(config.output_dir)
         _seed_everything(config.seed)
 
-        tokenizer_dir = config.model.tokenizer or config.model.path
-        self.tokenizer_dir = resolve_checkpoint(tokenizer_dir)
-        check_processing_files(self.tokenizer_dir)  # copied next to the final weights: refused now, not at the end
+    def _setup_processing(self) -> None:
+        """The ``tokenizer`` and the directory it came from (``tokenizer_dir``, copied next to the final weights).
+
+        Needs the recipe (:meth:`_setup_run`). A tokenizer directory that cannot be copied is refused now, not at
+        the end of the run."""
+        self.tokenizer_dir = resolve_checkpoint(self.config.model.tokenizer or self.config.model.path)
+        check_processing_files(self.tokenizer_dir)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
+
+    def _setup_model(self) -> nn.Module:
+        """The starting model, returned unwrapped on this rank's device with the stage's trainable parameters (and
+        the LoRA adapters and gradient checkpointing the recipe asks for); also ``model_config`` and the
+        ``image_processor`` that matches the model's image size.
+
+        Needs the recipe, the device and the seeded generators (:meth:`_setup_run`): random-init weights and LoRA
+        adapters draw from them."""
+        config = self.config
         model = build_model(config, self.env)
         self.model_config = model.config
         self.image_processor = build_image_processor(config, model.config)
@@ -247,21 +273,29 @@ class Trainer:
             model = _apply_lora(model, config)
         if config.train.gradient_checkpointing:
             core_model(model).set_gradient_checkpointing(True)
+        return model
 
+    def _setup_data(self) -> tuple[int, int, str | None]:
+        """The ``dataset``, whether the soft-label loss is on (``soft_labels``) and this rank's micro-batches
+        (``data``); returns ``(batch_size, grad_accum, note)`` fitted to the data (:func:`fit_batch_to_data`).
+
+        Needs the tokenizer (:meth:`_setup_processing`), and the model's config and image processor
+        (:meth:`_setup_model`). Text-only samples are left out where they would train no parameter."""
+        config, env = self.config, self.env
         self.dataset = SupervisedDataset(
             config.data.path, self.tokenizer, image_root=config.data.image_root, template=config.data.template,
-            max_length=config.data.max_length, tokens_per_image=model.config.tokens_per_image,
+            max_length=config.data.max_length, tokens_per_image=self.model_config.tokens_per_image,
             image_processor=self.image_processor, image_policy=config.data.image_policy,
             levels=config.loss.levels, level_prefix=config.loss.level_prefix,
         )
         self.soft_labels = config.loss.soft_label_weight > 0
-        if self.soft_labels and self.dataset.num_soft_labels == 0 and self.env.is_main:
+        if self.soft_labels and self.dataset.num_soft_labels == 0 and env.is_main:
             logger.warning("loss.soft_label_weight is set but no record of %s has a soft_label", config.data.path)
         keep = list(range(len(self.dataset)))
         if _needs_images(config):
             dropped = len(keep) - sum(self.dataset.is_multimodal)
             keep = [i for i in keep if self.dataset.is_multimodal[i]]
-            if dropped and self.env.is_main:
+            if dropped and env.is_main:
                 logger.warning("%s: left out %d text-only sample(s); they train no parameter of this recipe",
                                config.stage, dropped)
         if not keep:
@@ -270,19 +304,28 @@ class Trainer:
         def make_sampler(batch_size: int) -> ModalityLengthGroupedSampler:
             return ModalityLengthGroupedSampler(
                 [self.dataset.lengths[i] for i in keep], [self.dataset.is_multimodal[i] for i in keep],
-                batch_size, world_size=self.env.world_size, rank=self.env.rank, seed=config.seed,
+                batch_size, world_size=env.world_size, rank=env.rank, seed=config.seed,
             )
 
-        batch_size, accum, note = fit_batch_to_data(len(keep), config.train.batch_size, config.train.grad_accum,
-                                                    self.env.world_size, lambda b: len(make_sampler(b)))
-        sampler = make_sampler(batch_size)
+        batch_size, grad_accum, note = fit_batch_to_data(len(keep), config.train.batch_size, config.train.grad_accum,
+                                                         env.world_size, lambda b: len(make_sampler(b)))
 
         def collate_fn(samples: list[dict]) -> dict[str, torch.Tensor]:
             return collate(samples, pad_token_id=self.tokenizer.pad_token_id, config=self.model_config)
 
-        self.data = MicroBatches(self.dataset, sampler, keep, collate_fn, config.data.num_workers, config.seed)
+        self.data = MicroBatches(self.dataset, make_sampler(batch_size), keep, collate_fn, config.data.num_workers,
+                                 config.seed)
+        return batch_size, grad_accum, note
 
-        self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(self.data) / accum))
+    def _setup_schedule(self, batch_size: int, grad_accum: int, note: str | None) -> None:
+        """The run's length (``total_steps``), its warm-up (:func:`fit_warmup`), the recipe as it actually runs
+        (``config``, with the fitted batch layout and warm-up) and the optimizer settings (``optim_config``).
+
+        Needs the micro-batches (:meth:`_setup_data`) and what that step fitted to the data; logs one warning line
+        for everything adapted (``note``)."""
+        config = self.config
+        self.total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(self.data)
+                                                                      / grad_accum))
         warmup = config.optim.warmup_steps
         if config.train.warmup_ratio is not None:
             warmup = round(config.train.warmup_ratio * self.total_steps)
@@ -293,20 +336,29 @@ class Trainer:
             logger.warning("owl2 train: %s", note)
         # The recipe written beside the run (and saved in checkpoints) records what actually runs, so a rerun of it
         # repeats this run without adapting again.
-        config = self.config = dataclasses.replace(
-            config, train=dataclasses.replace(config.train, batch_size=batch_size, grad_accum=accum),
+        self.config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, batch_size=batch_size, grad_accum=grad_accum),
             optim=dataclasses.replace(config.optim, warmup_steps=warmup))
-        self.optim_config = dataclasses.replace(config.optim, total_steps=self.total_steps)
+        self.optim_config = dataclasses.replace(self.config.optim, total_steps=self.total_steps)
 
-        self.model = self._wrap(model)
-        self.optimizer = build_optimizer(unwrap(self.model), self.optim_config)
-        self.scheduler = build_scheduler(self.optimizer, self.optim_config)
-        if self.strategy == "deepspeed":
-            from owl2.training.deepspeed import deepspeed_engine
+    def _setup_optimizer(self, model: nn.Module) -> None:
+        """The model as the strategy runs it (``model``: wrapped for DDP, sharded for FSDP2, an engine for
+        DeepSpeed), the ``optimizer`` and the learning-rate ``scheduler``.
 
-            self.model, self.optimizer, self.scheduler = deepspeed_engine(self.model, self.optimizer,
-                                                                          self.scheduler, config, self.env)
+        Needs the built model (:meth:`_setup_model`), and the recipe as it runs and ``optim_config``
+        (:meth:`_setup_schedule`): DeepSpeed takes its batch layout from the recipe."""
+        wrapped = self.strategy.wrap(model, self.config)
+        optimizer = build_optimizer(unwrap(wrapped), self.optim_config)
+        scheduler = build_scheduler(optimizer, self.optim_config)
+        self.optimizer, self.scheduler = self.strategy.attach_optimizer(optimizer, scheduler, self.config)
 
+    def _setup_resume(self, resume: str | bool | None) -> None:
+        """The trainer ``state`` (step, data position, tokens) and ``resumed_from``: the checkpoint ``resume``
+        names (True: the latest under ``output_dir``) restores the weights, optimizer, schedule and random state;
+        without one the run starts at step 0.
+
+        Needs everything before it: a checkpoint loads into the wrapped model, the optimizer and the scheduler
+        (:meth:`_setup_optimizer`)."""
         self.state = TrainerState()
         checkpoint = self._resume_point(resume)
         if checkpoint is not None:
@@ -314,15 +366,6 @@ class Trainer:
             if self.env.is_main:
                 logger.info("resumed from %s (step %d)", checkpoint, self.state.step)
         self.resumed_from = checkpoint
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        if self.strategy == "ddp":
-            return wrap_ddp(model, self.env)
-        if self.strategy == "fsdp":
-            if self.config.lora.enabled:
-                raise ValueError("LoRA trains few parameters: use train.distributed='ddp' rather than fsdp")
-            return wrap_fsdp(model, self.env)
-        return model
 
     def _resume_point(self, resume: str | bool | None) -> Path | None:
         if not resume:
@@ -335,11 +378,6 @@ class Trainer:
         return Path(resume)
 
     # ---------------------------------------------------------------------------------------------------- steps
-    def _sync_context(self, last: bool) -> contextlib.AbstractContextManager:
-        if last or self.strategy != "ddp":
-            return contextlib.nullcontext()
-        return self.model.no_sync()
-
     def _micro_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Summed cross-entropy over the target tokens and, for a batch with soft labels, the summed KL."""
         labels = batch.pop("labels")
@@ -374,13 +412,10 @@ class Trainer:
         ce_weight, kl_weight = self.config.loss.ce_weight, self.config.loss.soft_label_weight
         ce_sum = torch.zeros((), dtype=torch.float64)
         kl_sum = torch.zeros((), dtype=torch.float64)
-        fsdp_sync = getattr(self.model, "set_requires_gradient_sync", None)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            if fsdp_sync is not None:
-                fsdp_sync(last)
             batch = _to_device(batch, env.device)
-            with self._sync_context(last):
+            with self.strategy.no_sync(last):
                 ce, kl = self._micro_loss(batch)
                 if not ce.requires_grad:
                     raise RuntimeError("this batch reaches no trainable parameter; check the stage and LoRA targets")
@@ -389,14 +424,8 @@ class Trainer:
                 if kl is not None:
                     loss = loss + kl * (kl_weight / softs)
                     kl_sum += kl.detach().double().cpu()
-                # DDP and FSDP average gradients over ranks: scale by world_size to get the global mean.
-                scaled = loss * env.world_size
-                if self.strategy == "deepspeed":
-                    self.model.backward(scaled, scale_wrt_gas=False)  # already normalised over the global step
-                    if not last:
-                        self.model.step()  # only counts the micro-batch; the update happens at the last one
-                else:
-                    scaled.backward()
+                # Every strategy averages gradients over ranks: scale by world_size to get the global mean.
+                self.strategy.backward(loss * env.world_size, last)
             ce_sum += ce.detach().double().cpu()
         ce_value = float(all_reduce_sum(ce_sum, env)) / targets
         result = {"loss": ce_weight * ce_value, "targets": targets, "tokens": tokens}
@@ -404,28 +433,9 @@ class Trainer:
             kl_value = float(all_reduce_sum(kl_sum, env)) / softs
             result.update(loss=ce_weight * ce_value + kl_weight * kl_value, ce=ce_value, soft_label_kl=kl_value,
                           soft_labels=float(counts[2]))
-        result["grad_norm"] = self._clip_and_step(result["loss"])
+        result["grad_norm"] = self.strategy.clip_and_step(self.optimizer, self.scheduler, self.optim_config.grad_clip,
+                                                          result["loss"], self._diverged)
         return result
-
-    def _clip_and_step(self, loss_value: float) -> float:
-        clip = self.optim_config.grad_clip
-        if self.strategy == "deepspeed":
-            if not math.isfinite(loss_value):
-                self._diverged(loss_value, float("nan"))
-            self.model.step()  # clips (gradient_clipping), updates, zeroes the gradients, advances the schedule
-            norm = self.model.get_global_grad_norm()
-            return float(norm) if norm is not None else float("nan")
-        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        norm = float(norm)
-        if not (math.isfinite(loss_value) and math.isfinite(norm)):
-            self._diverged(loss_value, norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
 
     def _diverged(self, loss: float, norm: float) -> None:
         last = latest_checkpoint(self.output_dir)

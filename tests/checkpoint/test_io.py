@@ -94,7 +94,13 @@ def test_convert_cli(tmp_path, capsys):
     source = write_official_layout(tmp_path / "official", official_state())
     assert cli(["convert", str(source), str(tmp_path / "out"), "--dtype", "fp32", "--quiet"]) == 0
     assert "verified" in capsys.readouterr().out
-    assert owl2.load_model(tmp_path / "out", show_progress=False) is not None
+    # fp32 safetensors holding exactly the source's weights
+    files = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert files and all(t.dtype == torch.float32 for f in files for t in load_file(f).values())
+    expected = owl2.load_model(source, show_progress=False).state_dict()
+    converted = owl2.load_model(tmp_path / "out", show_progress=False).state_dict()
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in converted.items())
     assert cli(["convert", str(tmp_path / "missing"), str(tmp_path / "out2")]) == 2
     assert "no checkpoint directory" in capsys.readouterr().err
 

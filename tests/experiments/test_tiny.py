@@ -19,11 +19,12 @@ from owl2.cli.main import build_parser
 from owl2.cli.main import main as cli
 from owl2.data.shapes import (
     SHAPES,
+    read_eval_set,
     score_answer,
     training_scene,
     write_eval_set,
 )
-from owl2.evaluation import evaluate
+from owl2.evaluation import evaluate, read_predictions
 from owl2.evaluation.tasks.shapes import multi_turn_check
 from owl2.experiments.ablation import run_mam_ablation
 from owl2.experiments.tiny import (
@@ -57,6 +58,34 @@ def tiny():
     # float32: the card's figures are bf16's; float32 scores 88.5 on these 200 scenes against the card's 87.4 on 1000,
     # in a sixth of bf16's time on CPUs without bf16 units
     return owl2.load(dtype="fp32", device="cpu", show_progress=False)
+
+
+def rescored(eval_dir: Path, results: Path) -> dict[str, list[float]]:
+    """Each held-out question's score by question type, from the predictions file the evaluation wrote."""
+    predictions = read_predictions(results / "shapes.predictions.jsonl", mode="generate")
+    items = read_eval_set(eval_dir / "eval.jsonl")
+    assert sorted(predictions) == sorted(str(item.id) for item in items)  # every held-out question, once
+    scored: dict[str, list[float]] = {}
+    for item in items:
+        prediction = predictions[str(item.id)]["prediction"]
+        scored.setdefault(item.type, []).append(score_answer(item.type, prediction, item.answer, choices=item.choices))
+    return scored
+
+
+def assert_card_shows(card: str, figures: dict) -> None:
+    """The model card's figures are those of its figures file (``EVAL_FILE``), as the card rounds them."""
+    assert f"Overall: **{figures['metrics']['accuracy']:.1f} %**" in card
+    for kind, row in figures["breakdown"].items():
+        assert f"| {kind} | {row['accuracy']:.1f} | {row['count']} |" in card
+    turns = figures["multi_turn"]
+    assert f"| asked alone | {turns['alone']:.1f} | {turns['questions']} |" in card
+    assert f"| as turns 2 and 3 of the conversation | {turns['in_conversation']:.1f} | {turns['questions']} |" in card
+
+
+@shipped
+def test_the_shipped_card_shows_its_figures():
+    assert_card_shows((default_model_dir() / "README.md").read_text(),
+                      json.loads((default_model_dir() / EVAL_FILE).read_text()))
 
 
 @shipped
@@ -130,16 +159,28 @@ def test_build_and_ablation_run_at_toy_scale(tmp_path):
     final = result["final"]
     card = (final / "README.md").read_text()
     assert card.startswith("# owl2-tiny")
-    assert "6. Stage 4, `stage4.toml`" in card and "## Conversations" in card and ", stage 4 " in card
+    # the card describes this build: its sizes, its options, its stages and their minutes
+    assert f"{build.scenes} training scenes" in card and f"{build.text_items} text-only instructions" in card
+    assert f"vocabulary {build.vocab_size} " in card
     assert 'With training answers in the "counted" style' in card
     assert 'one tokenizer piece per object phrase such as "red circle" (`object_pieces`)' in card
+    assert "6. Stage 4, `stage4.toml`" in card
+    assert f", stage 4 {result['minutes']['stage4']:.1f} min." in card
     tokenizer = owl2.load_tokenizer(final)
     ids = tokenizer.encode("Is there a small red circle?", add_bos=False)
     assert "small red circle" in [tokenizer.decode([i]) for i in ids]  # one piece
     assert tokenizer.decode(ids) == "Is there a small red circle?"
     figures = json.loads((final / EVAL_FILE).read_text())
-    assert figures["metrics"]["accuracy"] >= 0
+    assert figures["eval_scenes"] == build.eval_scenes and figures["seed"] == build.seed
+    # the figures are those of the predictions the evaluation saved, scored again here question by question
+    scored = rescored(tmp_path / "build" / "eval", tmp_path / "build" / "eval-results" / "stage4")
+    every = [score for scores in scored.values() for score in scores]
+    assert figures["metrics"]["accuracy"] == pytest.approx(100 * sum(every) / len(every))
+    assert {kind: row["count"] for kind, row in figures["breakdown"].items()} == {k: len(v) for k, v in scored.items()}
+    assert {kind: row["accuracy"] for kind, row in figures["breakdown"].items()} == pytest.approx(
+        {kind: 100 * sum(scores) / len(scores) for kind, scores in scored.items()})
     assert figures["multi_turn"]["scenes"] == 3 and figures["multi_turn"]["questions"] == 6
+    assert_card_shows(card, figures)
     owl2.load(final, dtype="fp32", show_progress=False)
 
     # a copy of a finished stage 3 (as the shipped model is) runs stage 4 alone, from exactly those weights

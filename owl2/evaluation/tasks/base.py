@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from owl2.constants import IMAGE_PLACEHOLDER
+
 # The official evaluation prompts (``evaluate/*.py`` of the release) end with "ASSISTANT: ", trailing space included.
 USER, ASSISTANT = "USER: ", " ASSISTANT: "
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -24,7 +26,7 @@ LETTERS = "ABCDEFGHIJ"
 
 def chat_prompt(text: str, num_images: int = 1) -> str:
     """``USER: <|image|>...text ASSISTANT: `` as the official evaluation scripts render it."""
-    return f"{USER}{'<|image|>' * num_images}{text}{ASSISTANT}"
+    return f"{USER}{IMAGE_PLACEHOLDER * num_images}{text}{ASSISTANT}"
 
 
 def options_block(options: Sequence[str]) -> str:
