@@ -88,7 +88,10 @@ class MultiwayRMSNorm(nn.Module):
 
 
 class MultiwayLinear(nn.Module):
-    """Two linear maps (``multiway.0`` text, ``multiway.1`` image); each position goes through its own branch.
+    """Two linear maps (``multiway.0`` text, ``multiway.1`` image); each position goes through its own branch::
+
+        y_t = W_0 x_t + b_0   where position t is text
+        y_t = W_1 x_t + b_1   where position t is an image's
 
     ``branches=1`` (the MAM ablation) keeps only ``multiway.0``, shared by every position.
 
@@ -214,7 +217,26 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """LLaMA block whose norms and K/V projections are modality-adaptive."""
+    """LLaMA block whose norms and K/V projections are modality-adaptive (the MAM); x and the output are
+    [B, T, hidden]. Parts marked ``text | image`` hold one weight per modality, picked per position by ``ctx.route``;
+    the others are shared by every position::
+
+        x ----------------------------------+
+        |                                   | residual
+        RMSNorm (text | image)              |
+        +-- q_proj (shared)                 |
+        +-- k_proj (text | image)           |
+        +-- v_proj (text | image)           |
+        attention (causal, RoPE, KV cache)  |
+        o_proj (shared)                     |
+        (+) <-------------------------------+
+        |-----------------------------------+
+        |                                   | residual
+        RMSNorm (text | image)              |
+        MLP (shared): down(silu(gate(h)) * up(h))
+        (+) <-------------------------------+
+        output
+    """
 
     def __init__(self, config: Owl2Config) -> None:
         super().__init__()
