@@ -46,6 +46,71 @@ class KVCache:
     def max_length(self) -> int:
         return self.keys.shape[3]
 
+    @classmethod
+    def from_tensors(
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        valid: torch.Tensor,
+        next_position: torch.Tensor,
+        *,
+        length: int,
+        has_padding: bool,
+    ) -> KVCache:
+        """A cache over existing buffers: ``keys``/``values`` [layers, B, kv_heads, max_length, head_dim],
+        ``valid`` [B, max_length] bool, ``next_position`` [B] long; ``length`` positions are already cached."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.valid, cache.next_position = keys, values, valid, next_position
+        cache.length, cache.has_padding = length, has_padding
+        return cache
+
+    def select_rows(self, rows: Sequence[int], room: int) -> KVCache:
+        """A new cache with only ``rows`` of this one, in that order (see :meth:`merge`)."""
+        return KVCache.merge([(self, rows)], room)
+
+    @staticmethod
+    def merge(parts: Sequence[tuple[KVCache, Sequence[int]]], room: int) -> KVCache:
+        """A new cache with the listed rows of each cache, in order (continuous batching: rows join and leave).
+
+        Rows are right-aligned: each row's cached positions end at the new cache's ``length``, which is the longest
+        history among the kept rows, so positions that no kept row still uses are dropped on the left. Positions
+        before a shorter row's history are padding (not valid). Keys carry their RoPE rotation and ``next_position``
+        is kept, so every row decodes exactly as in its old cache. ``room`` free positions follow ``length``.
+        """
+        parts = [(cache, list(rows)) for cache, rows in parts if len(rows)]
+        if not parts:
+            raise ValueError("merging caches needs at least one row")
+        first = parts[0][0]
+        spans = []
+        for cache, rows in parts:
+            valid = cache.valid[rows, : cache.length]
+            no_history = torch.full_like(valid[:, 0], cache.length, dtype=torch.long)
+            starts = torch.where(valid.any(1), valid.float().argmax(1), no_history)
+            spans.append(cache.length - int(starts.min()))
+        length = max(spans)
+        batch = sum(len(rows) for _, rows in parts)
+        shape = (*first.keys.shape[:1], batch, *first.keys.shape[2:3], length + room, first.keys.shape[-1])
+        out = KVCache.from_tensors(
+            first.keys.new_zeros(shape),
+            first.values.new_zeros(shape),
+            first.valid.new_zeros(batch, length + room),
+            first.next_position.new_zeros(batch),
+            length=length,
+            has_padding=True,
+        )
+        row = 0
+        for cache, rows in parts:
+            index = torch.tensor(rows, device=cache.keys.device)
+            n = min(length, cache.length)
+            source, target = slice(cache.length - n, cache.length), slice(length - n, length)
+            block = slice(row, row + len(rows))
+            out.keys[:, block, :, target] = cache.keys[:, index, :, source]
+            out.values[:, block, :, target] = cache.values[:, index, :, source]
+            out.valid[block, target] = cache.valid[index, source]
+            out.next_position[block] = cache.next_position[index]
+            row += len(rows)
+        return out
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[index], self.values[index]
 
@@ -79,44 +144,3 @@ class KVCache:
         self.next_position += valid.sum(-1)
         self.has_padding = self.has_padding or has_padding
         self.length = end
-
-
-def gather_rows(parts: Sequence[tuple[KVCache, Sequence[int]]], room: int) -> KVCache:
-    """A new cache with the listed rows of each cache, in order (continuous batching: rows join and leave).
-
-    Rows are right-aligned: each row's cached positions end at the new cache's ``length``, which is the longest
-    history among the kept rows, so positions that no kept row still uses are dropped on the left. Positions before
-    a shorter row's history are padding (not valid). Keys carry their RoPE rotation and ``next_position`` is kept,
-    so every row decodes exactly as in its old cache. ``room`` free positions follow ``length``.
-    """
-    parts = [(cache, list(rows)) for cache, rows in parts if len(rows)]
-    if not parts:
-        raise ValueError("gather_rows needs at least one row")
-    first = parts[0][0]
-    spans = []
-    for cache, rows in parts:
-        valid = cache.valid[rows, : cache.length]
-        starts = torch.where(valid.any(1), valid.float().argmax(1), torch.full_like(valid[:, 0], cache.length,
-                                                                                    dtype=torch.long))
-        spans.append(cache.length - int(starts.min()))
-    length = max(spans)
-    batch = sum(len(rows) for _, rows in parts)
-    out = KVCache.__new__(KVCache)
-    shape = (*first.keys.shape[:1], batch, *first.keys.shape[2:3], length + room, first.keys.shape[-1])
-    out.keys = first.keys.new_zeros(shape)
-    out.values = first.values.new_zeros(shape)
-    out.valid = first.valid.new_zeros(batch, length + room)
-    out.next_position = first.next_position.new_zeros(batch)
-    out.length, out.has_padding = length, True
-    row = 0
-    for cache, rows in parts:
-        index = torch.tensor(rows, device=cache.keys.device)
-        n = min(length, cache.length)
-        source, target = slice(cache.length - n, cache.length), slice(length - n, length)
-        block = slice(row, row + len(rows))
-        out.keys[:, block, :, target] = cache.keys[:, index, :, source]
-        out.values[:, block, :, target] = cache.values[:, index, :, source]
-        out.valid[block, target] = cache.valid[index, source]
-        out.next_position[block] = cache.next_position[index]
-        row += len(rows)
-    return out

@@ -390,6 +390,14 @@ class Owl2Tokenizer:
         ``"<|image|>"``. For incremental detokenisation and debugging."""
         return [IMAGE_PLACEHOLDER if i is None else self._pieces[i] for i in self._checked_ids(ids, keep_images=True)]
 
+    def token_text(self, token_id: int) -> str:
+        """One token as text on its own (streamed logprobs): the SentencePiece space marker as a space, a byte
+        piece as its (partial) character (U+FFFD when the byte alone is not UTF-8), any other piece as is."""
+        piece = self.token_pieces([token_id])[0]
+        if int(token_id) in self._byte_ids:
+            return bytes([int(piece[3:5], 16)]).decode("utf-8", errors=_BYTE_ERRORS)
+        return piece.replace(_SPIECE_UNDERLINE, " ")
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` as the slow 4.31 tokenizer decodes it (module docstring); image ids are ignored."""
         pieces: list[str] = []

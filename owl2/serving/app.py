@@ -9,9 +9,12 @@ prefills between them. Every malformed request gets OpenAI's error JSON with a 4
 does not arrive in time, 413 for a body over the size limit, 415 for a body not sent as JSON, 429 when the queue is
 full.
 
-The body of every request is read whole before the app looks at it (:class:`RequestBody`: size limit and deadline,
-chunked bodies included), and the JSON routes parse it strictly (:func:`parse_json_body`) after the API key is
-checked. The connection limits (header deadline, keep-alive, header size, connection cap) are uvicorn's side:
+The body of every request is read whole before the app looks at it (:class:`~owl2.serving.middleware.RequestBody`:
+size limit and deadline, chunked bodies included), and the JSON routes parse it strictly
+(:func:`~owl2.serving.json_body.parse_json_body`) after the API key is checked (:mod:`owl2.serving.middleware`). A
+chat request becomes generation requests in :mod:`owl2.serving.requests`; this module keeps the settings, the state
+behind the routes (:class:`Owl2Server`), the routes and the loops that hand the batcher's events to them. The
+connection limits (header deadline, keep-alive, header size, connection cap) are uvicorn's side:
 :mod:`owl2.serving.connection`.
 """
 
@@ -19,14 +22,11 @@ checked. The connection limits (header deadline, keep-alive, header size, connec
 
 import asyncio
 import contextlib
-import dataclasses
-import hmac
 import html
 import io
 import json
 import math
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -37,14 +37,15 @@ import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from owl2.generation.engine import GenerationRequest, StepEvent
 from owl2.serving.batcher import ContinuousBatcher, PrefillRow, PrefillSubmission, QueueFullError, Submission
-from owl2.serving.images import ImagePolicy, TooManyDownloads, fetch_image
+from owl2.serving.errors import APIError, clip, error_response
+from owl2.serving.images import ImagePolicy, TooManyDownloads
 from owl2.serving.metrics import ServerMetrics
+from owl2.serving.middleware import RequestBody, api_key_check, json_route_class
 from owl2.serving.protocol import (
     ChatCompletionRequest,
     LenientChatCompletionRequest,
@@ -53,10 +54,10 @@ from owl2.serving.protocol import (
     completion_id,
     error_body,
     now,
-    token_logprob,
     usage,
 )
 from owl2.serving.rating import InvalidRating, RatingJob, build_job, check_limits, rating_list
+from owl2.serving.requests import build_generation_requests, check_model, logprob_entry
 
 
 @dataclass
@@ -153,236 +154,6 @@ def _script_json(value: Any) -> str:
         "&", "\\u0026")
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", *, param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-
-MAX_ERROR_CHARS = 500
-"""An error message or param is cut to this many characters: they quote the client's input (a field name, a model
-name, a number), which may be megabytes long."""
-
-_ECHO_CHARS = 40
-"""A piece of the client's input quoted in an error message (a field name, a model name) is cut to this length."""
-
-
-def _clip(text: str, limit: int = _ECHO_CHARS) -> str:
-    """``text``, or its start and an ellipsis when it is longer than ``limit`` characters."""
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _shown(number: int) -> str:
-    """An integer of the client's as written in a message: its digits, or how many there are when they are many."""
-    digits = str(number)
-    return digits if len(digits) <= 20 else f"of {len(digits):,} digits"
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error", *, param: str | None = None,
-           code: str | None = None) -> JSONResponse:
-    """OpenAI's error JSON; message and param are cut to :data:`MAX_ERROR_CHARS`, whatever they quote."""
-    return JSONResponse(error_body(_clip(message, MAX_ERROR_CHARS), kind,
-                                   param=None if param is None else _clip(param, MAX_ERROR_CHARS), code=code),
-                        status_code=status)
-
-
-class RequestBody:
-    """ASGI middleware: reads the whole request body before the app runs and hands it on in one piece.
-
-    A body over ``limit`` bytes gets 413, judged from Content-Length and, for a chunked body, while it arrives; a
-    body that has not arrived ``timeout`` seconds after the headers gets 408 (uvicorn has no body deadline, so a
-    client could otherwise trickle a body for ever) and closes the connection. After a 413 the server drops the rest
-    of the body as it arrives (for at most the body deadline, :mod:`owl2.serving.connection`), so that a client
-    still sending it gets to read the answer. ``on_refused`` is called with the reason of each refusal."""
-
-    def __init__(self, app: Any, limit: int, timeout: float, on_refused: Any = None) -> None:
-        self.app, self.limit, self.timeout, self.on_refused = app, limit, timeout, on_refused
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"").strip()
-        if declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(413, "body_too_large", scope, receive, send)
-            return
-        try:
-            body = await asyncio.wait_for(self._read(receive), self.timeout)
-        except _BodyTooLarge:
-            await self._refuse(413, "body_too_large", scope, receive, send)
-            return
-        except asyncio.TimeoutError:
-            await self._refuse(408, "body_timeout", scope, receive, send)
-            return
-        if body is None:  # the client went away while sending: nobody to answer
-            return
-        pending: dict[str, Any] | None = {"type": "http.request", "body": body, "more_body": False}
-
-        async def replay() -> dict[str, Any]:
-            nonlocal pending
-            if pending is not None:
-                message, pending = pending, None
-                return message
-            return await receive()  # after the body: the disconnect, which streaming responses listen for
-
-        await self.app(scope, replay, send)
-
-    async def _read(self, receive: Any) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                raise _BodyTooLarge
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    async def _refuse(self, status: int, reason: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if self.on_refused is not None:
-            self.on_refused(reason)
-        message = (f"request body over the limit of {self.limit:,} bytes" if status == 413 else
-                   f"the request body did not arrive within {self.timeout:g} s")
-        response = _error(status, message, code=reason)
-        if status == 408:  # a client this slow gets no second request on the connection
-            response.headers["connection"] = "close"
-        await response(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-_PARSE_IN_THREAD_BYTES = 1 << 20
-"""JSON bodies of more bytes are parsed in the thread pool, so that other requests are not held up meanwhile."""
-
-_MAX_DIGITS = 1000
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-
-
-class InvalidJSON(ValueError):
-    """The body is not a JSON object this server accepts; the message says why in one line."""
-
-
-class _Duplicate(dict):  # type: ignore[type-arg]
-    """An object in which ``key`` appeared twice: kept as a marker until its path is known."""
-
-    key: str = ""
-
-
-class _LongNumber:
-    """An integer of more digits than anyone means: kept as a marker until its path is known."""
-
-    def __init__(self, digits: int) -> None:
-        self.digits = digits
-
-
-class _Markers:
-    """The hooks of one ``json.loads``: they replace what JSON does not allow by markers and note that they did,
-    so that :func:`_find_problem` is only run for such a body, and can name the field."""
-
-    def __init__(self) -> None:
-        self.seen = False
-
-    def pairs(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        value = dict(pairs)
-        if len(value) == len(pairs):
-            return value
-        self.seen = True
-        marked = _Duplicate(value)
-        keys: set[str] = set()
-        for key, _ in pairs:
-            if key in keys:
-                marked.key = key
-                break
-            keys.add(key)
-        return marked
-
-    def constant(self, name: str) -> float:
-        self.seen = True
-        return float(name.replace("Infinity", "inf"))
-
-    def real(self, text: str) -> float:
-        value = float(text)
-        self.seen = self.seen or not math.isfinite(value)
-        return value
-
-    def integer(self, text: str) -> int | _LongNumber:
-        if len(text) > _MAX_DIGITS:  # Python refuses over 4300 digits, with a message about its own limit
-            self.seen = True
-            return _LongNumber(len(text))
-        return int(text)
-
-
-def _find_problem(value: Any) -> str | None:
-    """The first thing in a parsed body that this server's JSON does not allow, as ``"path: what"``."""
-    stack: list[tuple[str, Any]] = [("", value)]
-    while stack:
-        path, item = stack.pop()
-        where = path or "body"
-        if isinstance(item, _Duplicate):
-            return f"{where}: the key {item.key[:40]!r} appears twice in one object"
-        if isinstance(item, _LongNumber):
-            return f"{where}: a number of {item.digits:,} digits is out of range"
-        if isinstance(item, float) and not math.isfinite(item):
-            return f"{where}: input should be a finite number, got {item} (not a JSON number)"
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                return (f"{where}: the string holds a lone UTF-16 surrogate (\\u{ord(item[exc.start]):04x}), "
-                        "which is not a character")
-        elif isinstance(item, dict):
-            for key, member in reversed(item.items()):
-                name = _clip(key)  # the client's key: the path names it briefly
-                stack.append((f"{path}.{name}" if path else name, member))
-                stack.append((f"{where} (a key)", key))
-        elif isinstance(item, list):
-            stack.extend((f"{path}[{i}]", member) for i, member in reversed(list(enumerate(item))))
-    return None
-
-
-def parse_json_body(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or :class:`InvalidJSON` with a one-line reason naming the field.
-
-    Stricter than ``json.loads`` where JSON leaves a choice or Python is lenient: the body must be UTF-8 (not
-    UTF-16, no byte-order mark), its top level an object, no key may appear twice in one object (parsers disagree
-    on which one wins), ``NaN``/``Infinity`` and numbers out of range (``1e999``, integers of over 1000 digits) are
-    refused, strings may not hold lone UTF-16 surrogates (``"\\ud800"``), and nesting deeper than Python's
-    recursion limit is an error, not a crash."""
-    if not body.strip():
-        raise InvalidJSON("the body is empty; send a JSON object")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidJSON(f"the body is not UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start})") from None
-    markers = _Markers()
-    try:
-        value = json.loads(text, object_pairs_hook=markers.pairs, parse_constant=markers.constant,
-                           parse_float=markers.real, parse_int=markers.integer)
-    except json.JSONDecodeError as exc:
-        raise InvalidJSON(f"the body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-    except RecursionError:
-        raise InvalidJSON("the body is not valid JSON: nested too deeply") from None
-    if not isinstance(value, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
-        raise InvalidJSON(f"the body must be a JSON object, got {kind}")
-    # only escapes make surrogates, and only the hooks make markers: the usual body is not walked
-    if (markers.seen or _SURROGATE_ESCAPE.search(text)) and (problem := _find_problem(value)):
-        raise InvalidJSON(problem)
-    return value
-
-
-def _is_json(content_type: str | None) -> bool:
-    media = (content_type or "").split(";", 1)[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
-
-
 class _EventStream(StreamingResponse):
     """A streamed answer that cancels its submissions however it ends. The stream's own ``finally`` does so too,
     but an ASGI server may cancel the response before the stream has started (a client gone at once), and a
@@ -443,75 +214,13 @@ class Owl2Server:
 
     # --------------------------------------------------------------------------------------------- requests
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.settings.model_name:
-            raise APIError(404, f"the model {_clip(model)!r} does not exist; this server serves "
-                           f"{self.settings.model_name!r}", param="model", code="model_not_found")
+        check_model(model, self.settings.model_name)
 
     async def build(self, body: ChatCompletionRequest) -> "tuple[list[GenerationRequest], int]":
-        """One generation request per choice and the prompt's length in tokens (images counted as their visual
-        tokens), or :class:`APIError`."""
-        settings = self.settings
-        self.check_model(body.model)
-        urls = [part.image_url.url for m in body.messages if isinstance(m.content, list)
-                for part in m.content if part.type == "image_url"]
-        if len(urls) > settings.max_images_per_request:
-            raise APIError(400, f"{len(urls)} images in one request; the limit is {settings.max_images_per_request}",
-                           param="messages", code="too_many_images")
-        try:
-            images = await run_in_threadpool(lambda: [fetch_image(u, settings.images) for u in urls])
-        except TooManyDownloads as exc:  # not the request's fault: retry later
-            raise APIError(429, str(exc), "rate_limit_error", param="messages", code="too_many_downloads") from exc
-        except ValueError as exc:
-            raise APIError(400, f"invalid image: {exc}", param="messages", code="invalid_image") from exc
-        messages = _owl2_messages(body, images)
-        requested = body.requested_max_tokens
-        if requested is not None and requested > settings.max_new_tokens:
-            raise APIError(400, f"max_tokens {_shown(requested)} is over this server's limit of "
-                           f"{settings.max_new_tokens}",
-                           param="max_tokens")
-        min_tokens = body.min_tokens or 0
-        if min_tokens > (requested or settings.max_new_tokens):  # over max_tokens is refused by the protocol
-            raise APIError(400, f"min_tokens {_shown(min_tokens)} is over this server's limit of "
-                           f"{settings.max_new_tokens}",
-                           param="min_tokens")
-        sampling: dict[str, Any] = {
-            "max_new_tokens": requested or settings.max_new_tokens,
-            "temperature": settings.default_temperature if body.temperature is None else body.temperature,
-            "top_p": 1.0 if body.top_p is None else body.top_p,
-            "top_k": max(body.top_k or 0, 0),
-            "repetition_penalty": body.repetition_penalty or 1.0,
-            "min_new_tokens": min_tokens,
-            "stop": body.stop_list,
-            "seed": body.seed,
-            "logprobs": (body.top_logprobs or 0) if body.logprobs else None,
-        }
-        try:
-            request = await run_in_threadpool(self.pipeline.request, messages, **sampling)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from exc
-        prompt_tokens = self.pipeline.engine.prompt_tokens(request)
-        if prompt_tokens > self.max_prompt_tokens:
-            raise APIError(400, f"the prompt takes {prompt_tokens} tokens (images included); the limit is "
-                           f"{self.max_prompt_tokens}", param="messages", code="context_length_exceeded")
-        room = self.context_length - prompt_tokens
-        if requested is not None and requested > room:
-            raise APIError(400, f"this model's context is {self.context_length} tokens; the prompt takes "
-                           f"{prompt_tokens}, which leaves {room} for the answer, but max_tokens is {requested}",
-                           param="max_tokens", code="context_length_exceeded")
-        if min_tokens > room:
-            raise APIError(400, f"this model's context is {self.context_length} tokens; the prompt takes "
-                           f"{prompt_tokens}, which leaves {room} for the answer, but min_tokens is {min_tokens}",
-                           param="min_tokens", code="context_length_exceeded")
-        try:  # every value was checked above; a setting that still does not fit is the request's fault, not ours
-            params = dataclasses.replace(request.params, max_new_tokens=min(request.params.max_new_tokens, room))
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from exc
-        requests = []
-        for choice in range(body.n):
-            seed = None if body.seed is None else body.seed + choice
-            requests.append(GenerationRequest(request.prompt_ids, request.images,
-                                              dataclasses.replace(params, seed=seed)))
-        return requests, prompt_tokens
+        """One generation request per choice and the prompt's length in tokens, or :class:`APIError`
+        (:func:`owl2.serving.requests.build_generation_requests`)."""
+        return await build_generation_requests(self.pipeline, self.settings, body, context_length=self.context_length,
+                                               max_prompt_tokens=self.max_prompt_tokens)
 
     def submit(self, requests: list[GenerationRequest]) -> tuple[list[Submission], list[_Sink]]:
         loop = asyncio.get_running_loop()
@@ -570,33 +279,8 @@ class Owl2Server:
         except QueueFullError as exc:
             raise APIError(429, str(exc), "rate_limit_error", code="queue_full") from exc
 
-    def token_text(self, token_id: int) -> str:
-        """The token as text, its SentencePiece space marker as a space; a byte piece as its (partial) character."""
-        piece = self.pipeline.tokenizer.token_pieces([token_id])[0]
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            return bytes([int(piece[3:5], 16)]).decode("utf-8", errors="replace")
-        return piece.replace("\u2581", " ")
-
     def logprob_entry(self, event: StepEvent) -> dict[str, Any] | None:
-        if event.logprob is None or event.token_id is None:
-            return None
-        top = [(self.token_text(t), lp) for t, lp in event.top_logprobs or []]
-        return token_logprob(self.token_text(event.token_id), event.logprob, top)
-
-
-def _owl2_messages(body: ChatCompletionRequest, images: list[Any]) -> list[dict[str, Any]]:
-    """OpenAI messages -> owl2's message list, each ``image_url`` part replaced by its decoded image."""
-    remaining = iter(images)
-    out = []
-    for message in body.messages:
-        role = "system" if message.role == "developer" else message.role
-        if message.content is None or isinstance(message.content, str):
-            out.append({"role": role, "content": message.content or ""})
-            continue
-        parts = [{"type": "text", "text": p.text} if p.type == "text" else {"type": "image", "image": next(remaining)}
-                 for p in message.content]
-        out.append({"role": role, "content": parts})
-    return out
+        return logprob_entry(self.pipeline.tokenizer, event)
 
 
 async def _collect_ratings(job: RatingJob, sink: _RowSink, request: Request,
@@ -634,25 +318,6 @@ async def _client_gone(request: Request) -> bool:
     return await request.is_disconnected()
 
 
-async def _next_event(sink: _Sink, request: Request, submissions: list[Submission]) -> StepEvent:
-    """The next event of ``sink``; cancels the request's submissions when its client goes away."""
-    while True:
-        try:
-            event: StepEvent | BaseException | None = await asyncio.wait_for(sink.queue.get(), timeout=0.1)
-        except asyncio.TimeoutError:
-            event = None
-        if await _client_gone(request):
-            for submission in submissions:
-                submission.cancel()
-            raise APIError(499, "client disconnected")
-        if event is None:
-            continue
-        if isinstance(event, BaseException):
-            raise APIError(500 if not isinstance(event, ValueError) else 400, str(event),
-                           "server_error" if not isinstance(event, ValueError) else "invalid_request_error")
-        return event
-
-
 def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI:
     """The server app for ``pipeline`` (an :class:`owl2.api.Pipeline`); the batcher runs while the app does."""
     settings = settings or ServerSettings()
@@ -678,23 +343,23 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         server.metrics.requests.labels(status=str(exc.status)).inc()
-        return _error(exc.status, exc.message, exc.kind, param=exc.param, code=exc.code)
+        return error_response(exc.status, exc.message, exc.kind, param=exc.param, code=exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         server.metrics.requests.labels(status="400").inc()
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
         if first.get("type") == "json_invalid":
-            return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+            return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                           code="invalid_json")
         where = _field_path(first.get("loc", ()))
         problems = "; ".join(f"{_field_path(e.get('loc', ())) or 'body'}: "
-                             f"{_clip(e['msg'].removeprefix('Value error, '), 200)}" for e in exc.errors()[:5])
-        return _error(400, f"invalid request: {problems}", param=where or None)
+                             f"{clip(e['msg'].removeprefix('Value error, '), 200)}" for e in exc.errors()[:5])
+        return error_response(400, f"invalid request: {problems}", param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else
+        return error_response(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else
                       "invalid_request_error")
 
     @app.exception_handler(Exception)
@@ -702,54 +367,10 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
         # the traceback goes to the server's log (Starlette re-raises after this answer); the client learns nothing
         # of the server's internals (paths, library messages)
         server.metrics.requests.labels(status="500").inc()
-        return _error(500, "internal server error; the server's log has the details", "server_error")
+        return error_response(500, "internal server error; the server's log has the details", "server_error")
 
-    api_keys = [key.encode("utf-8") for key in settings.api_keys]
-
-    async def authorize(request: Request) -> None:
-        """401 unless the request sends ``Authorization: Bearer <one of the keys>``. The header is compared as
-        bytes, in constant time: a client may send any bytes there, and comparing str with non-ASCII characters
-        raises instead of answering."""
-        if not api_keys:
-            return
-        header = next((value for name, value in request.scope["headers"] if name == b"authorization"), b"")
-        scheme, _, key = header.strip().partition(b" ")
-        matches = [hmac.compare_digest(key.strip(), k) for k in api_keys]  # every key, so timing says nothing
-        if scheme.lower() != b"bearer" or not any(matches):
-            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key")
-
-    class JSONRoute(APIRoute):
-        """A route with a JSON body: its API key is checked before the body is parsed, the body must be sent as
-        JSON (415: a browser page on another site can send text/plain without asking, but not JSON) and is parsed
-        strictly (:func:`parse_json_body`, 400)."""
-
-        def get_route_handler(self) -> Any:
-            handler = super().get_route_handler()
-            if self.body_field is None:
-                return handler
-            protected = any(getattr(d, "dependency", None) is authorize for d in self.dependencies)
-
-            async def checked(request: Request) -> Response:
-                if protected:
-                    await authorize(request)
-                content_type = request.headers.get("content-type")
-                if not _is_json(content_type):
-                    got = f"got {content_type[:60]!r}" if content_type else "got none"
-                    raise APIError(415, f"send the body as JSON with 'Content-Type: application/json' ({got})",
-                                   code="unsupported_media_type")
-                body = await request.body()
-                try:
-                    parsed = (await run_in_threadpool(parse_json_body, body) if len(body) > _PARSE_IN_THREAD_BYTES
-                              else parse_json_body(body))
-                except InvalidJSON as exc:
-                    raise APIError(400, str(exc), code="invalid_json") from None
-                request._json = parsed  # Starlette's request.json(), which FastAPI calls next, returns it as is
-                return await handler(request)
-
-            return checked
-
-    app.router.route_class = JSONRoute
+    authorize = api_key_check(settings.api_keys)
+    app.router.route_class = json_route_class(authorize)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -799,16 +420,11 @@ def create_app(pipeline: Any, settings: ServerSettings | None = None) -> FastAPI
                 _stream(server, body, request, submissions, sinks, ident, created, prompt_tokens, include_usage,
                         started), submissions,
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        collectors = [asyncio.ensure_future(_collect(server, body, request, sink, submissions, i))
-                      for i, sink in enumerate(sinks)]
         try:
-            choices = await asyncio.gather(*collectors)
+            choices, completion_tokens = await _collect(server, body, request, submissions, sinks)
         finally:  # one choice failed, or the client left: the other choices stop too, none is left waiting
-            for collector in collectors:
-                collector.cancel()
             for submission in submissions:
                 submission.cancel()
-        completion_tokens = sum(c.pop("_tokens") for c in choices)
         server.metrics.finish(started, completion_tokens)
         return JSONResponse({"id": ident, "object": "chat.completion", "created": created,
                              "model": settings.model_name, "choices": choices,
@@ -844,27 +460,74 @@ def _field_path(loc: Sequence[Any]) -> str:
     for part in loc:
         if part == "body" and not path:
             continue
-        path += f"[{part}]" if isinstance(part, int) else f".{_clip(str(part))}" if path else _clip(str(part))
+        path += f"[{part}]" if isinstance(part, int) else f".{clip(str(part))}" if path else clip(str(part))
     return path
 
 
-async def _collect(server: Owl2Server, body: ChatCompletionRequest, request: Request, sink: _Sink,
-                   submissions: list[Submission], index: int) -> dict[str, Any]:
-    text, tokens, entries = [], 0, []
-    first = True
-    while True:
-        event = await _next_event(sink, request, submissions)
-        if first:
-            server.metrics.first_token(submissions[index].submitted)
-            first = False
-        tokens += 1
-        text.append(event.delta)
-        if body.logprobs and (entry := server.logprob_entry(event)) is not None:
-            entries.append(entry)
-        if event.finish_reason:
-            return {"index": index, "message": {"role": "assistant", "content": "".join(text)},
-                    "logprobs": {"content": entries} if body.logprobs else None,
-                    "finish_reason": event.finish_reason, "_tokens": tokens}
+async def _step_events(sinks: list[_Sink], idle: float | None = None,
+                       ) -> AsyncIterator[tuple[int, StepEvent | BaseException] | None]:
+    """The events of every choice in the order they arrive, as ``(choice index, event or the error that ended the
+    choice)``, until each choice has finished or failed; the one loop of the plain and the streamed answer. With
+    ``idle``, None comes too whenever nothing arrived for ``idle`` seconds, so that the caller can look whether its
+    client is still there. Close it (``contextlib.aclosing``) when leaving early: that stops its forwarders."""
+    merged: asyncio.Queue[tuple[int, StepEvent | BaseException]] = asyncio.Queue()
+
+    async def forward(index: int, sink: _Sink) -> None:
+        while True:
+            event = await sink.queue.get()
+            await merged.put((index, event))
+            if isinstance(event, BaseException) or event.finish_reason:
+                return
+
+    forwarders = [asyncio.create_task(forward(i, s)) for i, s in enumerate(sinks)]
+    open_choices = len(sinks)
+    try:
+        while open_choices:
+            try:
+                index, event = await asyncio.wait_for(merged.get(), idle) if idle else await merged.get()
+            except asyncio.TimeoutError:
+                yield None
+                continue
+            if isinstance(event, BaseException) or event.finish_reason:
+                open_choices -= 1
+            yield index, event
+    finally:
+        for task in forwarders:
+            task.cancel()
+
+
+async def _collect(server: Owl2Server, body: ChatCompletionRequest, request: Request, submissions: list[Submission],
+                   sinks: list[_Sink]) -> tuple[list[dict[str, Any]], int]:
+    """The choices of a plain answer and the tokens they took. The first choice that fails fails the request (400
+    for a ValueError, else 500), and a client that goes away cancels every choice (499)."""
+    texts: list[list[str]] = [[] for _ in sinks]
+    entries: list[list[dict[str, Any]]] = [[] for _ in sinks]
+    tokens = [0] * len(sinks)
+    choices: list[dict[str, Any]] = []
+    async with contextlib.aclosing(_step_events(sinks, idle=0.1)) as events:
+        async for item in events:
+            if await _client_gone(request):
+                for submission in submissions:
+                    submission.cancel()
+                raise APIError(499, "client disconnected")
+            if item is None:
+                continue
+            index, event = item
+            if isinstance(event, BaseException):
+                invalid = isinstance(event, ValueError)
+                raise APIError(400 if invalid else 500, str(event),
+                               "invalid_request_error" if invalid else "server_error")
+            if not tokens[index]:
+                server.metrics.first_token(submissions[index].submitted)
+            tokens[index] += 1
+            texts[index].append(event.delta)
+            if body.logprobs and (entry := server.logprob_entry(event)) is not None:
+                entries[index].append(entry)
+            if event.finish_reason:
+                choices.append({"index": index, "message": {"role": "assistant", "content": "".join(texts[index])},
+                                "logprobs": {"content": entries[index]} if body.logprobs else None,
+                                "finish_reason": event.finish_reason})
+    return sorted(choices, key=lambda choice: choice["index"]), sum(tokens)
 
 
 async def _stream(server: Owl2Server, body: ChatCompletionRequest, request: Request, submissions: list[Submission],
@@ -877,41 +540,32 @@ async def _stream(server: Owl2Server, body: ChatCompletionRequest, request: Requ
                    "choices": choices, **extra}
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    merged: asyncio.Queue[tuple[int, StepEvent | BaseException]] = asyncio.Queue()
-
-    async def forward(index: int, sink: _Sink) -> None:
-        while True:
-            event = await sink.queue.get()
-            await merged.put((index, event))
-            if isinstance(event, BaseException) or event.finish_reason:
-                return
-
-    forwarders = [asyncio.create_task(forward(i, s)) for i, s in enumerate(sinks)]
-    completion_tokens, open_choices, first = 0, len(sinks), True
+    completion_tokens, first = 0, True
     try:
         for i in range(len(sinks)):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
-        while open_choices:
-            index, event = await merged.get()
-            if isinstance(event, BaseException):
-                yield f"data: {json.dumps(error_body(str(event), 'server_error'))}\n\n"
-                open_choices -= 1
-                continue
-            if first:
-                server.metrics.first_token(submissions[index].submitted)
-                first = False
-            completion_tokens += 1
-            logprobs = None
-            if body.logprobs:
-                entry = server.logprob_entry(event)
-                logprobs = {"content": [entry] if entry else []}
-            if event.delta or logprobs:
-                yield chunk([{"index": index, "delta": {"content": event.delta}, "logprobs": logprobs,
-                              "finish_reason": None}])
-            if event.finish_reason:
-                open_choices -= 1
-                yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}])
+        async with contextlib.aclosing(_step_events(sinks)) as events:
+            async for item in events:
+                assert item is not None  # no idle ticks were asked for
+                index, event = item
+                if isinstance(event, BaseException):
+                    yield f"data: {json.dumps(error_body(str(event), 'server_error'))}\n\n"
+                    continue
+                if first:
+                    server.metrics.first_token(submissions[index].submitted)
+                    first = False
+                completion_tokens += 1
+                logprobs = None
+                if body.logprobs:
+                    entry = server.logprob_entry(event)
+                    logprobs = {"content": [entry] if entry else []}
+                if event.delta or logprobs:
+                    yield chunk([{"index": index, "delta": {"content": event.delta}, "logprobs": logprobs,
+                                  "finish_reason": None}])
+                if event.finish_reason:
+                    yield chunk([{"index": index, "delta": {}, "logprobs": None,
+                                  "finish_reason": event.finish_reason}])
         if include_usage:
             yield chunk([], usage=usage(prompt_tokens * len(sinks), completion_tokens))
         yield "data: [DONE]\n\n"
@@ -919,5 +573,3 @@ async def _stream(server: Owl2Server, body: ChatCompletionRequest, request: Requ
     finally:  # also when the client went away mid-stream: free the slots
         for submission in submissions:
             submission.cancel()
-        for task in forwarders:
-            task.cancel()

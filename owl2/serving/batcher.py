@@ -16,7 +16,7 @@ The parts, as in vLLM:
   the longest row, since rows are left-padded to it; a row longer than the budget runs alone).
 - :class:`RunningBatch` is the cache side: the running generation rows, their shared :class:`KVCache` and the
   next-token logits of each row. Finished or cancelled rows are dropped and newcomers merged with
-  :func:`owl2.model.cache.gather_rows`.
+  :meth:`owl2.model.cache.KVCache.merge`.
 - :class:`Runner` makes the model calls: one decode step, the prefill of newcomers merged into the running batch,
   and one prefill-only batch (``GenerationEngine.next_token_logits``, the very call ``Pipeline.rate`` makes).
 
@@ -57,7 +57,7 @@ from owl2.generation.engine import (
     decode_step,
     step_logprobs,
 )
-from owl2.model.cache import KVCache, gather_rows
+from owl2.model.cache import KVCache
 
 EventSink = Callable[[StepEvent | BaseException], None]
 """Called from the worker thread with each step's event of a request, or with the error that ended it."""
@@ -323,7 +323,7 @@ class Runner:
         kept = [rows[i] for i in keep]
         cache = batch.cache
         if len(keep) < len(rows):
-            cache = gather_rows([(cache, keep)], room=batch.room(kept))
+            cache = cache.select_rows(keep, room=batch.room(kept))
         feed = torch.tensor([chosen[i] for i in keep], device=self.engine.model.device)
         out = self.engine.model(feed[:, None], cache=cache, logits_to_keep=1)
         self.stats.steps += 1
@@ -367,7 +367,7 @@ class Runner:
         everyone = batch.rows + joining
         try:  # built aside and swapped in whole: a failure here leaves the running batch as it was
             parts = [(batch.cache, range(len(batch.rows)))] if batch.rows and batch.cache is not None else []
-            merged = gather_rows([*parts, (fresh, range(len(joining)))], room=batch.room(everyone))
+            merged = KVCache.merge([*parts, (fresh, range(len(joining)))], room=batch.room(everyone))
             new_logits = out.logits[:, -1].float()
             logits = new_logits if not batch.rows or batch.logits is None else torch.cat([batch.logits, new_logits])
         except Exception as exc:

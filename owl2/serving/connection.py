@@ -19,8 +19,8 @@ with OpenAI's error JSON:
   so that the client, still sending, gets to read the answer (closing a socket with unread data resets it, and the
   client would see a reset instead of the 413); then the connection is closed.
 
-The deadline for the body is the app's (:class:`owl2.serving.app.RequestBody`): uvicorn has no body timeout, and the
-app reads the body itself anyway. :func:`uvicorn_config` builds the uvicorn configuration from the app's
+The deadline for the body is the app's (:class:`owl2.serving.middleware.RequestBody`): uvicorn has no body timeout,
+and the app reads the body itself anyway. :func:`uvicorn_config` builds the uvicorn configuration from the app's
 :class:`~owl2.serving.app.ServerSettings`. Ray Serve replicas use Ray's own HTTP proxy, so these connection limits
 do not apply there; the app's limits (body size and deadline, JSON checks, API keys) do.
 """
