@@ -54,7 +54,7 @@ EXAMPLE_SCENE_SEED = "example/82"
 def example_scene() -> Image.Image:
     """The example scene of the README (``examples/scene.png``), drawn at owl2-tiny's 64 px. It is drawn rather than
     read because ``examples/`` is not part of the installed package."""
-    from owl2.data.shapes import generate_scene, render_scene
+    from owl2.experiments.shapes import generate_scene, render_scene
 
     return render_scene(generate_scene(EXAMPLE_SCENE_SEED), size=EMBEDDED_IMAGE_SIZE)
 

@@ -373,7 +373,7 @@ def test_ctrl_c_in_chat_is_one_line(long_context_checkpoint, when):
 
 
 def test_ctrl_c_in_eval_says_what_is_saved_and_resumes(tmp_path):
-    from owl2.data.shapes import write_eval_set
+    from owl2.experiments.shapes import write_eval_set
 
     write_eval_set(tmp_path / "data", scenes=8, seed=0, size=64)
     command = ["eval", "--task", "shapes", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "out"),

@@ -23,7 +23,7 @@ def _imported_after(code: str, modules: list[str]) -> dict[str, bool]:
     return dict(zip(modules, eval(result.stdout.strip().splitlines()[-1]), strict=True))
 
 
-HEAVY = ["owl2.experiments", "owl2.experiments.tiny", "owl2.data.shapes"]
+HEAVY = ["owl2.experiments", "owl2.experiments.tiny", "owl2.experiments.shapes"]
 
 
 def test_building_the_command_line_imports_no_experiment():

@@ -336,7 +336,7 @@ def _demo(args: argparse.Namespace) -> int:
     import tempfile
 
     from owl2.assets import EMBEDDED_IMAGE_SIZE
-    from owl2.data.shapes import generate_scene, render_scene, scene_questions, score_answer
+    from owl2.experiments.shapes import generate_scene, render_scene, scene_questions, score_answer
 
     if args.image:
         return _demo_images(args)
@@ -451,7 +451,7 @@ class _CommandParser(argparse.ArgumentParser):
 
 def _add_build_options(experiment: argparse.ArgumentParser) -> None:
     """``owl2 experiment``'s options of the tiny build, whose choices and defaults come from the recipe."""
-    from owl2.data.shapes import ANSWER_EXAMPLES, ANSWER_STYLES
+    from owl2.experiments.shapes import ANSWER_EXAMPLES, ANSWER_STYLES
     from owl2.experiments.tiny import TinyBuild
 
     experiment.add_argument("--answer-style", choices=ANSWER_STYLES, default=TinyBuild.answer_style,

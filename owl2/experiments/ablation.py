@@ -50,7 +50,7 @@ def run_mam_ablation(workdir: str | os.PathLike[str], *, scenes: int | None = No
     shipped model's recipe: ``TinyBuild()``). ``mam_build``, the folder of a :func:`~owl2.experiments.tiny.build_tiny`
     run with the same ``build``, is the MAM variant: its data, stage V and model are used as they are, and only the
     no-MAM variant is trained (in ``workdir``)."""
-    from owl2.data.shapes import TEXT_QUESTION_TYPES
+    from owl2.experiments.shapes import TEXT_QUESTION_TYPES
     from owl2.model.config import Owl2Config
 
     workdir = Path(workdir)

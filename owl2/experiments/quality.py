@@ -1,10 +1,10 @@
 """A Q-Align-style quality scorer trained from owl2-tiny on a synthetic quality set, on CPU in a few minutes.
 
-The set (:func:`make_quality_set`): shapes-world scenes (:mod:`owl2.data.shapes`) rendered at owl2-tiny's 64 px and
-degraded by one of Gaussian blur, Gaussian noise or JPEG compression at a known strength ``s`` in ``[0, 1]``. The
+The set (:func:`make_quality_set`): shapes-world scenes (:mod:`owl2.experiments.shapes`) rendered at owl2-tiny's 64 px
+and degraded by one of Gaussian blur, Gaussian noise or JPEG compression at a known strength ``s`` in ``[0, 1]``. The
 MOS is the strength mapped to the 1..5 scale, ``5 - 4 s``, and its std is larger mid-scale (``0.35 + 0.5 s (1 - s)``,
-raters disagree most about middling images), so the soft labels are not all the same shape. Training and held-out
-images come from separate scene streams.
+raters disagree most about middling images), so the soft labels are not all the same shape. Training and held-out images
+come from separate scene streams.
 
 :func:`run_quality_experiment` scores the held-out images with the untrained owl2-tiny, then trains it with the
 ``qalign`` recipe, (a) with Q-Align's cross-entropy on the answer, (b) with DeQA-Score's soft-label KL at the level
@@ -90,7 +90,7 @@ def make_quality_set(directory: str | os.PathLike[str], *, train: int = 1200, he
                      size: int = IMAGE_SIZE) -> dict[str, Path]:
     """Writes ``images/`` and two tables, ``train.csv`` and ``heldout.csv`` (``image,mos,std,kind,strength``, image
     paths relative to the tables); returns their paths. Deterministic in ``seed``."""
-    from owl2.data.shapes import generate_scene, render_scene, stream_rng
+    from owl2.experiments.shapes import generate_scene, render_scene, stream_rng
 
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)

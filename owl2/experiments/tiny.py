@@ -3,9 +3,9 @@
 :func:`build_tiny` is the whole recipe, run by ``owl2 experiment build-tiny``:
 
 1. the shapes world: a training set of single questions (every question and caption of the training scenes, plus
-   text-only instructions; :func:`~owl2.data.shapes.write_focus_set`) from the ``train`` seed stream, with the
-   answers in the chained style (:func:`~owl2.data.shapes.chained_answer`), and a held-out set from the ``eval``
-   stream (:mod:`owl2.data.shapes`);
+   text-only instructions; :func:`~owl2.experiments.shapes.write_focus_set`) from the ``train`` seed stream, with the
+   answers in the chained style (:func:`~owl2.experiments.shapes.chained_answer`), and a held-out set from the ``eval``
+   stream (:mod:`owl2.experiments.shapes`);
 2. a SentencePiece tokenizer in the LLaMA-2 layout trained on the training texts (:mod:`owl2.experiments.tokenizer`);
 3. the pre-trained parts the paper starts from (CLIP ViT-L/14 and LLaMA-2), made here from the random
    initialisation of ``recipes/tiny/model.json`` (:data:`TINY_CONFIGS`, the recipe's files, shipped in the package
@@ -18,7 +18,7 @@
 5. stage 3 (``stage3.toml``): a short focus on what stages 0-2 leave weakest (the top-or-bottom side questions,
    existence questions about a shape present more than once), mixed 1:1 with the rest (:func:`stage3_focus`);
 6. stage 4 (``stage4.toml``): conversations. One 2-3-turn dialogue per training scene
-   (:func:`~owl2.data.shapes.write_dialogue_set`) mixed 1:1 with stage 3's single questions (:func:`stage4_mix`):
+   (:func:`~owl2.experiments.shapes.write_dialogue_set`) mixed 1:1 with stage 3's single questions (:func:`stage4_mix`):
    trained on one question per record, the model answered the second and third questions of an ``owl2 chat``
    conversation far worse than the same questions asked alone;
 7. ``owl2 eval --task shapes`` on the held-out set, the multi-turn check (:func:`evaluate_multi_turn`), and a model
@@ -48,7 +48,7 @@ from typing import Any
 
 from owl2.assets import EMBEDDED_IMAGE_SIZE, default_model_dir
 from owl2.constants import IMAGE_PLACEHOLDER
-from owl2.data.shapes import ANSWER_EXAMPLES, SHORT_ANSWER_PROMPT
+from owl2.experiments.shapes import ANSWER_EXAMPLES, SHORT_ANSWER_PROMPT
 from owl2.experiments.vision_pretrain import PROBE_FILE
 from owl2.training.optim import VISION_SIDE
 from owl2.utils import atomic_write_text
@@ -75,16 +75,16 @@ class TinyBuild:
     seed: int = 0
     vocab_size: int = 768
     answer_style: str = "chained"
-    """The form of the training answers (:data:`~owl2.data.shapes.ANSWER_STYLES`, see
-    :func:`~owl2.data.shapes.write_training_set`): ``"chained"`` in the recipe (existence through the colours of the
-    asked shape, ``"circle blue no"``; relations through the two objects in their order, ``"circle triangle no"``;
+    """The form of the training answers (:data:`~owl2.experiments.shapes.ANSWER_STYLES`, see
+    :func:`~owl2.experiments.shapes.write_training_set`): ``"chained"`` in the recipe (existence through the colours of
+    the asked shape, ``"circle blue no"``; relations through the two objects in their order, ``"circle triangle no"``;
     the other answers after the asked object, ``"triangle white"``), with which existence is learned where with
     ``"restated"`` (``"red circle no"``) it stays at chance (``docs/experiments.md``). The others are experiments."""
     vertical_orders: bool = True
-    """Add each training scene's :func:`~owl2.data.shapes.vertical_order` ("List the objects from top to bottom."), a
-    training-only item that trains the vertical coordinate as the captions train the horizontal one."""
+    """Add each training scene's :func:`~owl2.experiments.shapes.vertical_order` ("List the objects from top to
+    bottom."), a training-only item that trains the vertical coordinate as the captions train the horizontal one."""
     object_pieces: bool = False
-    """Give the tokenizer one piece per object phrase (:func:`~owl2.data.shapes.object_phrases`: "red circle",
+    """Give the tokenizer one piece per object phrase (:func:`~owl2.experiments.shapes.object_phrases`: "red circle",
     "small red circle"). Off in the recipe: with words, the lookups of colour questions and existence share the
     shape word (``docs/experiments.md``)."""
     vision_steps: int | None = None
@@ -142,7 +142,7 @@ def vary_prompts(records: list[dict[str, Any]], seed: int, stream: str = "prompt
 
 def prepare(workdir: Path, build: TinyBuild, configs: Path = TINY_CONFIGS) -> dict[str, Path]:
     """Data, tokenizer and the initial model directory (config + tokenizer + image processor) under ``workdir``."""
-    from owl2.data.shapes import object_phrases, write_dialogue_set, write_eval_set, write_focus_set
+    from owl2.experiments.shapes import object_phrases, write_dialogue_set, write_eval_set, write_focus_set
     from owl2.experiments.tokenizer import train_sentencepiece
     from owl2.model.config import Owl2Config
     from owl2.processing.image import PREPROCESSOR_CONFIG_NAME, ImageProcessor
@@ -196,7 +196,7 @@ def stage3_focus(records: list[dict[str, Any]], seed: int) -> list[dict[str, Any
     question about a shape the scene holds more than once (right about 73 % of the time after the twelfth session's
     stage 3, against 97 % for one or none: the looked-up colours miss one); and as many existence questions drawn at
     random from the rest, so the model does not learn to look up more objects than there are."""
-    from owl2.data.shapes import SIDE_OPTIONS, asked_shape_count, scene_of_training_image
+    from owl2.experiments.shapes import SIDE_OPTIONS, asked_shape_count, scene_of_training_image
 
     asked_side = f"{SIDE_OPTIONS[1]}?"
     side, several, single, others = [], [], [], []
@@ -427,8 +427,8 @@ shapes world. It answers questions about coloured shapes; it knows nothing else.
 - Weights in bf16 safetensors.
 
 ## Data
-The shapes world (`owl2.data.shapes`): {build.scenes} training scenes (`train` seed stream, seed {build.seed}) with
-a caption and about nine questions each (existence, colour, counting, position, shape, multiple choice), one
+The shapes world (`owl2.experiments.shapes`): {build.scenes} training scenes (`train` seed stream, seed {build.seed})
+with a caption and about nine questions each (existence, colour, counting, position, shape, multiple choice), one
 question per record (`write_focus_set`; the multiple-choice answers name the option, then its letter: "diamond
 B"), and {build.text_items} text-only instructions (arithmetic, spelling, alphabetical order, letter counts,
 reversal).{data_options}{dialogues}

@@ -86,7 +86,7 @@ def grid_targets(scene: Any, grid: int) -> dict[str, torch.Tensor]:
     [grid²] (0/1), ``offset`` [grid², 2]: that object's centre within its cell (``0..1``, x then y), ``scene`` [2]:
     background and texture index.
     """
-    from owl2.data.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXTURES
+    from owl2.experiments.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXTURES
 
     colours = list(COLOURS)
     objects = torch.full((grid * grid, 3), IGNORE_INDEX, dtype=torch.long)
@@ -106,7 +106,7 @@ def grid_targets(scene: Any, grid: int) -> dict[str, torch.Tensor]:
 
 def scene_tensors(indices: range, *, seed: int, grid: int, processor: Any, size: int) -> dict[str, torch.Tensor]:
     """Pixels (bf16, preprocessed as in training) and :func:`grid_targets` of ``train``-stream scenes ``indices``."""
-    from owl2.data.shapes import render_scene, training_scene
+    from owl2.experiments.shapes import render_scene, training_scene
 
     pixels, targets = [], []
     for index in indices:

@@ -183,7 +183,7 @@ def mmlu_dir(root: Path) -> Path:
 
 
 def shapes_dir(root: Path) -> Path:
-    from owl2.data.shapes import write_eval_set
+    from owl2.experiments.shapes import write_eval_set
 
     write_eval_set(root, scenes=3, seed=0, size=56, text_items=2)
     return root

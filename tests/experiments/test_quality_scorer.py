@@ -14,7 +14,6 @@ from PIL import Image
 
 import owl2
 from owl2.data.quality import LEVELS
-from owl2.data.shapes import generate_scene, render_scene
 from owl2.experiments.quality import (
     QualityExperiment,
     degrade,
@@ -23,6 +22,7 @@ from owl2.experiments.quality import (
     rank_metrics,
     run_quality_experiment,
 )
+from owl2.experiments.shapes import generate_scene, render_scene
 
 QALIGN = Path(__file__).parents[1] / "fixtures" / "qalign"
 

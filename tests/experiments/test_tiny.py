@@ -17,16 +17,16 @@ import pytest
 import owl2
 from owl2.cli.main import build_parser
 from owl2.cli.main import main as cli
-from owl2.data.shapes import (
+from owl2.evaluation import evaluate, read_predictions
+from owl2.evaluation.tasks.shapes import multi_turn_check
+from owl2.experiments.ablation import run_mam_ablation
+from owl2.experiments.shapes import (
     SHAPES,
     read_eval_set,
     score_answer,
     training_scene,
     write_eval_set,
 )
-from owl2.evaluation import evaluate, read_predictions
-from owl2.evaluation.tasks.shapes import multi_turn_check
-from owl2.experiments.ablation import run_mam_ablation
 from owl2.experiments.tiny import (
     EVAL_FILE,
     PACKAGE_DIR,

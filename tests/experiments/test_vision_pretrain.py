@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from owl2.data.shapes import Scene, ShapeObject
+from owl2.experiments.shapes import Scene, ShapeObject
 from owl2.experiments.tiny import IMAGE_SIZE, TINY_CONFIGS, VISION_SIDE, random_model, start_from_vision
 from owl2.experiments.vision_pretrain import VisionPretrainConfig, grid_targets, pretrain_vision
 from owl2.model.config import Owl2Config

@@ -1,10 +1,10 @@
-"""The shapes world as a benchmark: held-out synthetic scenes (:mod:`owl2.data.shapes`) scored per question type.
+"""The shapes world as a benchmark: held-out synthetic scenes (:mod:`owl2.experiments.shapes`) scored per question type.
 
-``--data`` is a directory written by :func:`owl2.data.shapes.write_eval_set` (``eval.jsonl`` plus images);
+``--data`` is a directory written by :func:`owl2.experiments.shapes.write_eval_set` (``eval.jsonl`` plus images);
 ``owl2 eval --task shapes --data DIR`` first generates the held-out set (1000 scenes of the ``eval`` seed stream, which
 never meets the training stream, plus 200 text-only items) into DIR when DIR has no ``eval.jsonl``. Short answers
 carry the VQA suffix, captions the captioning prompt and multiple-choice questions the MMBench layout; every answer
-is scored by :func:`owl2.data.shapes.score_answer` (normalised text, option letters). Captions also get CIDEr-D.
+is scored by :func:`owl2.experiments.shapes.score_answer` (normalised text, option letters). Captions also get CIDEr-D.
 Prompts use the model's chat template (:func:`shapes_prompt`).
 
 :func:`multi_turn_check` asks the held-out questions as a conversation instead, the way ``owl2 chat`` sends it, and
@@ -41,11 +41,11 @@ def shapes_prompt(item: dict[str, Any]) -> str:
 @register("shapes")
 class ShapesTask(Task):
     max_new_tokens = 48
-    data_format = ("a directory from owl2.data.shapes.write_eval_set (eval.jsonl: {id, image, type, question, "
+    data_format = ("a directory from owl2.experiments.shapes.write_eval_set (eval.jsonl: {id, image, type, question, "
                    "answer, choices?}); generated there (1000 held-out scenes, 200 text items) when missing")
 
     def load(self, data: Path) -> list[Sample]:
-        from owl2.data.shapes import read_eval_set, write_eval_set
+        from owl2.experiments.shapes import read_eval_set, write_eval_set
 
         questions = data / QUESTIONS_FILE if data.is_dir() or not data.exists() else data
         if not questions.is_file():
@@ -57,7 +57,7 @@ class ShapesTask(Task):
                 for item in read_eval_set(questions)]
 
     def score(self, samples: Sequence[Sample], predictions: dict[str, dict[str, Any]]) -> TaskReport:
-        from owl2.data.shapes import score_answer
+        from owl2.experiments.shapes import score_answer
 
         report = accuracy_report((s.meta["type"], score_answer(s.meta["type"], predictions[s.id]["prediction"],
                                                                s.answer, choices=s.meta["choices"])) for s in samples)
@@ -75,7 +75,8 @@ MULTI_TURN_QUESTIONS = 3
 
 @dataclass
 class _Conversation:
-    """One held-out scene's questions (``QAItem``s of :func:`owl2.data.shapes.read_eval_set`) and its image file."""
+    """One held-out scene's questions (``QAItem``s of :func:`owl2.experiments.shapes.read_eval_set`) and its image
+    file."""
 
     image: Path
     items: list[Any]
@@ -83,11 +84,11 @@ class _Conversation:
 
 def multi_turn_conversations(data: Path, scenes: int, *, questions: int = MULTI_TURN_QUESTIONS
                              ) -> list[_Conversation]:
-    """The first ``scenes`` scenes of a :func:`~owl2.data.shapes.write_eval_set` directory that have ``questions``
-    short-answer or multiple-choice questions, each with that many of them in a random order drawn from the image's
-    name (so the same scenes always get the same questions, whatever else the set holds). Captions are left out:
-    their score is about the whole scene, not about the turn they come in."""
-    from owl2.data.shapes import read_eval_set
+    """The first ``scenes`` scenes of a :func:`~owl2.experiments.shapes.write_eval_set` directory that have
+    ``questions`` short-answer or multiple-choice questions, each with that many of them in a random order drawn from
+    the image's name (so the same scenes always get the same questions, whatever else the set holds). Captions are left
+    out: their score is about the whole scene, not about the turn they come in."""
+    from owl2.experiments.shapes import read_eval_set
 
     by_image: dict[str, list[Any]] = {}
     for item in read_eval_set(data / QUESTIONS_FILE):
@@ -114,7 +115,7 @@ def multi_turn_check(pipe: Any, data: str | Path, scenes: int, *, batch_size: in
     text, each greedy answer sent back as the assistant's message exactly as decoded. The later questions are then
     asked alone, each as the first message with the image. Returns the accuracies in % (``alone`` and
     ``in_conversation`` over the same questions, ``turns`` per turn in the conversation) and the counts."""
-    from owl2.data.shapes import score_answer
+    from owl2.experiments.shapes import score_answer
 
     data = Path(data)
     conversations = multi_turn_conversations(data, scenes)

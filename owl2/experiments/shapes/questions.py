@@ -1,148 +1,37 @@
-"""The shapes world: a deterministic synthetic scene generator, question bank and scorer.
-
-It serves two purposes: training data for a small model trained on CPU, and an evaluation benchmark that scores
-any model end to end on one machine. Everything is a pure function of a seed, so a data set can be rebuilt instead of
-shipped.
-
-A :class:`Scene` holds 1 to 6 non-overlapping coloured shapes (:data:`SHAPES` x :data:`COLOURS` x :data:`SIZES`) on
-a plain, gradient or lightly noisy background (:data:`BACKGROUNDS`). Geometry is stored in image-relative units
-(``0..1``), so :func:`render_scene` draws the same scene at any resolution (224 by default; 64 and 112 work too).
-Object colours and background colours are far apart (more than the texture amplitude), so every pixel can be told
-apart, and objects keep a gap of :data:`MIN_GAP` so counting is never ambiguous, even at 64 px.
+"""The shapes world's questions, the training answer styles and the scorer.
 
 Questions (:func:`scene_questions`) are correct by construction: each one is asked only when its answer follows
 uniquely from the scene data (a unique referent, a clear spatial separation, ...). The types, each with a canonical
 short answer, are in :data:`SCENE_QUESTION_TYPES`; text-only items (:func:`text_questions`) are in
-:data:`TEXT_QUESTION_TYPES`. :func:`score_answer` normalises free-form model output before comparing.
-
-Determinism: only :class:`random.Random` is used for sampling (its Mersenne Twister stream and string seeding via
-SHA-512 are stable across Python versions and machines); numpy only does fixed arithmetic on the background. The
-same seed gives the same scenes, questions and pixels; PNG bytes are identical for the same Pillow/zlib build.
-
-Seed convention: scene ``i`` of a split is generated from ``random.Random(f"owl2-shapes/{split}/{seed}/{i}/scene")``
-and its questions from the same string with ``/questions`` (see :func:`stream_rng`). ``split`` is ``"train"`` for
-:func:`write_training_set` and ``"eval"`` for :func:`write_eval_set`, so training and evaluation draw from separate
-streams and never share a scene seed, whatever integer seeds are used for either.
+:data:`TEXT_QUESTION_TYPES`. The training answer styles (:data:`ANSWER_STYLES`, :func:`restyled`) rewrite some
+answers into forms a small model learns more easily; :func:`score_answer` normalises free-form model output before
+comparing, and reads every style's answer as the short one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
 import random
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageDraw
-
 from owl2.constants import IMAGE_PLACEHOLDER
-from owl2.utils import atomic_write_text
-
-__all__ = [
-    "ANSWER_EXAMPLES",
-    "ANSWER_STYLES",
-    "BACKGROUNDS",
-    "CAPTION_PROMPT",
-    "COLOURS",
-    "DIALOGUE_TURNS",
-    "MC_PROMPT",
-    "QUESTION_TYPES",
-    "SCENE_QUESTION_TYPES",
-    "SHAPES",
-    "SHORT_ANSWER_PROMPT",
-    "SIZES",
-    "TEXT_QUESTION_TYPES",
-    "QAItem",
-    "Scene",
-    "ShapeObject",
-    "MIN_RENDER_SIZE",
-    "PLURALS",
-    "SIDE_OPTIONS",
-    "TEXTURES",
-    "VERTICAL_ORDER_PROMPT",
-    "accuracy_by_type",
-    "asked_shape_count",
-    "binding_drills",
-    "caption",
-    "chained_answer",
-    "chained_position_answer",
-    "choice_answer",
-    "counted_existence_answer",
-    "generate_scene",
-    "listed_answer",
-    "read_eval_set",
-    "render_scene",
-    "restyled",
-    "scene_dialogue",
-    "scene_of_training_image",
-    "scene_questions",
-    "score_answer",
-    "side_of",
-    "stream_rng",
-    "text_questions",
-    "training_scene",
-    "write_eval_set",
-    "vertical_order",
-    "write_dialogue_set",
-    "write_focus_set",
-    "write_training_set",
-]
-
-RGB = tuple[int, int, int]
-
-# ------------------------------------------------------------------------------------------------------ vocabulary
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
-"""Shapes whose silhouettes stay distinct at 64 px (a star or pentagon would blur into a circle when small)."""
-
-PLURALS: dict[str, str] = {s: s + "es" if s.endswith("s") else s + "s" for s in SHAPES}
-
-COLOURS: dict[str, RGB] = {
-    "red": (215, 25, 35),
-    "green": (40, 170, 50),
-    "blue": (40, 80, 230),
-    "yellow": (250, 225, 25),
-    "purple": (150, 50, 190),
-    "orange": (240, 120, 15),
-    "white": (250, 250, 250),
-    "black": (20, 20, 20),
-}
-"""Object colours, pairwise far apart (>= 100 in RGB distance) so no two can be confused."""
-
-BACKGROUNDS: dict[str, RGB] = {
-    "grey": (128, 128, 128),
-    "beige": (215, 200, 165),
-    "dark grey": (78, 78, 78),
-}
-"""Background colours; none is an object colour and all are > 80 away from every object colour even with texture."""
-
-TEXTURES: tuple[str, ...] = ("plain", "gradient", "noise")
-TEXTURE_AMPLITUDE = 10
-"""Largest per-channel offset a texture adds to the background colour."""
-
-SIZES: tuple[str, ...] = ("small", "large")
-SIZE_EXTENT: dict[str, float] = {"small": 0.12, "large": 0.2}
-"""Side of each size's bounding box, as a fraction of the image side (a 1.67 ratio keeps small/large obvious)."""
-
-MIN_GAP = 0.07
-"""Least distance between two objects' bounding boxes (fraction of the side): >= 2 clear pixels even at 64 px."""
-MARGIN = 0.03
-"""Least distance between an object and the image border."""
-
-MIN_RENDER_SIZE = 48
-"""Smallest rendering checked to keep every centre pixel and the gaps (below it a small cross's arms vanish)."""
-
-MAX_OBJECTS = 8
-"""Most objects :func:`generate_scene` accepts (more large objects would not reliably fit with the gap)."""
-
-MAX_ZOOM = 4.0
-"""Largest object scale :func:`generate_scene` accepts (a large object then spans 80 % of the side)."""
+from owl2.experiments.shapes.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    PLURALS,
+    SHAPES,
+    SIZE_EXTENT,
+    SIZES,
+    Scene,
+    ShapeObject,
+    _as_rng,
+    generate_scene,
+    stream_rng,
+)
 
 SCENE_QUESTION_TYPES: tuple[str, ...] = (
     "existence", "colour", "count", "position", "shape", "caption", "multiple_choice",
@@ -174,70 +63,6 @@ WORDS: tuple[str, ...] = (
 )
 """Plain lowercase words for the text-only items (distinct, letters only)."""
 
-
-# -------------------------------------------------------------------------------------------------- data structures
-@dataclass(frozen=True)
-class ShapeObject:
-    """One object: ``shape``/``colour``/``size`` names and its box, in image-relative units.
-
-    ``x``/``y`` is the centre (``0..1``, ``y`` down, as in images) and ``extent`` the side of the square bounding box
-    the shape fills.
-    """
-
-    shape: str
-    colour: str
-    size: str
-    x: float
-    y: float
-    extent: float
-
-    @property
-    def centre(self) -> tuple[float, float]:
-        return (self.x, self.y)
-
-    @property
-    def bbox(self) -> tuple[float, float, float, float]:
-        """``(x0, y0, x1, y1)`` in image-relative units."""
-        half = self.extent / 2
-        return (self.x - half, self.y - half, self.x + half, self.y + half)
-
-    def pixel_box(self, size: int) -> tuple[int, int, int, int]:
-        """Inclusive pixel box ``(x0, y0, x1, y1)`` of this object in a ``size`` x ``size`` rendering."""
-        x0, y0, x1, y1 = self.bbox
-        return (math.floor(x0 * size), math.floor(y0 * size), math.ceil(x1 * size) - 1, math.ceil(y1 * size) - 1)
-
-    @property
-    def description(self) -> str:
-        """``"large red circle"``: the full noun phrase, as captions write it."""
-        return f"{self.size} {self.colour} {self.shape}"
-
-
-@dataclass(frozen=True)
-class Scene:
-    """A scene: its objects (in generation order), background colour name, texture and texture seed, and an id."""
-
-    objects: tuple[ShapeObject, ...]
-    background: str
-    texture: str = "plain"
-    texture_seed: int = 0
-    id: str = "scene"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "background": self.background,
-            "texture": self.texture,
-            "texture_seed": self.texture_seed,
-            "objects": [vars(o).copy() for o in self.objects],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Scene:
-        objects = tuple(ShapeObject(**o) for o in data["objects"])
-        return cls(objects, data["background"], data.get("texture", "plain"), data.get("texture_seed", 0),
-                   data.get("id", "scene"))
-
-
 @dataclass
 class QAItem:
     """One question with its canonical answer.
@@ -260,149 +85,6 @@ class QAItem:
         if self.choices is not None:
             data["choices"] = list(self.choices)
         return data
-
-
-# ----------------------------------------------------------------------------------------------------------- seeds
-def stream_rng(split: str, seed: int, index: int | str, part: str) -> random.Random:
-    """The RNG of one stream: ``Random(f"owl2-shapes/{split}/{seed}/{index}/{part}")``.
-
-    String seeds go through SHA-512 in :mod:`random`, so streams are independent and identical on every machine;
-    a different ``split`` string keeps train and eval apart for any integer seeds.
-    """
-    return random.Random(f"owl2-shapes/{split}/{seed}/{index}/{part}")
-
-
-def _as_rng(rng_or_seed: random.Random | int | str) -> random.Random:
-    if isinstance(rng_or_seed, random.Random):
-        return rng_or_seed
-    return random.Random(rng_or_seed)
-
-
-# ------------------------------------------------------------------------------------------------------ generation
-def generate_scene(
-    rng_or_seed: random.Random | int | str,
-    *,
-    min_objects: int = 1,
-    max_objects: int = 6,
-    scene_id: str = "scene",
-    zoom: float = 1.0,
-) -> Scene:
-    """A random scene: ``min_objects..max_objects`` objects (uniform count), placed without overlap.
-
-    ``zoom`` scales every object's size (and the gap between objects): values above 1 give the large, easy
-    objects of a curriculum's first steps (one object up to zoom 4, three up to about 1.8). Small stays smaller than
-    large, so the questions keep their answers.
-
-    A :class:`random.Random` is advanced; an int or str seeds a fresh one. Positions are drawn on a 1/1000 grid
-    (clean JSON, exact comparisons) by rejection sampling; a layout that cannot be completed is redrawn, so the
-    result stays a function of the RNG state alone.
-    """
-    if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
-        raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
-    if not 1.0 <= zoom <= MAX_ZOOM:
-        raise ValueError(f"zoom must be in [1, {MAX_ZOOM}], got {zoom}")
-    rng = _as_rng(rng_or_seed)
-    count = rng.randint(min_objects, max_objects)
-    background = rng.choice(list(BACKGROUNDS))
-    texture = rng.choice(TEXTURES)
-    texture_seed = rng.getrandbits(32)
-    attributes = [(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES)) for _ in range(count)]
-    for _ in range(1000):
-        objects = _place(rng, attributes, zoom)
-        if objects is not None:
-            return Scene(tuple(objects), background, texture, texture_seed, scene_id)
-    raise RuntimeError(f"could not place {count} objects at zoom {zoom}: fewer objects fit when they are larger")
-
-
-def _place(rng: random.Random, attributes: Sequence[tuple[str, str, str]], zoom: float = 1.0
-           ) -> list[ShapeObject] | None:
-    """Positions for each ``(shape, colour, size)``, or ``None`` when one object found no room in 100 tries."""
-    placed: list[ShapeObject] = []
-    for shape, colour, size in attributes:
-        extent = round(SIZE_EXTENT[size] * zoom, 3)
-        low = math.ceil((MARGIN + extent / 2) * 1000)
-        high = math.floor((1 - MARGIN - extent / 2) * 1000)
-        for _ in range(100):
-            candidate = ShapeObject(shape, colour, size, rng.randint(low, high) / 1000, rng.randint(low, high) / 1000,
-                                    extent)
-            if all(_gap(candidate, other) >= MIN_GAP * zoom for other in placed):
-                placed.append(candidate)
-                break
-        else:
-            return None
-    return placed
-
-
-def _gap(a: ShapeObject, b: ShapeObject) -> float:
-    """Distance between two boxes along the axis where they are furthest apart (negative: they overlap)."""
-    half = (a.extent + b.extent) / 2
-    return max(abs(a.x - b.x) - half, abs(a.y - b.y) - half)
-
-
-# ------------------------------------------------------------------------------------------------------- rendering
-def render_scene(scene: Scene, size: int = 224, *, antialias: bool = False) -> Image.Image:
-    """The scene as a ``size`` x ``size`` RGB image (``size`` >= :data:`MIN_RENDER_SIZE`).
-
-    Without ``antialias`` every object pixel has exactly its palette colour (what the pixel tests rely on); with it
-    the scene is drawn at 4x and box-filtered down, which softens edges only.
-    """
-    if size < MIN_RENDER_SIZE:
-        raise ValueError(f"size must be at least {MIN_RENDER_SIZE} px, got {size}")
-    scale = 4 if antialias else 1
-    canvas = size * scale
-    image = _background(scene, canvas)
-    draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
-        _draw_object(draw, obj, canvas)
-    if antialias:
-        image = image.resize((size, size), Image.Resampling.BOX)
-    return image
-
-
-def _background(scene: Scene, size: int) -> Image.Image:
-    """Background colour plus texture: plain, a linear gradient, or smooth noise from a coarse random grid."""
-    base = np.asarray(BACKGROUNDS[scene.background], dtype=np.float64)
-    offset = np.zeros((size, size), dtype=np.float64)
-    rng = random.Random(scene.texture_seed)
-    if scene.texture == "gradient":
-        ramp = np.linspace(TEXTURE_AMPLITUDE, -TEXTURE_AMPLITUDE, size)
-        direction = rng.randrange(4)  # down, up, right, left
-        ramp = ramp if direction % 2 == 0 else ramp[::-1]
-        offset = np.broadcast_to(ramp[:, None] if direction < 2 else ramp[None, :], (size, size)).copy()
-    elif scene.texture == "noise":
-        cells = 6
-        grid = np.array([[rng.uniform(-TEXTURE_AMPLITUDE, TEXTURE_AMPLITUDE) for _ in range(cells)]
-                         for _ in range(cells)])
-        # Separable linear interpolation of the coarse grid: smooth, and plain arithmetic (no resampler version drift).
-        positions = np.linspace(0, cells - 1, size)
-        rows = np.stack([np.interp(positions, np.arange(cells), grid[:, c]) for c in range(cells)], axis=1)
-        offset = np.stack([np.interp(positions, np.arange(cells), rows[r]) for r in range(size)])
-    elif scene.texture != "plain":
-        raise ValueError(f"unknown texture {scene.texture!r}")
-    pixels = np.clip(np.rint(base[None, None, :] + offset[:, :, None]), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB")
-
-
-def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, size: int) -> None:
-    x0, y0, x1, y1 = obj.pixel_box(size)
-    fill = COLOURS[obj.colour]
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    if obj.shape == "circle":
-        draw.ellipse((x0, y0, x1, y1), fill=fill)
-    elif obj.shape == "square":
-        draw.rectangle((x0, y0, x1, y1), fill=fill)
-    elif obj.shape == "triangle":  # pointing up, base along the bottom of the box
-        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
-    elif obj.shape == "diamond":
-        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
-    elif obj.shape == "cross":  # a plus sign with arms a third of the box wide
-        arm = max(1, round((x1 - x0 + 1) / 3))
-        a0 = round(cx - (arm - 1) / 2)
-        b0 = round(cy - (arm - 1) / 2)
-        draw.rectangle((x0, b0, x1, b0 + arm - 1), fill=fill)
-        draw.rectangle((a0, y0, a0 + arm - 1, y1), fill=fill)
-    else:
-        raise ValueError(f"unknown shape {obj.shape!r}")
 
 
 # ------------------------------------------------------------------------------------------------------- questions
@@ -744,9 +426,8 @@ def chained_position_answer(scene: Scene, question: str, answer: str) -> str:
     order along the relation's axis (left to right; for "above" and "below", top to bottom), then the answer.
     ``"Which side of the image is the circle on, left or right?"`` -> ``"circle left"``. A training-time form: the
     order is the one the captions name the objects in (left to right), and the yes/no word then only compares it
-    with the order of the question. Two column numbers to compare instead were not learned
-    (``docs/experiments.md``). :func:`score_answer` reads the answer word, so such an answer scores as the short
-    one does.
+    with the order of the question, a comparison of two words rather than of two numbers (``docs/experiments.md``).
+    :func:`score_answer` reads the answer word, so such an answer scores as the short one does.
     """
     first = question.split("\n")[0]
     if match := re.fullmatch(rf"Which side of the image is the (.+) on, (?:{'|'.join(SIDE_OPTIONS)})\?", first):
@@ -768,7 +449,7 @@ def vertical_order(scene: Scene, image: str | None = None) -> QAItem:
     """A training-only item: every object, top to bottom (``"large red circle, small blue cross"``).
 
     The captions name the objects left to right, which trains the horizontal coordinate; this trains the vertical
-    one the same way (without it, owl2-tiny answered "top" to every top-or-bottom question, ``docs/experiments.md``).
+    one the same way (the captions alone do not teach top from bottom, ``docs/experiments.md``).
     Its type, ``"vertical_order"``, is none of the scored question types.
     """
     ordered = sorted(scene.objects, key=lambda o: (o.y, o.x))
@@ -782,10 +463,10 @@ def restated_answer(question: str, answer: str) -> str:
     ``"orange cross"``, ``"How many circles are there?"`` -> ``"circles 2"``.
 
     A training-time form of the answer: the answer word is predicted right after the asked object's words, so one
-    attention step from them into the image finds it. Trained with it at batch 256, a one-layer language model
-    learns existence (97 %, ``docs/experiments.md``), which it does not with the bare word. :func:`score_answer`
-    reads the answer word among the restated ones, so such an answer scores as the short one does. Other questions
-    (the total count included) raise ``ValueError``.
+    attention step from them into the image finds it: at a large batch, a small language model learns existence
+    from it, which it does not from the bare word (``docs/experiments.md``). :func:`score_answer` reads the answer
+    word among the restated ones, so such an answer scores as the short one does. Other questions (the total count
+    included) raise ``ValueError``.
     """
     first = question.split("\n")[0]
     for pattern in (r"Is there an? (.+)\?", r"What colour is the (.+)\?", r"What shape is the (.+) object\?",
@@ -935,143 +616,9 @@ def text_questions(rng: random.Random | int | str, n: int, *, prefix: str = "tex
     return items
 
 
-# ---------------------------------------------------------------------------------------------------------- writing
-def _scene_for(split: str, seed: int, index: int, max_objects: int = 6, zoom: float = 1.0) -> Scene:
-    return generate_scene(stream_rng(split, seed, index, "scene"), max_objects=max_objects,
-                          scene_id=f"shapes-{split}-{seed}-{index:06d}", zoom=zoom)
-
-
-def training_scene(seed: int, index: int, *, max_objects: int = 6, zoom: float = 1.0) -> Scene:
-    """Scene ``index`` of :func:`write_training_set` with the same ``seed`` (and ``max_objects``/``zoom``): the
-    description behind a training image, for labels the conversations do not carry."""
-    return _scene_for("train", seed, index, max_objects, zoom)
-
-
-def _save(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")  # Pillow writes no timestamp: same pixels, same bytes
-
-
 def _check_answer_style(answer_style: str) -> None:
     if answer_style not in ANSWER_STYLES:
         raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {answer_style!r}")
-
-
-def _training_image(seed: int, index: int) -> str:
-    """The path of training scene ``index``'s image, relative to the data directory."""
-    return f"images/train-{seed}-{index:06d}.png"
-
-
-def scene_of_training_image(image: str) -> Scene:
-    """The scene behind a training record's image path (``"images/train-0-000377.png"``, :func:`_training_image`),
-    at the writers' default ``max_objects`` and ``zoom``: for labels the record does not carry."""
-    match = re.fullmatch(r"images/train-(\d+)-(\d+)\.png", image)
-    if match is None:
-        raise ValueError(f"not the image of a training scene: {image!r}")
-    return training_scene(int(match.group(1)), int(match.group(2)))
-
-
-def write_training_set(
-    directory: str | os.PathLike[str],
-    *,
-    scenes: int,
-    text_items: int,
-    seed: int,
-    size: int = 224,
-    multi_turn_fraction: float = 0.75,
-    max_objects: int = 6,
-    zoom: float = 1.0,
-    drills: bool = False,
-    drill_turns: int = 6,
-    answer_style: str = "short",
-    list_items: int = 0,
-) -> Path:
-    """Write ``images/train-*.png`` and ``train.json`` (LLaVA format) under ``directory``; returns the JSON path.
-
-    Each scene gives a caption record (single turn, :data:`CAPTION_PROMPT`) and its other questions either as one
-    multi-turn record (probability ``multi_turn_fraction``; the paper merges the QAs of an image into one
-    conversation) or as one single-turn record each. The first human turn starts with ``"<|image|>\\n"``. Text items
-    are single-turn records without ``"image"``. Scenes come from the ``"train"`` stream (see :func:`stream_rng`);
-    ``max_objects`` below 6 and ``zoom`` above 1 give simpler scenes (fewer, larger objects: a curriculum's first
-    steps). ``drills`` adds each scene's :func:`binding_drills` as multi-turn records of at most ``drill_turns``
-    turns (ids ``f"{scene.id}-drill{k}"``), drawn from their own stream (``part="drills"``), so every other record is
-    the same with or without them. ``answer_style`` (one of :data:`ANSWER_STYLES`) is the form of the training answers:
-    ``"short"``, the word or number the held-out questions expect; ``"restated"``, every existence, colour and shape
-    answer and every count of one shape or colour after the asked object (:func:`restated_answer`: ``"red circle
-    no"``); ``"counted"``, every existence answer as
-    :func:`counted_existence_answer` gives it (``"0 red triangles, so no."``); ``"listed"``, every existence, colour
-    and shape answer and every count of one shape or colour as :func:`listed_answer` gives it (``"red circle, blue
-    cross, so no."``); ``"marked"``, the same with every named object marked (``"red circle, red square 1, so
-    yes."``, ``listed_answer(..., marked=True)``). ``list_items`` adds that many :func:`list_questions`
-    (text-only, in the listed form, marked when ``answer_style`` is ``"marked"``) after the other text items.
-    """
-    _check_answer_style(answer_style)
-    directory = Path(directory)
-    records: list[dict[str, Any]] = []
-    for index in range(scenes):
-        scene = training_scene(seed, index, max_objects=max_objects, zoom=zoom)
-        image = _training_image(seed, index)
-        _save(render_scene(scene, size), directory / image)
-        rng = stream_rng("train", seed, index, "questions")
-        items = scene_questions(scene, rng, image=image)
-        items = restyled(scene, items, answer_style)
-        captions = [i for i in items if i.type == "caption"]
-        others = [i for i in items if i.type != "caption"]
-        rng.shuffle(others)
-        groups = [others] if rng.random() < multi_turn_fraction else [[i] for i in others]
-        for k, group in enumerate([captions, *groups]):
-            name = "caption" if k == 0 else f"qa{k - 1}"
-            records.append(_llava_record(f"{scene.id}-{name}", group, image))
-        if drills:
-            extra = binding_drills(scene, stream_rng("train", seed, index, "drills"))
-            extra = restyled(scene, extra, answer_style)
-            for k in range(0, len(extra), drill_turns):
-                records.append(_llava_record(f"{scene.id}-drill{k // drill_turns}", extra[k:k + drill_turns], image))
-    text_rng = stream_rng("train", seed, "text", "questions")
-    for item in text_questions(text_rng, text_items, prefix=f"shapes-train-{seed}-text"):
-        records.append(_llava_record(item.id, [item], None))
-    for item in list_questions(seed, list_items, marked=answer_style == "marked"):
-        records.append(_llava_record(item.id, [item], None))
-    path = directory / "train.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(records, indent=1) + "\n")
-    return path
-
-
-def write_focus_set(directory: str | os.PathLike[str], *, scenes: int, seed: int, size: int = 224,
-                    text_items: int = 0, other_items: int | None = None, answer_style: str = "chained",
-                    vertical_orders: bool = False) -> Path:
-    """Write ``images/train-*.png`` and ``focus.json`` (LLaVA format) under ``directory``; returns the JSON path.
-
-    One question per record: every existence question and every caption of ``scenes`` training scenes (the
-    ``"train"`` stream, the images of :func:`write_training_set`), their other questions (all of them, or
-    ``other_items`` drawn at random), and ``text_items`` text-only items, shuffled. The answers take
-    ``answer_style`` as in :func:`write_training_set`, and the multiple-choice ones :func:`choice_answer`'s form
-    (``"diamond B"``). ``vertical_orders`` adds each scene's :func:`vertical_order` (training only). This is
-    owl2-tiny's training data: single questions at a large batch (``docs/experiments.md``)."""
-    _check_answer_style(answer_style)
-    directory = Path(directory)
-    kept: list[QAItem] = []
-    others: list[QAItem] = []
-    for index in range(scenes):
-        scene = training_scene(seed, index)
-        image = _training_image(seed, index)
-        _save(render_scene(scene, size), directory / image)
-        items = restyled(scene, scene_questions(scene, stream_rng("train", seed, index, "questions"), image=image),
-                         answer_style)
-        for item in _named_choices(items):
-            (kept if item.type in ("existence", "caption") else others).append(item)
-        if vertical_orders:
-            kept.append(vertical_order(scene, image))
-    rng = random.Random(f"owl2-shapes/focus/{seed}")
-    chosen = kept + (others if other_items is None else rng.sample(others, min(other_items, len(others))))
-    chosen += text_questions(stream_rng("train", seed, "text", "questions"), text_items,
-                             prefix=f"shapes-train-{seed}-text")
-    rng.shuffle(chosen)
-    records = [_llava_record(f"{item.id}-focus", [item], item.image) for item in chosen]
-    path = directory / "focus.json"
-    atomic_write_text(path, json.dumps(records, indent=1) + "\n")
-    return path
 
 
 DIALOGUE_TURNS: tuple[int, ...] = (2, 3)
@@ -1088,33 +635,6 @@ def scene_dialogue(scene: Scene, rng: random.Random | int | str, *, image: str |
     rng = _as_rng(rng)
     items = _named_choices(restyled(scene, scene_questions(scene, rng, image=image), answer_style))
     return rng.sample(items, min(rng.choice(tuple(turns)), len(items)))
-
-
-def write_dialogue_set(directory: str | os.PathLike[str], *, scenes: int, seed: int, size: int = 224,
-                       answer_style: str = "chained", turns: Sequence[int] = DIALOGUE_TURNS) -> Path:
-    """Write ``images/train-*.png`` and ``dialogues.json`` (LLaVA format) under ``directory``; returns the JSON path.
-
-    One conversation per training scene (the ``"train"`` stream: the scenes and images of :func:`write_focus_set`
-    and :func:`write_training_set` with the same ``seed``): :func:`scene_dialogue`'s questions, the image placeholder
-    in the first human turn only (``"<|image|>\\n"``), each later question as a turn of its own, as ``owl2 chat``
-    sends them. The questions come from their own stream (``part="dialogue"``), so they are a fresh draw of the
-    scene's questions, not those of the single-question records. Ids are ``f"{scene.id}-dialogue"``. A model trained
-    on single questions only answers the later turns of a conversation badly (``owl2.experiments.tiny``, stage 4)."""
-    _check_answer_style(answer_style)
-    if not turns or min(turns) < 1:
-        raise ValueError(f"turns must be positive numbers of questions, got {tuple(turns)}")
-    directory = Path(directory)
-    records = []
-    for index in range(scenes):
-        scene = training_scene(seed, index)
-        image = _training_image(seed, index)
-        _save(render_scene(scene, size), directory / image)
-        items = scene_dialogue(scene, stream_rng("train", seed, index, "dialogue"), image=image,
-                               answer_style=answer_style, turns=turns)
-        records.append(_llava_record(f"{scene.id}-dialogue", items, image))
-    path = directory / "dialogues.json"
-    atomic_write_text(path, json.dumps(records, indent=1) + "\n")
-    return path
 
 
 def _named_choices(items: Iterable[QAItem]) -> list[QAItem]:
@@ -1141,68 +661,6 @@ def restyled(scene: Scene, items: list[QAItem], answer_style: str) -> list[QAIte
         return None
 
     return [dataclasses.replace(i, answer=a) if (a := rewritten(i)) is not None else i for i in items]
-
-
-def _llava_record(record_id: str, items: Sequence[QAItem], image: str | None) -> dict[str, Any]:
-    conversations = []
-    for k, item in enumerate(items):
-        value = f"{IMAGE_PLACEHOLDER}\n{item.question}" if image is not None and k == 0 else item.question
-        conversations += [{"from": "human", "value": value}, {"from": "gpt", "value": item.answer}]
-    record: dict[str, Any] = {"id": record_id}
-    if image is not None:
-        record["image"] = image
-    record["conversations"] = conversations
-    return record
-
-
-def write_eval_set(
-    directory: str | os.PathLike[str],
-    *,
-    scenes: int,
-    seed: int,
-    size: int = 224,
-    text_items: int = 0,
-    types: Iterable[str] | None = None,
-) -> Path:
-    """Write ``images/eval-*.png``, ``eval.jsonl`` and ``scenes.jsonl`` under ``directory``; returns the JSONL path.
-
-    ``eval.jsonl`` holds one question per line: ``{"id", "image", "type", "question", "answer", "choices"?}``
-    (``image`` relative to the file; ``null`` for the ``text_items`` text-only items). ``types`` keeps only those
-    question types. ``scenes.jsonl`` holds each scene's data, for analysis. Scenes come from the ``"eval"`` stream, so
-    they never share a seed with a training set.
-    """
-    directory = Path(directory)
-    keep = set(types) if types is not None else None
-    lines: list[str] = []
-    scene_lines: list[str] = []
-    for index in range(scenes):
-        scene = _scene_for("eval", seed, index)
-        image = f"images/eval-{seed}-{index:06d}.png"
-        _save(render_scene(scene, size), directory / image)
-        scene_lines.append(json.dumps(scene.to_dict()))
-        for item in scene_questions(scene, stream_rng("eval", seed, index, "questions"), image=image):
-            if keep is None or item.type in keep:
-                lines.append(json.dumps(item.to_dict()))
-    text_rng = stream_rng("eval", seed, "text", "questions")
-    for item in text_questions(text_rng, text_items, prefix=f"shapes-eval-{seed}-text"):
-        if keep is None or item.type in keep:
-            lines.append(json.dumps(item.to_dict()))
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / "scenes.jsonl", "".join(s + "\n" for s in scene_lines))
-    path = directory / "eval.jsonl"
-    atomic_write_text(path, "".join(line + "\n" for line in lines))  # written last: the set's marker
-    return path
-
-
-def read_eval_set(path: str | os.PathLike[str]) -> list[QAItem]:
-    """The items of an ``eval.jsonl`` written by :func:`write_eval_set` (image paths as stored, relative)."""
-    items = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            data = json.loads(line)
-            items.append(QAItem(data["id"], data["type"], data["question"], data["answer"], data.get("choices"),
-                                data.get("image")))
-    return items
 
 
 # ---------------------------------------------------------------------------------------------------------- scoring

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from owl2.data import SupervisedDataset, read_records
-from owl2.data.shapes import (
+from owl2.experiments.shapes import (
     ANSWER_EXAMPLES,
     ANSWER_STYLES,
     BACKGROUNDS,
