@@ -8,7 +8,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -132,6 +132,61 @@ def _nesting_depth(value: Any, limit: int) -> int:
                 break
             stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
     return deepest
+
+
+_SHOWN_DROPPED = 5
+"""How many dropped lines :func:`describe_dropped` names before it counts the rest."""
+
+
+def read_json_lines(
+    path: str | os.PathLike[str], check: Callable[[dict[str, Any]], str] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The JSON objects of a JSON-lines file in file order, and a note (``"line 7 (not valid JSON)"``) for each
+    non-blank line that was dropped; a missing file gives two empty lists.
+
+    The file is read as bytes and split on ``\\n`` before decoding, so one damaged line (bytes that are not UTF-8,
+    or the torn last line of a killed writer, which may end inside a multi-byte character) costs only that line.
+    A line is dropped when it is not UTF-8, not JSON, not a JSON object, or when ``check`` returns a reason for it.
+    Text after the last newline is kept when it is a whole usable record (a writer killed before the newline).
+    """
+    path = Path(path)
+    records: list[dict[str, Any]] = []
+    dropped: list[str] = []
+    if not path.is_file():
+        return records, dropped
+    lines = path.read_bytes().split(b"\n")
+    torn = lines.pop()  # what follows the last newline: empty unless the last write was cut short
+    for number, raw in enumerate([*lines, torn], start=1):
+        if not raw.strip():
+            continue
+        problem = ""
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            problem = "not UTF-8"
+        except json.JSONDecodeError:
+            problem = "not valid JSON"
+        except RecursionError:  # a line of thousands of nested brackets
+            problem = "nested too deeply"
+        else:
+            if not isinstance(record, dict):
+                problem = f"a JSON {type(record).__name__}, not an object"
+            elif check is not None:
+                problem = check(record)
+        if not problem:
+            records.append(record)
+        elif number > len(lines):
+            dropped.append("the torn last line (a run killed while writing it)")
+        else:
+            dropped.append(f"line {number} ({problem})")
+    return records, dropped
+
+
+def describe_dropped(dropped: list[str]) -> str:
+    """The notes of :func:`read_json_lines` as one short phrase (the first few, then how many more)."""
+    shown = ", ".join(dropped[:_SHOWN_DROPPED])
+    more = f" and {len(dropped) - _SHOWN_DROPPED} more" if len(dropped) > _SHOWN_DROPPED else ""
+    return shown + more
 
 
 def progress(items: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True,

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,9 @@ import torch
 
 from owl2.evaluation.tasks.base import Sample, Task, TaskReport
 from owl2.generation import GenerationRequest, SamplingParams
-from owl2.utils import atomic_write_text, progress
+from owl2.utils import atomic_write_text, describe_dropped, progress, read_json_lines
 
 logger = logging.getLogger("owl2.evaluation")
-_SHOWN_PROBLEMS = 5
 
 
 class EvaluationInterrupted(KeyboardInterrupt):
@@ -62,51 +61,25 @@ def _valid_prediction(value: Any, mode: str | None) -> bool:
     return isinstance(value, str) or (mode is None and number)
 
 
-def _parse_line(raw: bytes, mode: str | None) -> tuple[dict[str, Any] | None, str]:
-    """The record on one line of a predictions file, or ``None`` and why it cannot be used."""
-    try:
-        record = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return None, "not UTF-8"
-    except json.JSONDecodeError:
-        return None, "not valid JSON"
-    if not isinstance(record, dict):
-        return None, f"a JSON {type(record).__name__}, not an object"
-    if not isinstance(record.get("id"), (str, int)) or isinstance(record.get("id"), bool):
-        return None, "no id"
-    if "prediction" not in record:
-        return None, "no prediction"
-    if not _valid_prediction(record["prediction"], mode):
-        kind = "a number" if mode == "rate" else "text"
-        return None, f"prediction is not {kind}"
-    return record, ""
+def _prediction_problem(mode: str | None) -> Callable[[dict[str, Any]], str]:
+    """Why a record of a predictions file cannot be used ("" when it can), for :func:`~owl2.utils.read_json_lines`."""
+
+    def problem(record: dict[str, Any]) -> str:
+        if not isinstance(record.get("id"), (str, int)) or isinstance(record.get("id"), bool):
+            return "no id"
+        if "prediction" not in record:
+            return "no prediction"
+        if not _valid_prediction(record["prediction"], mode):
+            return f"prediction is not {'a number' if mode == 'rate' else 'text'}"
+        return ""
+
+    return problem
 
 
 def _read_predictions(path: Path, mode: str | None) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Predictions by sample id, and a note for each line that was dropped."""
-    found: dict[str, dict[str, Any]] = {}
-    dropped: list[str] = []
-    if not path.is_file():
-        return found, dropped
-    # Bytes, line by line: a run killed mid-write can leave half of a multi-byte UTF-8 character at the end, which
-    # would make decoding the whole file fail.
-    lines = path.read_bytes().split(b"\n")
-    torn = lines.pop()  # what follows the last newline: empty unless the last write was cut short
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        record, problem = _parse_line(raw, mode)
-        if record is None:
-            dropped.append(f"line {number} ({problem})")
-        else:
-            found[str(record["id"])] = record
-    if torn.strip():
-        record, _ = _parse_line(torn, mode)
-        if record is None:
-            dropped.append("the torn last line (a run killed while writing it)")
-        else:  # a complete record that only lacks its newline
-            found[str(record["id"])] = record
-    return found, dropped
+    records, dropped = read_json_lines(path, _prediction_problem(mode))
+    return {str(record["id"]): record for record in records}, dropped
 
 
 def read_predictions(path: Path, *, mode: str | None = None) -> dict[str, dict[str, Any]]:
@@ -118,10 +91,8 @@ def read_predictions(path: Path, *, mode: str | None = None) -> dict[str, dict[s
     right type. One warning says how many records were kept and which lines were dropped."""
     found, dropped = _read_predictions(Path(path), mode)
     if dropped:
-        shown = ", ".join(dropped[:_SHOWN_PROBLEMS])
-        more = f" and {len(dropped) - _SHOWN_PROBLEMS} more" if len(dropped) > _SHOWN_PROBLEMS else ""
-        logger.warning("%s: kept %d cached prediction(s); dropped %s%s; those samples run again", path, len(found),
-                       shown, more)
+        logger.warning("%s: kept %d cached prediction(s); dropped %s; those samples run again", path, len(found),
+                       describe_dropped(dropped))
     return found
 
 

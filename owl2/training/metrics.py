@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from owl2.utils import atomic_write_text, pyplot, save_figure
+from owl2.utils import atomic_write_text, describe_dropped, pyplot, read_json_lines, save_figure
 
 METRICS_FILE = "metrics.jsonl"
 logger = logging.getLogger("owl2.training")
-_SHOWN_PROBLEMS = 5
 
 
 class MetricsLogger:
@@ -70,57 +68,6 @@ def _metrics_problem(record: dict[str, Any]) -> str:
     if not _is_number(record.get("loss")):
         return "no numeric loss"
     return ""
-
-
-def read_json_lines(
-    path: str | os.PathLike[str], check: Callable[[dict[str, Any]], str] | None = None
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """The JSON objects of a JSON-lines file in file order, and a note (``"line 7 (not valid JSON)"``) for each
-    non-blank line that was dropped; a missing file gives two empty lists.
-
-    The file is read as bytes and split on ``\\n`` before decoding, so one damaged line (bytes that are not UTF-8,
-    or the torn last line of a killed writer, which may end inside a multi-byte character) costs only that line.
-    A line is dropped when it is not UTF-8, not JSON, not a JSON object, or when ``check`` returns a reason for it.
-    Text after the last newline is kept when it is a whole usable record (a writer killed before the newline).
-    """
-    path = Path(path)
-    records: list[dict[str, Any]] = []
-    dropped: list[str] = []
-    if not path.is_file():
-        return records, dropped
-    lines = path.read_bytes().split(b"\n")
-    torn = lines.pop()  # what follows the last newline: empty unless the last write was cut short
-    for number, raw in enumerate([*lines, torn], start=1):
-        if not raw.strip():
-            continue
-        problem = ""
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            problem = "not UTF-8"
-        except json.JSONDecodeError:
-            problem = "not valid JSON"
-        except RecursionError:  # a line of thousands of nested brackets
-            problem = "nested too deeply"
-        else:
-            if not isinstance(record, dict):
-                problem = f"a JSON {type(record).__name__}, not an object"
-            elif check is not None:
-                problem = check(record)
-        if not problem:
-            records.append(record)
-        elif number > len(lines):
-            dropped.append("the torn last line (a run killed while writing it)")
-        else:
-            dropped.append(f"line {number} ({problem})")
-    return records, dropped
-
-
-def describe_dropped(dropped: list[str]) -> str:
-    """The notes of :func:`read_json_lines` as one short phrase (the first few, then how many more)."""
-    shown = ", ".join(dropped[:_SHOWN_PROBLEMS])
-    more = f" and {len(dropped) - _SHOWN_PROBLEMS} more" if len(dropped) > _SHOWN_PROBLEMS else ""
-    return shown + more
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
