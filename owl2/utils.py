@@ -71,6 +71,33 @@ def _umask() -> int:
     return umask
 
 
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make the renames inside ``directory`` durable (a no-op where directories cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: str | os.PathLike[str]) -> None:
+    """Make every file and folder under ``directory``, and ``directory`` itself, durable (before a rename publishes
+    it)."""
+    directory = Path(directory)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(directory)
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_output(path, "w") as handle:
         handle.write(text)

@@ -34,6 +34,7 @@ from torch import nn
 
 from owl2.checkpoint.io import save_safetensors
 from owl2.training.distributed import DistEnv, barrier, unwrap
+from owl2.utils import fsync_dir, fsync_tree
 
 CHECKPOINTS_DIR = "checkpoints"
 DEEPSPEED_TAG = "deepspeed"
@@ -61,20 +62,6 @@ def _is_complete(directory: Path) -> bool:
             and ((directory / "optimizer.pt").is_file() or (directory / DEEPSPEED_TAG).is_dir()))
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames inside ``directory`` durable (a no-op where directories cannot be opened, as on Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def put_back(moved: Path, target: Path) -> bool:
     """Rename ``moved`` -- a complete copy that a swap moved aside before a kill -- back to ``target`` when
     ``target`` is missing (the caller checks completeness); returns whether it did. A rename that fails (another
@@ -85,7 +72,7 @@ def put_back(moved: Path, target: Path) -> bool:
         os.rename(moved, target)
     except OSError:
         return False
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return True
 
 
@@ -104,7 +91,7 @@ def _remove_checkpoint(path: Path) -> None:
     hidden = path.with_name(f".del-{path.name}")
     shutil.rmtree(hidden, ignore_errors=True)
     os.rename(path, hidden)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(hidden, ignore_errors=True)
 
 
@@ -226,16 +213,6 @@ def _is_deepspeed(model: nn.Module) -> bool:
     return type(model).__name__ == "DeepSpeedEngine"
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-        elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(directory)
-
-
 def save_checkpoint(
     output_dir: str | os.PathLike[str],
     env: DistEnv,
@@ -271,20 +248,20 @@ def save_checkpoint(
                     "world_size": env.world_size}, tmp / "trainer_state.pt")
     barrier(env)
     if env.is_main:
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():  # the same step written again after a resume from an earlier one
             # A directory cannot be renamed over a non-empty one: the old copy steps aside for a moment. A kill
             # between the two renames leaves it complete under .old-, and checkpoint_dirs puts it back.
             stale = root / f".old-step-{state.step:07d}"
             shutil.rmtree(stale, ignore_errors=True)
             os.rename(final, stale)
-            _fsync_dir(root)
+            fsync_dir(root)
             os.rename(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             shutil.rmtree(stale, ignore_errors=True)
         else:
             os.rename(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
         # The checkpoint just written always stays, even when a run resumed from an earlier step finds later ones
         # of the abandoned run: ordered by step alone, those would push it out.
         others = [d for d in checkpoint_dirs(output_dir) if d != final]

@@ -54,8 +54,8 @@ from owl2.checkpoint.io import (
 )
 from owl2.model.config import Owl2Config
 from owl2.model.modeling import Owl2ForCausalLM
-from owl2.training.checkpointing import _fsync_dir, put_back
-from owl2.utils import atomic_write_text, new_file_mode, read_json_object
+from owl2.training.checkpointing import put_back
+from owl2.utils import atomic_write_text, fsync_dir, fsync_tree, new_file_mode, read_json_object
 
 _LAYER = r"model\.layers\.\d+\."
 _MLP = r"mlp\.(gate_proj|up_proj|down_proj)"
@@ -347,17 +347,15 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         atomic_write_text(tmp / SETTINGS_FILE, json.dumps(asdict(settings), indent=2, sort_keys=True) + "\n")
-        for file in tmp.iterdir():  # peft writes plainly; make the contents durable before the rename publishes them
-            os.chmod(file, new_file_mode())  # safetensors writes 0600; give what a plain open gives, as elsewhere
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(tmp)
+        for file in tmp.iterdir():  # safetensors writes 0600; give what a plain open gives, as elsewhere
+            os.chmod(file, new_file_mode())
+        fsync_tree(tmp)  # peft writes plainly; make the contents durable before the rename publishes them
         if directory.exists():
             old = _new_hidden_dir(directory, "old")
             os.replace(directory, old / directory.name)
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
         os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not directory.exists() and (old / directory.name).exists():
