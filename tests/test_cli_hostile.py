@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 from pathlib import Path
 
 import pytest
 
 from owl2.cli.main import main
+from tests.conftest import in_thread
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], code: int, command: str = "ask") -> str:
@@ -48,12 +48,7 @@ def test_ask_jsonl_a_directory_is_a_one_line_error(tmp_path: Path, capsys):
 
 def _main_within(argv: list[str], timeout: float = 30.0) -> int:
     """``main(argv)``, which must return within ``timeout`` seconds (a server that starts instead fails the test)."""
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(main(argv)), daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert result, f"owl2 {' '.join(argv)} did not return within {timeout:g} s"
-    return result[0]
+    return in_thread(lambda: main(argv), timeout)
 
 
 def test_serve_refuses_what_it_cannot_listen_on_before_loading(tmp_path: Path, capsys):

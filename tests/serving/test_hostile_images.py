@@ -26,6 +26,7 @@ from owl2.processing.image import ImageError
 from owl2.serving import images as images_module
 from owl2.serving.app import ServerSettings, create_app
 from owl2.serving.images import ImagePolicy, TooManyDownloads, fetch_image
+from tests.conftest import in_thread
 from tests.serving.conftest import data_url, png_bytes, scene, serve_in_thread
 
 CHAT = "/v1/chat/completions"
@@ -114,21 +115,9 @@ def redirect(server: http.server.ThreadingHTTPServer, target: str) -> str:
 
 
 def timed_fetch(url: str, policy: ImagePolicy, limit: float = 10.0) -> tuple[BaseException | Image.Image, float]:
-    """fetch_image in a thread joined with a timeout, so that a regression fails the test instead of hanging it."""
-    result: list[BaseException | Image.Image] = []
-
-    def run() -> None:
-        try:
-            result.append(fetch_image(url, policy))
-        except BaseException as exc:
-            result.append(exc)
-
+    """fetch_image with a time limit (so that a regression fails the test instead of hanging it), and its seconds."""
     started = time.monotonic()
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(limit)
-    assert not thread.is_alive(), f"fetching {url} still runs after {limit} s"
-    return result[0], time.monotonic() - started
+    return in_thread(lambda: fetch_image(url, policy), limit), time.monotonic() - started
 
 
 def refused(url: str, policy: ImagePolicy) -> str:
