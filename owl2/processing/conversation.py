@@ -54,7 +54,14 @@ The end of the prompt (``add_generation_prompt``):
 * last message from the assistant: ``True`` leaves that answer open (``... ASSISTANT: {a}`` without ``</s>``), so
   generation continues it; ``False`` closes it with ``</s>`` (a complete conversation, e.g. for training or scoring).
 
-:func:`vqa_prompt` and :func:`multiple_choice_prompt` build the official task suffixes.
+Task prompts live here too, so that every string a model is asked is written once. The instructions:
+:data:`VQA_INSTRUCTION`, :data:`MULTIPLE_CHOICE_INSTRUCTION` (the official U+2019 apostrophe) and
+:data:`MULTIPLE_CHOICE_INSTRUCTION_ASCII` (LLaVA-1.5's ASCII one, which the shapes world uses), and
+:data:`CAPTION_INSTRUCTION`. The layouts: :func:`vqa_prompt` and :func:`multiple_choice_prompt` (a question with its
+instruction, and with lettered options: :func:`options_block`), :func:`image_first` (placeholders before the text, as
+in the first turn of a training record), :func:`evaluation_prompt` (the official evaluation scripts' raw
+``USER: <|image|>... ASSISTANT: ``) and :func:`mmlu_prompt` (the usual few-shot MMLU text). None of them strips or
+otherwise edits the text it is given: the callers decide what the model sees.
 """
 
 from __future__ import annotations
@@ -67,18 +74,25 @@ from typing import Any
 from owl2.constants import DEFAULT_TEMPLATE, IMAGE_PLACEHOLDER
 
 __all__ = [
+    "CAPTION_INSTRUCTION",
     "DEFAULT_TEMPLATE",
     "IMAGE_PLACEHOLDER",
     "MULTIPLE_CHOICE_INSTRUCTION",
+    "MULTIPLE_CHOICE_INSTRUCTION_ASCII",
+    "OPTION_LETTERS",
     "TEMPLATES",
     "VQA_INSTRUCTION",
     "Conversation",
     "ConversationTemplate",
     "SeparatorStyle",
     "check_image_placeholders",
+    "evaluation_prompt",
     "extract_images",
     "get_template",
+    "image_first",
+    "mmlu_prompt",
     "multiple_choice_prompt",
+    "options_block",
     "prompt_parts",
     "render_conversation",
     "vqa_prompt",
@@ -89,6 +103,16 @@ VQA_INSTRUCTION = "Answer the question using a single word or phrase."
 
 MULTIPLE_CHOICE_INSTRUCTION = "Answer with the option\u2019s letter from the given choices directly."
 """The multiple-choice instruction, with the typographic apostrophe U+2019 as in the official code."""
+
+MULTIPLE_CHOICE_INSTRUCTION_ASCII = "Answer with the option's letter from the given choices directly."
+"""The same instruction as LLaVA-1.5 writes it, with an ASCII apostrophe. The shapes world's multiple-choice questions
+end with it and owl2-tiny was trained on them; the two spellings tokenise differently, so neither replaces the other."""
+
+CAPTION_INSTRUCTION = "Provide a one-sentence caption for the provided image."
+"""The captioning prompt of the official ``evaluate_caption.py`` (also the shapes world's caption question)."""
+
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+"""The letters of lettered options, in order (:func:`options_block`)."""
 
 
 class SeparatorStyle(enum.Enum):
@@ -381,9 +405,26 @@ def render_conversation(
 def vqa_prompt(question: str, separator: str = "\n") -> str:
     """``question`` + the short-answer instruction: ``"{q}\\nAnswer the question using a single word or phrase."``.
 
-    ``separator="\\n"`` is the README data format (also ``evaluate_mme.py``); ``evaluate_vqa.py`` uses ``" "``.
+    ``separator="\\n"`` is the README data format (also ``evaluate_mme.py`` and the shapes world); ``evaluate_vqa.py``
+    uses ``" "``.
     """
     return f"{question}{separator}{VQA_INSTRUCTION}"
+
+
+def options_block(options: Sequence[str] | Mapping[str, str]) -> str:
+    """``"A. first\\nB. second..."``, one line per option (the MMBench layout); ``""`` for no options.
+
+    ``options``: a list (lettered from :data:`OPTION_LETTERS`) or a mapping letter -> text (kept in its order).
+    """
+    if isinstance(options, Mapping):
+        items = [(str(letter), str(text)) for letter, text in options.items()]
+    elif isinstance(options, str) or not isinstance(options, Sequence):
+        raise ValueError("options must be a list of strings or a mapping letter -> text")
+    else:
+        if len(options) > len(OPTION_LETTERS):
+            raise ValueError(f"at most {len(OPTION_LETTERS)} lettered options, got {len(options)}")
+        items = [(OPTION_LETTERS[k], str(text)) for k, text in enumerate(options)]
+    return "\n".join(f"{letter}. {text}" for letter, text in items)
 
 
 def multiple_choice_prompt(
@@ -391,22 +432,48 @@ def multiple_choice_prompt(
     options: Sequence[str] | Mapping[str, str],
     *,
     hint: str | None = None,
+    instruction: str = MULTIPLE_CHOICE_INSTRUCTION,
 ) -> str:
-    """The official multiple-choice text: ``"{hint}\\n{question}\\nA. ..\\nB. ..\\n"`` followed by
-    :data:`MULTIPLE_CHOICE_INSTRUCTION` (with the typographic apostrophe U+2019).
+    """The official multiple-choice text: ``"{hint}\\n{question}\\nA. ..\\nB. ..\\n"`` followed by ``instruction``,
+    by default :data:`MULTIPLE_CHOICE_INSTRUCTION` (with the typographic apostrophe U+2019).
 
-    ``options``: a list (lettered A, B, C, ...) or a mapping letter -> text (kept in its order). ``hint``: prefixed
-    on its own line when given (``evaluate_mmbench.py`` passes the dataset hint, or ``"N/A"`` when there is none).
+    ``options``: as :func:`options_block` takes them. ``hint``: prefixed on its own line when given
+    (``evaluate_mmbench.py`` passes the dataset hint, or ``"N/A"`` when there is none). ``instruction``:
+    :data:`MULTIPLE_CHOICE_INSTRUCTION_ASCII` for the shapes world's questions.
     """
-    if isinstance(options, Mapping):
-        items = [(str(letter), str(text)) for letter, text in options.items()]
-    elif isinstance(options, str) or not isinstance(options, Sequence):
-        raise ValueError("options must be a list of strings or a mapping letter -> text")
-    else:
-        if len(options) > 26:
-            raise ValueError(f"at most 26 lettered options, got {len(options)}")
-        items = [(chr(ord("A") + k), str(text)) for k, text in enumerate(options)]
-    if not items:
+    block = options_block(options)
+    if not block:
         raise ValueError("multiple_choice_prompt needs at least one option")
-    lines = ([] if hint is None else [hint]) + [question] + [f"{letter}. {text}" for letter, text in items]
-    return "\n".join([*lines, MULTIPLE_CHOICE_INSTRUCTION])
+    lines = ([] if hint is None else [hint]) + [question, block]
+    return "\n".join([*lines, instruction])
+
+
+def image_first(text: str, num_images: int = 1, separator: str = "\n") -> str:
+    """``num_images`` image placeholders, ``separator``, then ``text``: ``"<|image|>\\n{text}"``, the first human turn
+    of a training record in the README data format (and of the shapes world's sets); ``text`` alone without images."""
+    return f"{IMAGE_PLACEHOLDER * num_images}{separator}{text}" if num_images else text
+
+
+def evaluation_prompt(text: str, num_images: int = 1) -> str:
+    """``"USER: <|image|>{text} ASSISTANT: "``: a whole prompt as the official evaluation scripts (``evaluate/*.py``)
+    write it, the placeholders right before the text and a space after the final ``ASSISTANT:``.
+
+    That is :func:`render_conversation` of one user message plus the trailing space (which changes how the first
+    answer word tokenises), built directly because the scripts check nothing: a benchmark question is used as it is.
+    """
+    user, assistant = MPLUG_OWL2.roles
+    return f"{user}: {image_first(text, num_images, separator='')}{MPLUG_OWL2.sep}{assistant}: "
+
+
+def mmlu_prompt(subject: str, question: str, options: Sequence[str],
+                shots: Sequence[tuple[str, Sequence[str], str]] = ()) -> str:
+    """The usual few-shot MMLU text (no template): ``"The following are multiple choice questions (with answers) about
+    {subject}.\\n\\n"``, each shot ``(question, options, answer letter)`` as ``"{q}\\nA. ..\\nAnswer: {letter}\\n\\n"``,
+    then ``"{question}\\nA. ..\\nAnswer:"``, after which the letters are scored as continuations (``" A"`` ...)."""
+
+    def block(text: str, choices: Sequence[str]) -> str:
+        return f"{text}\n{options_block(choices)}\nAnswer:"
+
+    head = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+    examples = "".join(f"{block(q, choices)} {answer}\n\n" for q, choices, answer in shots)
+    return head + examples + block(question, options)

@@ -286,6 +286,50 @@ def test_prompts_are_the_official_ones():
     assert tokenizer.encode_prompt(mmbench["prompt"]) == mmbench["input_ids"]
 
 
+OFFICIAL_MC = "Answer with the option\u2019s letter from the given choices directly."  # U+2019, as the scripts
+TINY_MC = "Answer with the option's letter from the given choices directly."  # ASCII: what owl2-tiny was trained on
+SHORT = "Answer the question using a single word or phrase."
+# One sample's exact prompt per task, from the files above: the official evaluation scripts' raw layout (trailing
+# space after "ASSISTANT:") for the benchmarks, the model's own template for the shapes world, no template for MMLU.
+PINNED_PROMPTS = {
+    "vqav2": ("2", f"USER: <|image|>How many? {SHORT} ASSISTANT: "),
+    "okvqa": ("420", f"USER: <|image|>What is it? {SHORT} ASSISTANT: "),
+    "textvqa": ("7", f"USER: <|image|>What does it say? {SHORT} ASSISTANT: "),
+    "vizwiz": ("val/VizWiz_val_00000000.jpg", f"USER: <|image|>What is this? {SHORT} ASSISTANT: "),
+    "gqa": ("q1", f"USER: <|image|>Is it red? {SHORT} ASSISTANT: "),
+    "pope": ("random:1", f"USER: <|image|>Is there a car in the image? {SHORT} ASSISTANT: "),
+    "coco_caption": ("5", "USER: <|image|>Provide a one-sentence caption for the provided image. ASSISTANT: "),
+    "flickr30k": ("6", "USER: <|image|>Provide a one-sentence caption for the provided image. ASSISTANT: "),
+    "mme": ("existence/000/0", f"USER: <|image|>Is there a square in this image?\n{SHORT} ASSISTANT: "),
+    "mmbench": ("1:1", f"USER: <|image|>Look closely.\nWhich shape?\nA. square\nB. circle\n{OFFICIAL_MC} ASSISTANT: "),
+    "seedbench": ("101", f"USER: <|image|>What is shown?\nA. a\nB. b\nC. c\nD. d\n{OFFICIAL_MC} ASSISTANT: "),
+    "scienceqa_img": ("5", f"USER: <|image|>Think.\nWhich is a mammal?\nA. frog\nB. cow\n{OFFICIAL_MC} ASSISTANT: "),
+    "qbench": ("0", f"USER: <|image|>Is the image blurry?\nA. Yes\nB. No\n{OFFICIAL_MC} ASSISTANT: "),
+    "mmlu": ("astronomy:1", "The following are multiple choice questions (with answers) about astronomy.\n\n"
+             "What is hot?\nA. Ice\nB. Snow\nC. The Sun\nD. Rain\nAnswer: C\n\n"
+             "Which is a planet?\nA. Pluto\nB. Mars\nC. Moon\nD. Sun\nAnswer:"),
+    "shapes": ("shapes-eval-0-000002-multiple_choice-0",
+               f"USER: <|image|>\nHow many shapes are there?\nA. 4\nB. 3\nC. 5\nD. 2\n{TINY_MC} ASSISTANT:"),
+}
+
+
+def test_every_task_prompt_is_pinned(tmp_path):
+    assert set(PINNED_PROMPTS) == set(FORMATS)
+    for name, (sample_id, prompt) in PINNED_PROMPTS.items():
+        samples = {s.id: s for s in get_task(name).load(FORMATS[name](tmp_path / name))}
+        assert samples[sample_id].prompt == prompt, name
+    shapes = {s.id: s.prompt for s in get_task("shapes").load(tmp_path / "shapes")}
+    assert shapes["shapes-eval-0-000000-caption-0"] == (
+        "USER: <|image|>\nProvide a one-sentence caption for the provided image. ASSISTANT:")
+    assert shapes["shapes-eval-0-000000-count-1"] == (
+        f"USER: <|image|>\nHow many red shapes are there?\n{SHORT} ASSISTANT:")
+    assert shapes["shapes-eval-0-text-000001"] == (
+        "USER: Sort these words alphabetically: horse, music, fish. ASSISTANT:")
+    # The two apostrophes never mix: the benchmarks ask with the official one, the shapes world with owl2-tiny's.
+    assert not any("\u2019" in prompt for prompt in shapes.values())
+    assert sum(prompt.endswith(f"{TINY_MC} ASSISTANT:") for prompt in shapes.values()) == 3
+
+
 def test_a_killed_run_resumes_without_losing_or_repeating(tmp_path, tiny_checkpoint):
     data = shapes_dir(tmp_path / "data")
     samples = get_task("shapes").load(data)

@@ -33,6 +33,7 @@ from owl2.experiments.shapes import (
     QUESTION_TYPES,
     SCENE_QUESTION_TYPES,
     SHAPES,
+    SHORT_ANSWER_PROMPT,
     SIZES,
     TEXT_QUESTION_TYPES,
     TEXTURE_AMPLITUDE,
@@ -318,6 +319,22 @@ def test_every_answer_matches_the_scene(items):
             assert item.choices["ABCD".index(item.answer)] == _derive(scene, lines[0])
         else:
             assert item.answer == _derive(scene, item.question), item
+
+
+def test_the_prompts_owl2_tiny_was_trained_on():
+    # Byte for byte: LLaVA-1.5's multiple-choice instruction has an ASCII apostrophe (the official evaluation scripts'
+    # has U+2019, another token), and the short-answer instruction follows the question after a newline.
+    assert MC_PROMPT.encode() == b"Answer with the option's letter from the given choices directly."
+    assert SHORT_ANSWER_PROMPT == "Answer the question using a single word or phrase."
+    assert CAPTION_PROMPT == "Provide a one-sentence caption for the provided image."
+    assert VERTICAL_ORDER_PROMPT == "List the objects from top to bottom."
+    scene = generate_scene(stream_rng("eval", 0, 2, "scene"))
+    items = {i.id: i.question for i in scene_questions(scene, stream_rng("eval", 0, 2, "questions"))}
+    assert items["scene-existence-1"] == (
+        "Is there a black triangle?\nAnswer the question using a single word or phrase.")
+    assert items["scene-caption-0"] == "Provide a one-sentence caption for the provided image."
+    assert items["scene-multiple_choice-0"] == ("How many shapes are there?\nA. 4\nB. 3\nC. 5\nD. 2\n"
+                                                "Answer with the option's letter from the given choices directly.")
 
 
 def test_question_mix(items, scenes):

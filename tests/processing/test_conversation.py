@@ -10,15 +10,21 @@ from typing import Any
 import pytest
 
 from owl2.processing.conversation import (
+    CAPTION_INSTRUCTION,
     IMAGE_PLACEHOLDER,
     MULTIPLE_CHOICE_INSTRUCTION,
+    MULTIPLE_CHOICE_INSTRUCTION_ASCII,
     TEMPLATES,
     VQA_INSTRUCTION,
     Conversation,
     check_image_placeholders,
+    evaluation_prompt,
     extract_images,
     get_template,
+    image_first,
+    mmlu_prompt,
     multiple_choice_prompt,
+    options_block,
     prompt_parts,
     render_conversation,
     vqa_prompt,
@@ -246,6 +252,53 @@ def test_task_suffixes() -> None:
         multiple_choice_prompt("Q?", ["o"] * 27)
     with pytest.raises(ValueError, match="options must be"):
         multiple_choice_prompt("Q?", "AB")
+
+
+def test_instructions_byte_for_byte() -> None:
+    # The official scripts' apostrophe is U+2019; LLaVA-1.5's (and owl2-tiny's training data's) is ASCII. They are
+    # different tokens, so each must stay exactly as it is.
+    tail = b"s letter from the given choices directly."
+    assert MULTIPLE_CHOICE_INSTRUCTION.encode() == b"Answer with the option\xe2\x80\x99" + tail
+    assert MULTIPLE_CHOICE_INSTRUCTION_ASCII.encode() == b"Answer with the option'" + tail
+    tokenizer = load_tokenizer(FIXTURES / "llama2-tokenizer")
+    assert tokenizer.encode(MULTIPLE_CHOICE_INSTRUCTION) != tokenizer.encode(MULTIPLE_CHOICE_INSTRUCTION_ASCII)
+    assert CAPTION_INSTRUCTION == "Provide a one-sentence caption for the provided image."
+    assert multiple_choice_prompt("Q?", ["x", "y"], instruction=MULTIPLE_CHOICE_INSTRUCTION_ASCII) == (
+        "Q?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly.")
+
+
+def test_options_block() -> None:
+    assert options_block(["a chair", " a table "]) == "A. a chair\nB.  a table "  # text as given
+    assert options_block({"C": "x", "A": "y"}) == "C. x\nA. y"
+    assert options_block([]) == ""
+    assert options_block(["o"] * 26).endswith("\nZ. o")
+    with pytest.raises(ValueError, match="at most 26"):
+        options_block(["o"] * 27)
+    with pytest.raises(ValueError, match="options must be"):
+        options_block("AB")
+
+
+def test_image_first_and_the_evaluation_layout() -> None:
+    assert image_first("What?") == "<|image|>\nWhat?"
+    assert image_first("What?", 2, separator="") == "<|image|><|image|>What?"
+    assert image_first("What?", 0) == "What?"
+    assert evaluation_prompt("Hi") == "USER: <|image|>Hi ASSISTANT: "
+    assert evaluation_prompt("Hi", 0) == "USER: Hi ASSISTANT: "
+    assert evaluation_prompt(" x\n", 2) == "USER: <|image|><|image|> x\n ASSISTANT: "
+    # The evaluation scripts' prompts: the template's rendering of one user message plus a trailing space.
+    vqa = vqa_prompt("What color is the bus?", separator=" ")
+    assert evaluation_prompt(vqa) == PROMPTS["eval_vqa_trailing_space"]["prompt"]
+    assert evaluation_prompt(vqa) == render_conversation([user(image(), vqa)]) + " "
+    mmbench = multiple_choice_prompt("What is the main object?", ["a chair", "a table", "a lamp"], hint="N/A")
+    assert evaluation_prompt(mmbench) == PROMPTS["eval_mmbench"]["prompt"]
+
+
+def test_mmlu_prompt() -> None:
+    head = "The following are multiple choice questions (with answers) about high school physics.\n\n"
+    assert mmlu_prompt("high school physics", "Q?", ["a", "b"]) == head + "Q?\nA. a\nB. b\nAnswer:"
+    shots = [("S1?", ["c", "d"], "B"), ("S2?", ["e", "f", "g"], "A")]
+    assert mmlu_prompt("high school physics", "Q?", ["a", "b"], shots) == (
+        head + "S1?\nA. c\nB. d\nAnswer: B\n\nS2?\nA. e\nB. f\nC. g\nAnswer: A\n\nQ?\nA. a\nB. b\nAnswer:")
 
 
 def test_check_image_placeholders() -> None:

@@ -3,7 +3,9 @@
 A task reads the benchmark's released files from a local path (nothing is downloaded) and turns each question into a
 :class:`Sample` whose ``prompt`` is the exact text the model sees (``<|image|>`` where each image goes, the template
 applied). ``mode`` is ``"generate"`` (greedy decoding up to ``max_new_tokens``) or ``"loglikelihood"`` (the sample's
-``continuations`` are scored after the prompt and the most likely one is the prediction).
+``continuations`` are scored after the prompt and the most likely one is the prediction). The prompts' wording and
+layouts come from :mod:`owl2.processing.conversation` (the official evaluation scripts' form is its
+``evaluation_prompt``).
 """
 
 from __future__ import annotations
@@ -13,25 +15,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
-
-from owl2.constants import IMAGE_PLACEHOLDER
-
-# The official evaluation prompts (``evaluate/*.py`` of the release) end with "ASSISTANT: ", trailing space included.
-USER, ASSISTANT = "USER: ", " ASSISTANT: "
-SHORT_ANSWER = "Answer the question using a single word or phrase."
-LETTER_ANSWER = "Answer with the option\u2019s letter from the given choices directly."
-CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
-LETTERS = "ABCDEFGHIJ"
-
-
-def chat_prompt(text: str, num_images: int = 1) -> str:
-    """``USER: <|image|>...text ASSISTANT: `` as the official evaluation scripts render it."""
-    return f"{USER}{IMAGE_PLACEHOLDER * num_images}{text}{ASSISTANT}"
-
-
-def options_block(options: Sequence[str]) -> str:
-    """``A. first\\nB. second...`` (the official MMBench layout)."""
-    return "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
 
 
 @dataclass

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from owl2.evaluation.metrics import caption_scores
-from owl2.evaluation.tasks.base import CAPTION_PROMPT, Sample, Task, TaskReport, chat_prompt, first_file, register
+from owl2.evaluation.tasks.base import Sample, Task, TaskReport, first_file, register
+from owl2.processing.conversation import CAPTION_INSTRUCTION, evaluation_prompt
 
 
 def _karpathy_image(root: Path, entry: dict[str, Any]) -> Path:
@@ -32,7 +33,7 @@ class CaptionTask(Task):
     def load(self, data: Path) -> list[Sample]:
         entries = json.loads(data.read_text(encoding="utf-8"))["images"]
         root = data.parent
-        return [Sample(str(e.get("cocoid", e.get("imgid", e["filename"]))), chat_prompt(CAPTION_PROMPT),
+        return [Sample(str(e.get("cocoid", e.get("imgid", e["filename"]))), evaluation_prompt(CAPTION_INSTRUCTION),
                        [_karpathy_image(root, e)], [s["raw"] for s in e["sentences"]])
                 for e in entries if e.get("split") == "test"]
 

@@ -25,22 +25,22 @@ from typing import Any, ClassVar
 
 from owl2.evaluation.metrics import circular_eval, extract_choice
 from owl2.evaluation.tasks.base import (
-    LETTER_ANSWER,
-    LETTERS,
     Sample,
     Task,
     TaskReport,
     accuracy_report,
-    chat_prompt,
-    options_block,
     register,
     resolve_image,
 )
+from owl2.processing.conversation import OPTION_LETTERS as LETTERS
+from owl2.processing.conversation import evaluation_prompt, mmlu_prompt, multiple_choice_prompt
 
 
 def choice_prompt(question: str, options: Sequence[str], context: str | None = None, num_images: int = 1) -> str:
-    head = f"{context.strip()}\n" if context is not None else ""
-    return chat_prompt(f"{head}{question.strip()}\n{options_block(options)}\n{LETTER_ANSWER}", num_images)
+    """The MMBench prompt (``evaluate_mmbench.py``): ``context`` (the hint) and ``question`` stripped, the options
+    lettered, the official U+2019 instruction, in the evaluation scripts' raw layout."""
+    hint = context.strip() if context is not None else None
+    return evaluation_prompt(multiple_choice_prompt(question.strip(), options, hint=hint), num_images)
 
 
 def _accuracy_report(samples: Sequence[Sample], predictions: dict[str, dict[str, Any]], key: str) -> TaskReport:
@@ -189,11 +189,11 @@ class MMLUTask(Task):
             subject = file.name.removesuffix("_test.csv")
             dev = data / "dev" / f"{subject}_dev.csv"
             shots = _read_mmlu(dev)[: self.shots] if dev.is_file() else []
-            head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-            head += "".join(_mmlu_block(q, opts) + f" {ans}\n\n" for q, opts, ans in shots)
+            shots = [(q.strip(), opts, ans) for q, opts, ans in shots]
             for k, (question, options, answer) in enumerate(_read_mmlu(file)):
-                samples.append(Sample(f"{subject}:{k}", head + _mmlu_block(question, options), [], answer,
-                                      {"subject": subject}, continuations=list(LETTERS[:len(options)])))
+                prompt = mmlu_prompt(subject.replace("_", " "), question.strip(), options, shots)
+                samples.append(Sample(f"{subject}:{k}", prompt, [], answer, {"subject": subject},
+                                      continuations=list(LETTERS[:len(options)])))
         return samples
 
     def score(self, samples: Sequence[Sample], predictions: dict[str, dict[str, Any]]) -> TaskReport:
@@ -209,7 +209,3 @@ class MMLUTask(Task):
 def _read_mmlu(path: Path) -> list[tuple[str, list[str], str]]:
     rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
     return [(r[0], r[1:-1], r[-1].strip()) for r in rows if len(r) >= 4]
-
-
-def _mmlu_block(question: str, options: Sequence[str]) -> str:
-    return f"{question.strip()}\n{options_block(options)}\nAnswer:"

@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from owl2.evaluation.metrics import mme_scores
-from owl2.evaluation.tasks.base import SHORT_ANSWER, Sample, Task, TaskReport, chat_prompt, register
+from owl2.evaluation.tasks.base import Sample, Task, TaskReport, register
+from owl2.processing.conversation import evaluation_prompt, vqa_prompt
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def mme_prompt(question: str) -> str:
     question = question.replace("Please answer yes or no.", "").strip()
-    return chat_prompt(f"{question}\n{SHORT_ANSWER}")
+    return evaluation_prompt(vqa_prompt(question, separator="\n"))
 
 
 def _pairs(subtask: Path) -> list[tuple[Path, Path]]:

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from owl2.constants import IMAGE_PLACEHOLDER
 from owl2.evaluation.metrics import caption_scores
 from owl2.evaluation.tasks.base import Sample, Task, TaskReport, accuracy_report, register, resolve_image
-from owl2.processing.conversation import render_conversation
+from owl2.processing.conversation import image_first, render_conversation
 
 QUESTIONS_FILE = "eval.jsonl"
 DEFAULT_SCENES = 1000
@@ -34,8 +33,9 @@ def shapes_prompt(item: dict[str, Any]) -> str:
     (``USER: <|image|>\n{question} ASSISTANT:``). The generator's question text already carries its suffix (short
     answer, option letter or caption request). This is the model's own chat format, not the official evaluation
     scripts' variant with a trailing space, which tokenises the first answer word differently."""
-    text = f"{IMAGE_PLACEHOLDER}\n{item['question']}" if item.get("image") else item["question"]
-    return render_conversation([{"role": "user", "content": text}], images=[None] if item.get("image") else None)
+    images = 1 if item.get("image") else 0
+    return render_conversation([{"role": "user", "content": image_first(item["question"], images)}],
+                               images=[None] * images if images else None)
 
 
 @register("shapes")

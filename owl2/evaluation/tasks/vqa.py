@@ -16,20 +16,21 @@ from typing import Any
 
 from owl2.evaluation.metrics import exact_match, pope_metrics, vqa_accuracy
 from owl2.evaluation.tasks.base import (
-    SHORT_ANSWER,
     Sample,
     Task,
     TaskReport,
     accuracy_report,
-    chat_prompt,
     first_file,
     register,
     resolve_image,
 )
+from owl2.processing import conversation
 
 
 def vqa_prompt(question: str) -> str:
-    return chat_prompt(f"{question.strip()} {SHORT_ANSWER}")
+    """``USER: <|image|>{question} Answer the question using a single word or phrase. ASSISTANT: ``, the question
+    stripped (``evaluate_vqa.py``)."""
+    return conversation.evaluation_prompt(conversation.vqa_prompt(question.strip(), separator=" "))
 
 
 def _read_json_or_jsonl(path: Path) -> Any:

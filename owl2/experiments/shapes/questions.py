@@ -32,6 +32,13 @@ from owl2.experiments.shapes.scenes import (
     generate_scene,
     stream_rng,
 )
+from owl2.processing.conversation import (
+    CAPTION_INSTRUCTION,
+    MULTIPLE_CHOICE_INSTRUCTION_ASCII,
+    VQA_INSTRUCTION,
+    multiple_choice_prompt,
+    vqa_prompt,
+)
 
 SCENE_QUESTION_TYPES: tuple[str, ...] = (
     "existence", "colour", "count", "position", "shape", "caption", "multiple_choice",
@@ -39,10 +46,11 @@ SCENE_QUESTION_TYPES: tuple[str, ...] = (
 TEXT_QUESTION_TYPES: tuple[str, ...] = ("arithmetic", "spelling", "alphabetical", "letter_count", "reversal")
 QUESTION_TYPES: tuple[str, ...] = SCENE_QUESTION_TYPES + TEXT_QUESTION_TYPES
 
-# The prompts follow LLaVA-1.5 / mPLUG-Owl2 evaluation conventions, so a released model answers in the right form.
-SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
-MC_PROMPT = "Answer with the option's letter from the given choices directly."
-CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+# The instructions are LLaVA-1.5's / mPLUG-Owl2's (owl2.processing.conversation holds them), so a released model
+# answers in the right form; the multiple-choice one is LLaVA-1.5's ASCII spelling, which owl2-tiny was trained on.
+SHORT_ANSWER_PROMPT = VQA_INSTRUCTION
+MC_PROMPT = MULTIPLE_CHOICE_INSTRUCTION_ASCII
+CAPTION_PROMPT = CAPTION_INSTRUCTION
 MC_LETTERS = "ABCD"
 
 SIDES: tuple[str, ...] = ("left", "right", "top", "bottom")
@@ -110,7 +118,7 @@ def object_phrases() -> list[str]:
 
 
 def _short(question: str) -> str:
-    return f"{question}\n{SHORT_ANSWER_PROMPT}"
+    return vqa_prompt(question, separator="\n")
 
 
 def _article(phrase: str) -> str:
@@ -254,8 +262,8 @@ def _multiple_choice(scene: Scene, rng: random.Random) -> tuple[str, str, list[s
     question, answer, vocabulary = rng.choice(kinds)
     choices = [answer, *rng.sample([v for v in vocabulary if v != answer], 3)]
     rng.shuffle(choices)
-    lines = [question] + [f"{letter}. {choice}" for letter, choice in zip(MC_LETTERS, choices, strict=True)]
-    return "\n".join([*lines, MC_PROMPT]), MC_LETTERS[choices.index(answer)], choices
+    text = multiple_choice_prompt(question, dict(zip(MC_LETTERS, choices, strict=True)), instruction=MC_PROMPT)
+    return text, MC_LETTERS[choices.index(answer)], choices
 
 
 def scene_questions(scene: Scene, rng: random.Random | int | str, *, image: str | None = None) -> list[QAItem]:

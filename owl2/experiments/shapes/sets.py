@@ -16,7 +16,6 @@ from typing import Any
 
 from PIL import Image
 
-from owl2.constants import IMAGE_PLACEHOLDER
 from owl2.experiments.shapes.questions import (
     DIALOGUE_TURNS,
     QAItem,
@@ -31,6 +30,7 @@ from owl2.experiments.shapes.questions import (
     vertical_order,
 )
 from owl2.experiments.shapes.scenes import Scene, _scene_for, render_scene, stream_rng, training_scene
+from owl2.processing.conversation import image_first
 from owl2.utils import atomic_write_text
 
 
@@ -187,7 +187,7 @@ def write_dialogue_set(directory: str | os.PathLike[str], *, scenes: int, seed: 
 def _llava_record(record_id: str, items: Sequence[QAItem], image: str | None) -> dict[str, Any]:
     conversations = []
     for k, item in enumerate(items):
-        value = f"{IMAGE_PLACEHOLDER}\n{item.question}" if image is not None and k == 0 else item.question
+        value = image_first(item.question) if image is not None and k == 0 else item.question
         conversations += [{"from": "human", "value": value}, {"from": "gpt", "value": item.answer}]
     record: dict[str, Any] = {"id": record_id}
     if image is not None:
