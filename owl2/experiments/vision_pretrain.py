@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,6 @@ from torch import nn
 
 from owl2.constants import IGNORE_INDEX
 from owl2.utils import atomic_write_text
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 __all__ = ["VisionPretrainConfig", "grid_targets", "pretrain_vision", "scene_tensors"]
 
@@ -63,14 +59,21 @@ class VisionPretrainConfig:
     loss_weights: dict[str, float] = field(default_factory=lambda: {"objects": 1.0, "offset": 5.0, "scene": 0.2})
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> VisionPretrainConfig:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    def from_toml(cls, path: str | os.PathLike[str], overrides: Sequence[str] = (),
+                  **settings: Any) -> VisionPretrainConfig:
+        """The settings of the TOML file ``path``, read as the trainer reads a recipe (``base`` chain, ``overrides``
+        such as ``train.steps=100``: :func:`owl2.training.config.read_recipe_file`), then ``settings`` by name
+        (``steps=100``; a None leaves the file's value)."""
+        from owl2.training.config import read_recipe_file
+
+        data = read_recipe_file(path, overrides)
+        # Unlike a training recipe, stage V's settings are one flat list: the sections only group them in the file.
         flat: dict[str, Any] = {k: v for k, v in data.items() if not isinstance(v, dict)}
         for section in ("train", "optim"):
             flat.update(data.get(section, {}))
         if "loss_weights" in data:
             flat["loss_weights"] = dict(data["loss_weights"])
-        flat.update({k: v for k, v in overrides.items() if v is not None})
+        flat.update({k: v for k, v in settings.items() if v is not None})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(flat) - known)
         if unknown:
@@ -169,7 +172,7 @@ def pretrain_vision(model: nn.Module, config: VisionPretrainConfig, output_dir: 
     ``output_dir``.
     """
     from owl2.training.metrics import MetricsLogger, plot_loss_curve, read_metrics
-    from owl2.training.optim import VISION_SIDE, OptimConfig, exempt_from_decay, lr_multiplier
+    from owl2.training.optim import VISION_SIDE, OptimConfig, build_scheduler, group_parameters
 
     core = model.model
     abstractor = core.visual_abstractor
@@ -182,17 +185,22 @@ def pretrain_vision(model: nn.Module, config: VisionPretrainConfig, output_dir: 
     named = [(n, p) for n, p in model.named_parameters() if n.startswith(VISION_SIDE)]
     named += [(f"heads.{n}", p) for n, p in heads.named_parameters()]
     params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in named if not exempt_from_decay(n, p)], "weight_decay": config.weight_decay},
-         {"params": [p for n, p in named if exempt_from_decay(n, p)], "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.98))
-    schedule = OptimConfig(lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
-                           total_steps=config.steps)
+    # The trainer's parameter groups (no weight decay for biases, norms and learned tokens) and schedule (warm-up,
+    # then cosine to min_lr), with one learning rate for everything: the layer-wise decay protects what a
+    # pre-trained ViT's early layers know, and stage V's ViT starts from scratch. Stage V's AdamW differs from
+    # the trainer's build_optimizer in two ways that change its results, so the owl2-tiny build's vision side would
+    # no longer be reproducible from its seed: eps stays AdamW's default 1e-8 (not the paper's 1e-6), and the
+    # update is the plain per-parameter loop, which rounds differently from the fused kernel.
+    optim = OptimConfig(lr=config.lr, min_lr=config.min_lr, abstractor_lr=None, vit_layer_decay=1.0,
+                        weight_decay=config.weight_decay, eps=1e-8, warmup_steps=config.warmup_steps,
+                        total_steps=config.steps)
+    optimizer = torch.optim.AdamW(group_parameters(named, optim, core.config.vision.num_hidden_layers), lr=optim.lr,
+                                  betas=optim.betas, eps=optim.eps, fused=False)
+    schedule = build_scheduler(optimizer, optim)
 
     def encode(pixels: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] -> the abstractor's query states [N, Q, D] (before ``visual_fc``)."""
-        states = abstractor.encoder(abstractor.query_embeds.expand(pixels.shape[0], -1, -1), core.vision_model(pixels))
-        return states.float()
+        return abstractor.query_states(core.vision_model(pixels)).float()
 
     data = scene_tensors(range(config.scenes), seed=config.seed, grid=grid, processor=processor, size=image_size)
     held_out = scene_tensors(range(config.scenes, config.scenes + config.probe_scenes), seed=config.seed, grid=grid,
@@ -206,8 +214,6 @@ def pretrain_vision(model: nn.Module, config: VisionPretrainConfig, output_dir: 
     bar = _progress_bar(config.steps, show_progress)
     logged = time.perf_counter()
     for step in range(config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_multiplier(step, schedule)
         index = torch.randint(0, config.scenes, (config.batch_size,), generator=generator)
         batch = {key: value[index] for key, value in data.items()}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
@@ -224,6 +230,7 @@ def pretrain_vision(model: nn.Module, config: VisionPretrainConfig, output_dir: 
                         "step_seconds": now - logged})  # the seconds since the last record, so they sum to the run
             logged = now
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        schedule.step()  # after logging: the record shows the rate this step trained with
         bar.update(1)
     bar.close()
     logger.close()

@@ -159,8 +159,11 @@ class VisualAbstractor(nn.Module):
         self.visual_fc = nn.Linear(config.hidden_size, language_hidden_size)
         self.vit_eos = nn.Parameter(torch.zeros(1, 1, language_hidden_size))
 
+    def query_states(self, visual: torch.Tensor) -> torch.Tensor:
+        """ViT output [N, V, D_vis] -> the learned queries after the abstractor layers [N, Q, D_abs]: the visual
+        tokens before their projection to the LLM width (``visual_fc``) and the end token."""
+        return self.encoder(self.query_embeds.expand(visual.shape[0], -1, -1), visual)
+
     def forward(self, visual: torch.Tensor) -> torch.Tensor:
-        n = visual.shape[0]
-        queries = self.encoder(self.query_embeds.expand(n, -1, -1), visual)
-        tokens = self.visual_fc(queries)
-        return torch.cat([tokens, self.vit_eos.expand(n, -1, -1)], dim=1)
+        tokens = self.visual_fc(self.query_states(visual))
+        return torch.cat([tokens, self.vit_eos.expand(visual.shape[0], -1, -1)], dim=1)

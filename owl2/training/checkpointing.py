@@ -15,6 +15,10 @@ halfway through never leaves a visible partial one. Writing a step that already 
 earlier checkpoint) moves the existing one aside to ``.old-step-...`` for the moment of the swap; if the run is
 killed in that moment, listing the checkpoints puts it back. Hidden leftovers are deleted when the next run starts
 (:func:`remove_partial_checkpoints`).
+
+How the weights and the optimizer state are gathered, written and read back depends on the data-parallel strategy:
+:func:`save_checkpoint` and :func:`load_checkpoint` leave that to the run's
+:class:`~owl2.training.distributed.Strategy`, which holds the model.
 """
 
 from __future__ import annotations
@@ -30,14 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 from owl2.checkpoint.io import save_safetensors
-from owl2.training.distributed import DistEnv, barrier, unwrap
+from owl2.training.distributed import DEEPSPEED_TAG, OPTIMIZER_FILE, Strategy, barrier
 from owl2.utils import fsync_dir, fsync_tree
 
 CHECKPOINTS_DIR = "checkpoints"
-DEEPSPEED_TAG = "deepspeed"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _DISPLACED_DIR = re.compile(r"^\.old-(step-\d+)$")
 
@@ -59,7 +61,7 @@ class TrainerState:
 def _is_complete(directory: Path) -> bool:
     """Whether ``directory`` holds every file :func:`load_checkpoint` needs."""
     return ((directory / "trainer_state.pt").is_file() and (directory / "trainable.safetensors").is_file()
-            and ((directory / "optimizer.pt").is_file() or (directory / DEEPSPEED_TAG).is_dir()))
+            and ((directory / OPTIMIZER_FILE).is_file() or (directory / DEEPSPEED_TAG).is_dir()))
 
 
 def put_back(moved: Path, target: Path) -> bool:
@@ -154,78 +156,21 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# --------------------------------------------------------------------------------------------- model/optimizer
-def _is_sharded(model: nn.Module) -> bool:
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
-
-
-def model_state(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-    """Full CPU tensors of the model's state (only its trainable parameters with ``trainable_only``), gathered from
-    the shards under FSDP (a collective there: call it on every rank; only rank 0 gets the tensors)."""
-    if _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-        return get_model_state_dict(model, options=options)
-    inner = unwrap(model)
-    if trainable_only:
-        return {name: p.detach().cpu().clone() for name, p in inner.named_parameters() if p.requires_grad}
-    return {name: tensor.detach().cpu() for name, tensor in inner.state_dict().items()}
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    if _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-        return
-    params = dict(unwrap(model).named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    unknown = [n for n in state if n not in params]
-    if missing or unknown:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unknown[:5]} "
-                         "(was it written by a run with another recipe?)")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    if _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(model, optimizer, options=options)
-    return optimizer.state_dict()
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    if _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-        return
-    optimizer.load_state_dict(state)
-
-
 # ------------------------------------------------------------------------------------------------- save / load
-def _is_deepspeed(model: nn.Module) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"
-
-
 def save_checkpoint(
     output_dir: str | os.PathLike[str],
-    env: DistEnv,
-    model: nn.Module,
+    strategy: Strategy,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainerState,
     recipe: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write the checkpoint of ``state.step`` (every rank calls this) and prune old ones; returns its directory.
+    """Write the checkpoint of ``state.step`` of the model that ``strategy`` runs (every rank calls this) and prune old
+    ones; returns its directory.
 
     Pruning keeps this checkpoint and the ``keep_last - 1`` latest others."""
+    env = strategy.env
     root = Path(output_dir) / CHECKPOINTS_DIR
     final = root / f"step-{state.step:07d}"
     tmp = root / f".tmp-step-{state.step:07d}"
@@ -233,17 +178,11 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(env)
-    weights = model_state(model, trainable_only=True)
-    if _is_deepspeed(model):  # ZeRO partitions the optimizer state: every rank writes its part
-        model.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
-        optim = None
-    else:
-        optim = optimizer_state(model, optimizer)
+    weights = strategy.model_state(trainable_only=True)
+    strategy.save_optimizer_state(optimizer, tmp)
     torch.save(rng_state(env.device), tmp / f"rng-rank{env.rank}.pt")
     if env.is_main:
         save_safetensors({k: v.contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
-        if optim is not None:
-            torch.save(optim, tmp / "optimizer.pt")
         torch.save({"state": state.to_dict(), "scheduler": scheduler.state_dict(), "recipe": recipe,
                     "world_size": env.world_size}, tmp / "trainer_state.pt")
     barrier(env)
@@ -273,25 +212,19 @@ def save_checkpoint(
 
 def load_checkpoint(
     directory: str | os.PathLike[str],
-    env: DistEnv,
-    model: nn.Module,
+    strategy: Strategy,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> TrainerState:
-    """Restore model, optimizer, scheduler and this rank's RNG from ``directory``; returns the trainer state."""
+    """Restore the model that ``strategy`` runs, the optimizer, the scheduler and this rank's RNG from
+    ``directory``; returns the trainer state."""
+    env = strategy.env
     directory = Path(directory)
     if not (directory / "trainer_state.pt").is_file():
         raise FileNotFoundError(f"{directory} is not a complete owl2 training checkpoint (no trainer_state.pt)")
     meta = torch.load(directory / "trainer_state.pt", weights_only=True)
-    load_trainable_state(model, load_file(str(directory / "trainable.safetensors")))
-    if _is_deepspeed(model):
-        if not (directory / DEEPSPEED_TAG).is_dir():
-            raise ValueError(f"{directory} was not written by a DeepSpeed run; resume with the strategy that wrote it")
-        model.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_module_strict=False)
-    else:
-        if not (directory / "optimizer.pt").is_file():
-            raise ValueError(f"{directory} was written by a DeepSpeed run; resume with train.distributed='deepspeed'")
-        load_optimizer_state(model, optimizer, torch.load(directory / "optimizer.pt", weights_only=True))
+    strategy.load_trainable_state(load_file(str(directory / "trainable.safetensors")))
+    strategy.load_optimizer_state(optimizer, directory)
     scheduler.load_state_dict(meta["scheduler"])
     # The scheduler sets the groups' rates only when it steps; the rates of the step being resumed come from it.
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,14 +275,14 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def load_recipe(name_or_path: str | os.PathLike[str] | None = None, overrides: list[str] = (), *,
-                validate: bool = True) -> TrainConfig:
-    """The :class:`TrainConfig` of a recipe file or packaged recipe name, with ``overrides`` applied.
+def read_recipe_file(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The tables of the TOML file ``path`` as plain values: merged over its ``base`` chain, relative paths made
+    absolute, then ``overrides`` (``section.key=value``, see :func:`parse_override`) applied. Nothing is checked
+    against :class:`TrainConfig`, so other TOML settings files (owl2-tiny's stage V) read through it too."""
+    return _apply_overrides(_read_recipe(Path(path)), overrides)
 
-    A recipe that names no model starts from the embedded owl2-tiny (:meth:`TrainConfig.with_default_model`).
-    ``validate=False`` reads a recipe that is not complete on its own (``owl2/experiments/recipes/tiny/``: the build
-    fills in the model and the data) without checking it or filling in the default model."""
-    data = _read_recipe(_resolve_recipe_file(name_or_path)) if name_or_path is not None else {}
+
+def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     for text in overrides:
         keys, value = parse_override(text)
         target = data
@@ -290,6 +291,20 @@ def load_recipe(name_or_path: str | os.PathLike[str] | None = None, overrides: l
             if not isinstance(target, dict):
                 raise RecipeError(f"override {text!r}: {key} is not a section")
         target[keys[-1]] = value
+    return data
+
+
+def load_recipe(name_or_path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (), *,
+                validate: bool = True) -> TrainConfig:
+    """The :class:`TrainConfig` of a recipe file or packaged recipe name, with ``overrides`` applied.
+
+    A recipe that names no model starts from the embedded owl2-tiny (:meth:`TrainConfig.with_default_model`).
+    ``validate=False`` reads a recipe that is not complete on its own (``owl2/experiments/recipes/tiny/``: the build
+    fills in the model and the data) without checking it or filling in the default model."""
+    if name_or_path is not None:
+        data = read_recipe_file(_resolve_recipe_file(name_or_path), overrides)
+    else:
+        data = _apply_overrides({}, overrides)
     config = _build(TrainConfig, data, "")
     if validate:
         config = config.with_default_model()

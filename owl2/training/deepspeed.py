@@ -5,7 +5,9 @@ so the learning rates, layer-wise decay and warm-up/cosine schedule are the same
 config (``train.deepspeed_config``, default ``recipes/zero2.json``) chooses the ZeRO stage; owl2 fills in the batch
 sizes, accumulation and clipping from the recipe so the two cannot disagree. The loss is already normalised over the
 global batch, so it is passed to ``engine.backward`` without DeepSpeed's division by the accumulation steps.
-:class:`DeepSpeedStrategy` is the engine behind the trainer's :class:`~owl2.training.distributed.Strategy` interface.
+:class:`DeepSpeedStrategy` is the engine behind the trainer's :class:`~owl2.training.distributed.Strategy` interface;
+in a training checkpoint the engine's own checkpoint (the partitioned optimizer state) takes the place of
+``optimizer.pt``, under ``deepspeed/``.
 ZeRO stages 1 and 2 are supported; stage 3 partitions the parameters themselves, which owl2's checkpoints do not
 gather, and is refused.
 """
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from owl2.training.config import RECIPES_DIR, TrainConfig
-from owl2.training.distributed import DistEnv, Diverged, Strategy
+from owl2.training.distributed import DEEPSPEED_TAG, DistEnv, Diverged, Strategy
 
 DEFAULT_CONFIG = RECIPES_DIR / "zero2.json"
 
@@ -90,3 +92,17 @@ class DeepSpeedStrategy(Strategy):
         self.model.step()
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def wrote_checkpoint(self, directory: Path) -> bool:
+        return (directory / DEEPSPEED_TAG).is_dir()
+
+    def save_optimizer_state(self, optimizer: Any, directory: Path) -> None:
+        # ZeRO partitions the optimizer state: every rank writes its part. The trainable weights are saved apart
+        # (trainable.safetensors), so the engine leaves out the frozen ones.
+        self.model.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, save_latest=False,
+                                   exclude_frozen_parameters=True)
+
+    def load_optimizer_state(self, optimizer: Any, directory: Path) -> None:
+        if not self.wrote_checkpoint(directory):
+            raise ValueError(f"{directory} was not written by a DeepSpeed run; resume with the strategy that wrote it")
+        self.model.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_module_strict=False)

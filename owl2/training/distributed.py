@@ -6,8 +6,11 @@ batch: each rank takes its slice of the sampler's mega-batch, and gradients are 
 
 The trainer drives every strategy through one interface, :class:`Strategy` (made by :func:`make_strategy`): it wraps
 the model, attaches the optimizer, runs each micro-batch's backward (holding the gradient sync back until the last
-micro-batch of a step) and takes the optimizer step. :class:`Strategy` itself is the one-process case; DDP and
-FSDP2 are below, DeepSpeed is in :mod:`owl2.training.deepspeed`.
+micro-batch of a step) and takes the optimizer step. It also holds what a training checkpoint
+(:mod:`owl2.training.checkpointing`) needs to know about the strategy: how the trainable state is gathered and loaded,
+how the optimizer state is written into a checkpoint directory and read back, and whether a directory was written by
+a strategy of its kind. :class:`Strategy` itself is the one-process case; DDP and FSDP2 are below, DeepSpeed is in
+:mod:`owl2.training.deepspeed`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -112,6 +116,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------- strategies
+OPTIMIZER_FILE = "optimizer.pt"
+"""The optimizer state in a checkpoint directory, written by every strategy but DeepSpeed."""
+DEEPSPEED_TAG = "deepspeed"
+"""The directory of a checkpoint that holds the DeepSpeed engine's own checkpoint (its tag)."""
+
 Diverged = Callable[[float, float], None]
 """Called with ``(loss, gradient norm)`` when either is not finite; raises."""
 
@@ -122,7 +131,11 @@ class Strategy:
     Call :meth:`wrap` with the built model, then :meth:`attach_optimizer` with the optimizer and schedule built on
     :func:`unwrap` of it; from then on :attr:`model` is what the forward runs on (a wrapper or an engine). Each
     micro-batch of a step runs its forward and :meth:`backward` inside :meth:`no_sync`; :meth:`clip_and_step` ends
-    the step."""
+    the step.
+
+    For checkpoints, :meth:`model_state`, :meth:`load_trainable_state`, :meth:`save_optimizer_state` and
+    :meth:`load_optimizer_state` move the state between :attr:`model` (with the optimizer) and full CPU tensors or a
+    checkpoint directory; every rank calls them, since gathering a sharded state is a collective."""
 
     name: ClassVar[str] = "none"
 
@@ -175,6 +188,51 @@ class Strategy:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def model_state(self, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """Full CPU tensors of the model's state by parameter name (only its trainable parameters with
+        ``trainable_only``); only rank 0 is sure to get them."""
+        inner = unwrap(self.model)
+        if trainable_only:
+            return {name: p.detach().cpu().clone() for name, p in inner.named_parameters() if p.requires_grad}
+        return {name: tensor.detach().cpu() for name, tensor in inner.state_dict().items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` (as :meth:`model_state` with ``trainable_only`` gives it) into the model; it must name
+        every trainable parameter and nothing the model lacks."""
+        params = dict(unwrap(self.model).named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        unknown = [n for n in state if n not in params]
+        if missing or unknown:
+            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unknown[:5]} "
+                             "(was it written by a run with another recipe?)")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def wrote_checkpoint(self, directory: Path) -> bool:
+        """Whether the optimizer state in the checkpoint ``directory`` is in this strategy's form."""
+        return (directory / OPTIMIZER_FILE).is_file()
+
+    def save_optimizer_state(self, optimizer: Any, directory: Path) -> None:
+        """Write ``optimizer``'s state into the checkpoint directory ``directory`` (which rank 0 created)."""
+        state = self._optimizer_state(optimizer)
+        if self.env.is_main:
+            torch.save(state, directory / OPTIMIZER_FILE)
+
+    def load_optimizer_state(self, optimizer: Any, directory: Path) -> None:
+        """Restore ``optimizer``'s state from the checkpoint ``directory``; refuses one that another kind of
+        strategy wrote."""
+        if not self.wrote_checkpoint(directory):
+            raise ValueError(f"{directory} was written by a DeepSpeed run; resume with train.distributed='deepspeed'")
+        self._load_optimizer(optimizer, torch.load(directory / OPTIMIZER_FILE, weights_only=True))
+
+    def _optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def _load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
 
 class DdpStrategy(Strategy):
     """DistributedDataParallel: gradients are all-reduced in the backward of the step's last micro-batch."""
@@ -203,6 +261,29 @@ class FsdpStrategy(Strategy):
     def no_sync(self, last: bool) -> Iterator[None]:
         self.model.set_requires_gradient_sync(last)
         yield
+
+    # Checkpoints hold full tensors, gathered from the shards, so a run resumes under any number of processes.
+    def model_state(self, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        return get_model_state_dict(self.model, options=options)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def _optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, optimizer, options=options)
+
+    def _load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def make_strategy(distributed: str, env: DistEnv) -> Strategy:

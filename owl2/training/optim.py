@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -103,10 +104,16 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     """Trainable parameters grouped by (learning rate, weight decay); each group records its ``lr_scale`` so the
     schedule can scale it."""
     num_vit_layers = core_model(model).config.vision.num_hidden_layers
+    return group_parameters(((n, p) for n, p in model.named_parameters() if p.requires_grad), config, num_vit_layers)
+
+
+def group_parameters(named: Iterable[tuple[str, nn.Parameter]], config: OptimConfig,
+                     num_vit_layers: int) -> list[dict]:
+    """``named`` parameters grouped by (learning rate, weight decay) as :func:`param_groups` groups a model's
+    trainable ones; ``num_vit_layers`` is the ViT's depth for the layer-wise decay. Each group has ``params``,
+    ``names``, ``lr``, ``weight_decay`` and ``base_lr``, in the order of its first parameter."""
     groups: dict[tuple[float, float], dict] = {}
-    for full_name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
+    for full_name, param in named:
         name = official_name(full_name)
         base = config.abstractor_lr if name.startswith("model.visual_abstractor.") and config.abstractor_lr else (
             config.lr)

@@ -58,7 +58,6 @@ from owl2.training.checkpointing import (
     TrainerState,
     latest_checkpoint,
     load_checkpoint,
-    model_state,
     remove_partial_checkpoints,
     save_checkpoint,
 )
@@ -362,7 +361,7 @@ class Trainer:
         self.state = TrainerState()
         checkpoint = self._resume_point(resume)
         if checkpoint is not None:
-            self.state = load_checkpoint(checkpoint, self.env, self.model, self.optimizer, self.scheduler)
+            self.state = load_checkpoint(checkpoint, self.strategy, self.optimizer, self.scheduler)
             if self.env.is_main:
                 logger.info("resumed from %s (step %d)", checkpoint, self.state.step)
         self.resumed_from = checkpoint
@@ -491,7 +490,7 @@ class Trainer:
                                     tok_s=f"{record['tokens_per_s']:.0f}")
                 every = config.train.save_every
                 if (every and state.step % every == 0) or state.step == self.total_steps:
-                    save_checkpoint(self.output_dir, env, self.model, self.optimizer, self.scheduler, state,
+                    save_checkpoint(self.output_dir, self.strategy, self.optimizer, self.scheduler, state,
                                     config.to_dict(), config.train.keep_last)
         finally:
             if bar is not None:
@@ -510,7 +509,7 @@ class Trainer:
                 result.adapter_dir = self.output_dir / "adapter"
                 save_adapter(unwrap(self.model), result.adapter_dir)
         else:
-            state = model_state(self.model)
+            state = self.strategy.model_state()
             if env.is_main:
                 result.final_dir = self.output_dir / "final"
                 save_state_dict(state, self.model_config, result.final_dir, dtype=self.config.train.save_dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 
 from owl2.experiments.shapes import Scene, ShapeObject
@@ -75,3 +76,36 @@ def test_runs_without_tqdm(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(",")[0] for line in lines if line.startswith("owl2 stage V")] == [
         "owl2 stage V: step 1/2", "owl2 stage V: step 2/2"]
+
+
+def test_settings_file_reads_like_a_recipe_with_overrides(tmp_path):
+    path = tmp_path / "vision.toml"
+    path.write_text("seed = 4\nscenes = 100\n\n[train]\nsteps = 50\nbatch_size = 8\n\n[optim]\nlr = 1e-3\n\n"
+                    "[loss_weights]\nobjects = 2.0\noffset = 1.0\nscene = 0.5\n")
+    config = VisionPretrainConfig.from_toml(path, ["train.steps=20", "optim.min_lr=1e-5", "loss_weights.scene=0.25"],
+                                            batch_size=4, seed=None)
+    assert (config.seed, config.scenes, config.steps, config.batch_size) == (4, 100, 20, 4)
+    assert (config.lr, config.min_lr) == (1e-3, 1e-5)
+    assert config.loss_weights == {"objects": 2.0, "offset": 1.0, "scene": 0.25}
+    with pytest.raises(ValueError, match="unknown stage-V settings epochs"):
+        VisionPretrainConfig.from_toml(path, ["train.epochs=2"])
+
+
+def test_logged_rate_follows_the_trainer_schedule(tmp_path):
+    from owl2.training.optim import OptimConfig, lr_multiplier
+
+    init = tmp_path / "init"
+    data = json.loads((TINY_CONFIGS / "model.json").read_text())
+    data["vocab_size"] = 400
+    Owl2Config.from_dict(data).save(init)
+    config = VisionPretrainConfig(scenes=8, probe_scenes=4, steps=4, batch_size=2, log_every=1, warmup_steps=2,
+                                  lr=1e-3, min_lr=1e-4)
+    processor = ImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE, default_policy="stretch")
+    pretrain_vision(random_model(init, seed=0), config, tmp_path / "stage-v", image_size=IMAGE_SIZE,
+                    processor=processor, show_progress=False)
+    records = [json.loads(line) for line in (tmp_path / "stage-v" / "metrics.jsonl").read_text().splitlines()]
+    schedule = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, total_steps=4)
+    # Each record shows the rate its own step trained with: warm-up 0.5, 1.0, then the cosine down to min_lr
+    assert [r["lr"] for r in records] == pytest.approx([1e-3 * lr_multiplier(s, schedule) for s in range(4)],
+                                                       rel=1e-12)
+    assert records[0]["lr"] == pytest.approx(5e-4) and records[-1]["lr"] == pytest.approx(1e-3 * (1 + 0.1) / 2)

@@ -29,7 +29,7 @@ from owl2.training.checkpointing import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from owl2.training.distributed import DistEnv
+from owl2.training.distributed import DistEnv, Strategy
 
 REPO = Path(__file__).parents[2]
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from owl2.training.checkpointing import TrainerState, save_checkpoint
-from owl2.training.distributed import DistEnv
+from owl2.training.distributed import DistEnv, Strategy
 
 out, kill_at, labels = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 armed = False
@@ -83,6 +83,8 @@ def rename(src, dst, *args, **kwargs):
 
 shutil.rmtree, os.rename = rmtree, rename
 model = nn.Linear(4, 3)
+strategy = Strategy(DistEnv())
+strategy.wrap(model, config=None)
 optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 for i, label in enumerate(labels):
@@ -96,7 +98,7 @@ for i, label in enumerate(labels):
     optimizer.zero_grad()
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, out / f"expected-{label}.pt")
     armed = i == len(labels) - 1
-    save_checkpoint(out, DistEnv(), model, optimizer, scheduler, TrainerState(step=step), {"r": 1}, keep_last=2)
+    save_checkpoint(out, strategy, optimizer, scheduler, TrainerState(step=step), {"r": 1}, keep_last=2)
 print("finished")
 '''
 
@@ -111,9 +113,11 @@ def run_child(out: Path, kill_at: str, labels: list[str]) -> subprocess.Complete
 def load(directory: Path) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint, through the same loader a resume uses."""
     model = nn.Linear(4, 3)
+    strategy = Strategy(DistEnv())
+    strategy.wrap(model, config=None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    state = load_checkpoint(directory, DistEnv(), model, optimizer, scheduler)
+    state = load_checkpoint(directory, strategy, optimizer, scheduler)
     assert state.step == checkpoint_step(directory)
     assert optimizer.state  # the AdamW moments came back too
     return model.state_dict()
@@ -195,9 +199,11 @@ def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
     """Resumed from step 2 while steps 5 and 6 of the earlier run exist: saving step 3 with keep_last=2 keeps step 3
     (ordered by step alone it would be the one deleted) and the latest other."""
     model = nn.Linear(4, 3)
+    strategy = Strategy(DistEnv())
+    strategy.wrap(model, config=None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     for step in (2, 5, 6, 3):
-        save_checkpoint(tmp_path, DistEnv(), model, optimizer, scheduler, TrainerState(step=step), {}, keep_last=2)
+        save_checkpoint(tmp_path, strategy, optimizer, scheduler, TrainerState(step=step), {}, keep_last=2)
     assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step-0000003", "step-0000006"]
     assert load_file(str(checkpoint_dirs(tmp_path)[0] / "trainable.safetensors")).keys() == {"weight", "bias"}

@@ -7,6 +7,7 @@ import torch
 
 import owl2
 from owl2.training import OptimConfig, build_optimizer, build_scheduler, lr_multiplier, param_groups, set_trainable
+from owl2.training.optim import group_parameters
 from tests.conftest import OFFICIAL_TINY, official
 
 
@@ -99,3 +100,24 @@ def test_unknown_stage_and_frozen_model_are_errors():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         param_groups(model, OptimConfig())
+
+
+def test_named_parameters_outside_a_model_group_like_the_model():
+    """Stage V groups the vision side with read-out heads the model does not hold: the same rules apply by name."""
+    model = fresh_model()
+    set_trainable(model, "stage2")
+    config = OptimConfig(lr=1e-4, abstractor_lr=3e-5, vit_layer_decay=0.5, weight_decay=0.05)
+    layers = len(model.model.vision_model.encoder.layers)
+    assert group_parameters(((n, p) for n, p in model.named_parameters()), config, layers) == param_groups(
+        model, config)
+
+    heads = torch.nn.Linear(4, 2)
+    named = [(n, p) for n, p in model.named_parameters() if n.startswith("model.vision_model.")]
+    named += [(f"heads.{n}", p) for n, p in heads.named_parameters()]
+    flat = OptimConfig(lr=1e-3, vit_layer_decay=1.0, weight_decay=0.05)
+    groups = group_parameters(named, flat, layers)
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-3, 0.0), (1e-3, 0.05)]  # the cls token comes first
+    decayed = groups[1]["names"]
+    assert "heads.weight" in decayed and "heads.bias" in groups[0]["names"]
+    assert "model.vision_model.encoder.layers.0.mlp.fc1.weight" in decayed
+    assert sum(len(g["params"]) for g in groups) == len(named)
