@@ -19,6 +19,7 @@ from owl2.checkpoint.io import load_model, parse_dtype, resolve_checkpoint
 from owl2.constants import DEFAULT_TEMPLATE
 from owl2.generation import GenerationEngine, GenerationRequest, GenerationResult, SamplingParams
 from owl2.model.modeling import Owl2ForCausalLM
+from owl2.processing.conversation import CAPTION_INSTRUCTION
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -43,7 +44,7 @@ EMBEDDED_EXAMPLE_QUESTIONS = (
     "How many circles are there?",
     "Is there a green cross?",
     "What colour is the small circle?",
-    "Provide a one-sentence caption for the provided image.",
+    CAPTION_INSTRUCTION,
 )
 """Questions of the kinds owl2-tiny was trained on, with answers it gets right about :func:`example_scene`."""
 

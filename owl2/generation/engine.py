@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from owl2.constants import OFFICIAL_IMAGE_TOKEN
-from owl2.generation.sampling import SamplingParams, make_generator, next_token
-from owl2.generation.streaming import TextStream
+from owl2.generation.decoding import RowDecoder, StepEvent, decode_rows, forward_step, prefill
+from owl2.generation.sampling import SamplingParams
 from owl2.model.inputs import expand_official_ids
 from owl2.model.modeling import Owl2ForCausalLM
 
@@ -38,116 +38,6 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int  # positions the prompt occupies, images counted as tokens_per_image each
-
-
-@dataclass
-class StepEvent:
-    row: int
-    token_id: int | None  # the id added to the output (None when the row ended on a stop id, which is not output)
-    delta: str
-    finish_reason: str | None  # set on the row's last event
-    logprob: float | None = None  # log-probability of the chosen id (when the request asks for logprobs)
-    top_logprobs: list[tuple[int, float]] | None = None  # the ``params.logprobs`` most likely ids and theirs
-
-
-class RowDecoder:
-    """The decoding state of one sequence: sampling, stop conditions, output budget and text stream.
-
-    Shared by the static batches of :meth:`GenerationEngine.iterate` and the continuous batches of
-    :class:`owl2.serving.batcher.ContinuousBatcher`, so both pick the same tokens and end rows the same way.
-    """
-
-    def __init__(self, request: GenerationRequest, decode: Callable[[list[int]], str], eos_ids: Sequence[int],
-                 max_new_tokens: int, device: torch.device) -> None:
-        params = request.params
-        self.params = params
-        self.stream = TextStream(decode, params.stop)
-        self.stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else eos_ids)
-        self.generator = make_generator(params, device)
-        self.simple = params.greedy and params.repetition_penalty == 1.0
-        self.history = torch.tensor([t for t in request.prompt_ids if t >= 0], dtype=torch.long, device=device)
-        self.max_new_tokens = max_new_tokens
-        self.count = 0
-        self.finished = False
-
-    def constrain(self, logits: torch.Tensor) -> None:
-        """Mask the stop ids (in place, ``logits`` [V]) while fewer than ``min_new_tokens`` were generated. A stop id
-        outside the vocabulary is skipped: the model can never pick it anyway."""
-        if self.count < self.params.min_new_tokens and self.stop_ids:
-            vocab = logits.shape[-1]
-            logits[[t for t in self.stop_ids if 0 <= t < vocab]] = float("-inf")
-
-    def pick(self, logits: torch.Tensor, argmax: int) -> int:
-        """The next id from float32 ``logits`` [V]; ``argmax`` is the batch's precomputed greedy choice."""
-        if self.simple:
-            return argmax
-        token = next_token(logits, self.params, self.history, self.generator)
-        self.history = torch.cat([self.history, self.history.new_tensor([token])])
-        return token
-
-    def advance(self, row: int, token: int, logprobs: torch.Tensor | None = None) -> StepEvent:
-        """Add ``token`` to the output; the event says what text it settled and whether the row is finished.
-        ``logprobs`` [V] (log-softmax of the step's logits) fills the event's log-probabilities."""
-        self.count += 1
-        chosen, top = None, None
-        if logprobs is not None and self.params.logprobs is not None:
-            chosen = _finite_logprob(float(logprobs[token]))
-            if self.params.logprobs > 0:
-                values, ids = torch.topk(logprobs, min(self.params.logprobs, logprobs.shape[-1]))
-                top = [(i, _finite_logprob(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
-        if token in self.stop_ids:
-            self.finished = True
-            return StepEvent(row, None, self.stream.finish(), "stop", chosen, top)
-        delta = self.stream.push(token)
-        if self.stream.stopped:
-            reason: str | None = "stop"
-        elif self.count >= self.max_new_tokens:
-            reason, delta = "length", delta + self.stream.finish()
-        else:
-            reason = None
-        self.finished = reason is not None
-        return StepEvent(row, token, delta, reason, chosen, top)
-
-
-LOWEST_LOGPROB = -9999.0
-"""What a log-probability of -inf (or NaN) is reported as: OpenAI's floor, and a number JSON can carry."""
-
-
-def _finite_logprob(value: float) -> float:
-    return value if value >= LOWEST_LOGPROB else LOWEST_LOGPROB  # NaN fails the comparison too
-
-
-def decode_step(rows: Sequence[RowDecoder], logits: torch.Tensor) -> list[int | Exception]:
-    """One step for every row: constrain, pick (greedy rows share one argmax) -> the chosen ids. Rows that have
-    finished (a static batch keeps them until all are done) are not sampled: their id is unused. A row whose
-    constraint or pick raises gets the exception in its place, and the other rows their ids as usual.
-
-    ``logits`` [B, V] is changed in place (the constraints): take :func:`step_logprobs` before."""
-    failed: dict[int, Exception] = {}
-    for row, decoder in enumerate(rows):
-        if not decoder.finished:
-            try:
-                decoder.constrain(logits[row])
-            except Exception as exc:  # this row's own settings: its neighbours still get their tokens
-                failed[row] = exc
-    greedy = logits.argmax(-1).tolist()
-    chosen: list[int | Exception] = []
-    for row, decoder in enumerate(rows):
-        if row in failed or decoder.finished:
-            chosen.append(failed.get(row, greedy[row]))
-            continue
-        try:
-            chosen.append(decoder.pick(logits[row], greedy[row]))
-        except Exception as exc:
-            chosen.append(exc)
-    return chosen
-
-
-def step_logprobs(rows: Sequence[RowDecoder], logits: torch.Tensor) -> torch.Tensor | None:
-    """Log-softmax [B, V] of the step's logits, computed only when some row asks for logprobs. Call it before
-    :func:`decode_step`: the log-probabilities are those of the model's distribution, before ``min_new_tokens``
-    masks the stop ids, the penalties, the temperature and the filters."""
-    return logits.log_softmax(-1) if any(r.params.logprobs is not None for r in rows) else None
 
 
 class ImageEmbeddingCache:
@@ -276,23 +166,19 @@ class GenerationEngine:
         with torch.inference_mode():
             b, length = batch["input_ids"].shape
             cache = model.new_cache(b, length + max(caps))
-            out = model(**batch, cache=cache, logits_to_keep=1)
+            logits = prefill(model, batch, cache)
             for _ in range(max(caps)):
-                logits = out.logits[:, -1].float()
-                logprobs = step_logprobs(rows, logits)
-                picked = decode_step(rows, logits)
-                error = next((c for c in picked if isinstance(c, Exception)), None)
+                results = decode_rows(rows, logits)
+                error = next((r for r in results if isinstance(r, Exception)), None)
                 if error is not None:
                     raise error
-                chosen = [int(c) for c in picked]
-                events = [decoder.advance(i, chosen[i], None if logprobs is None else logprobs[i])
-                          for i, decoder in enumerate(rows) if not decoder.finished]
+                events = [r for r in results if isinstance(r, StepEvent)]
                 yield events
                 if all(decoder.finished for decoder in rows):
                     break
-                feed = torch.tensor([self.pad_token_id if d.finished else t for t, d in zip(chosen, rows, strict=True)],
-                                    device=device)
-                out = model(feed[:, None], cache=cache, logits_to_keep=1)
+                feed = [self.pad_token_id if d.finished or not isinstance(r, StepEvent) or r.token_id is None
+                        else r.token_id for r, d in zip(results, rows, strict=True)]
+                logits = forward_step(model, torch.tensor(feed, device=device), cache)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Run every request to completion (in batches of ``max_batch_size``)."""
@@ -332,7 +218,7 @@ class GenerationEngine:
         batch = self.prepare(rows, images)
         self.check_context(batch["attention_mask"].sum(1))
         with torch.inference_mode():
-            return self.model(**batch, logits_to_keep=1).logits[:, -1].float()
+            return prefill(self.model, batch, None)
 
     def loglikelihoods(
         self,

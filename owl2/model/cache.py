@@ -4,6 +4,10 @@ All rows of a batch share one write offset (prompts are left-padded), so a step 
 never reallocates. Besides keys and values the cache remembers, per cached position, whether it is a real token
 (the attention mask), and each row's next RoPE position, so padding stays correct across decode steps. The modality
 of a cached position needs no record: its keys and values were projected by its own MAM branch when it was written.
+
+For continuous batching a cache can be a :meth:`KVCache.view` over the first rows of a larger one, and rows are
+copied in or moved within it without copying the other rows (:meth:`KVCache.write_rows`, :meth:`KVCache.copy_row`);
+the server's ``owl2.serving.cache_manager`` keeps its running rows that way.
 """
 
 from __future__ import annotations
@@ -64,62 +68,104 @@ class KVCache:
         cache.length, cache.has_padding = length, has_padding
         return cache
 
-    def select_rows(self, rows: Sequence[int], room: int) -> KVCache:
-        """A new cache with only ``rows`` of this one, in that order (see :meth:`merge`)."""
-        return KVCache.merge([(self, rows)], room)
-
-    @staticmethod
-    def merge(parts: Sequence[tuple[KVCache, Sequence[int]]], room: int) -> KVCache:
-        """A new cache with the listed rows of each cache, in order (continuous batching: rows join and leave).
-
-        Rows are right-aligned: each row's cached positions end at the new cache's ``length``, which is the longest
-        history among the kept rows, so positions that no kept row still uses are dropped on the left. Positions
-        before a shorter row's history are padding (not valid). Keys carry their RoPE rotation and ``next_position``
-        is kept, so every row decodes exactly as in its old cache. ``room`` free positions follow ``length``.
-        """
-        parts = [(cache, list(rows)) for cache, rows in parts if len(rows)]
-        if not parts:
-            raise ValueError("merging caches needs at least one row")
-        first = parts[0][0]
-        spans = []
-        for cache, rows in parts:
-            valid = cache.valid[rows, : cache.length]
-            no_history = torch.full_like(valid[:, 0], cache.length, dtype=torch.long)
-            starts = torch.where(valid.any(1), valid.float().argmax(1), no_history)
-            spans.append(cache.length - int(starts.min()))
-        length = max(spans)
-        batch = sum(len(rows) for _, rows in parts)
-        shape = (*first.keys.shape[:1], batch, *first.keys.shape[2:3], length + room, first.keys.shape[-1])
-        out = KVCache.from_tensors(
-            first.keys.new_zeros(shape),
-            first.values.new_zeros(shape),
-            first.valid.new_zeros(batch, length + room),
-            first.next_position.new_zeros(batch),
+    def new_zeros(self, batch_size: int, max_length: int, *, length: int = 0) -> KVCache:
+        """An empty cache with this one's layers, heads, dtype and device: ``batch_size`` rows of ``max_length``
+        positions, the first ``length`` of them already taken as padding (rows are then written with
+        :meth:`write_rows`, right-aligned to ``length``)."""
+        shape = (self.keys.shape[0], batch_size, self.keys.shape[2], max_length, self.keys.shape[4])
+        return KVCache.from_tensors(
+            self.keys.new_zeros(shape),
+            self.values.new_zeros(shape),
+            self.valid.new_zeros(batch_size, max_length),
+            self.next_position.new_zeros(batch_size),
             length=length,
-            has_padding=True,
+            has_padding=length > 0,
         )
-        row = 0
-        for cache, rows in parts:
-            index = torch.tensor(rows, device=cache.keys.device)
-            n = min(length, cache.length)
-            source, target = slice(cache.length - n, cache.length), slice(length - n, length)
-            block = slice(row, row + len(rows))
-            out.keys[:, block, :, target] = cache.keys[:, index, :, source]
-            out.values[:, block, :, target] = cache.values[:, index, :, source]
-            out.valid[block, target] = cache.valid[index, source]
-            out.next_position[block] = cache.next_position[index]
-            row += len(rows)
+
+    def span(self, rows: Sequence[int] | None = None) -> int:
+        """Positions the longest history among ``rows`` (default: all) takes: from its first real token to
+        ``length``; the positions before it hold padding only and can be dropped. 0 for rows with no history."""
+        valid = self.valid[:, : self.length] if rows is None else self.valid[list(rows), : self.length]
+        if valid.numel() == 0:
+            return 0
+        no_history = torch.full_like(valid[:, 0], self.length, dtype=torch.long)
+        starts = torch.where(valid.any(1), valid.float().argmax(1), no_history)
+        return self.length - int(starts.min())
+
+    def view(self, rows: int) -> KVCache:
+        """A cache over this one's first ``rows`` rows that shares its storage: a forward through the view writes
+        into this cache's tensors. The view starts at this cache's ``length`` and ``has_padding`` and then keeps
+        its own; :meth:`follow` brings them back here."""
+        if not 0 < rows <= self.batch_size:
+            raise ValueError(f"a view needs 1 to {self.batch_size} rows, got {rows}")
+        return KVCache.from_tensors(self.keys[:, :rows], self.values[:, :rows], self.valid[:rows],
+                                    self.next_position[:rows], length=self.length, has_padding=self.has_padding)
+
+    def follow(self, view: KVCache) -> None:
+        """Take the write offset and padding flag of ``view``, a :meth:`view` of this cache that forwards have
+        advanced (the keys, values and bookkeeping tensors are shared already)."""
+        self.length, self.has_padding = view.length, self.has_padding or view.has_padding
+
+    def copy_row(self, source: int, target: int) -> None:
+        """Overwrite row ``target`` with row ``source``: its cached keys/values, valid positions and next RoPE
+        position. One row is copied, whatever the batch size."""
+        if source == target:
+            return
+        end = self.length
+        self.keys[:, target, :, :end] = self.keys[:, source, :, :end]
+        self.values[:, target, :, :end] = self.values[:, source, :, :end]
+        self.valid[target] = self.valid[source]
+        self.next_position[target] = self.next_position[source]
+
+    def write_rows(self, source: KVCache, rows: Sequence[int], slots: Sequence[int]) -> None:
+        """Copy ``rows`` of ``source`` into this cache's rows ``slots`` (continuous batching: rows join).
+
+        Rows are right-aligned: each copied history ends at this cache's ``length``, the positions before it are
+        padding (not valid). Keys carry their RoPE rotation and ``next_position`` is kept, so every row decodes
+        exactly as in ``source``. Only the listed slots are written; raises ``ValueError`` before writing anything
+        when a row's history is longer than ``length``.
+        """
+        rows, slots = list(rows), list(slots)
+        if len(rows) != len(slots):
+            raise ValueError(f"{len(rows)} rows cannot fill {len(slots)} slots")
+        if not rows:
+            return
+        if source.length > self.length and source.span(rows) > self.length:
+            raise ValueError(f"rows with {source.span(rows)} cached positions do not fit before offset {self.length}")
+        n = min(self.length, source.length)
+        index = torch.tensor(rows, device=source.keys.device)
+        target = torch.tensor(slots, device=self.keys.device)
+        read, write = slice(source.length - n, source.length), slice(self.length - n, self.length)
+        self.keys[:, target, :, write] = source.keys[:, index, :, read].to(self.keys.device)
+        self.values[:, target, :, write] = source.values[:, index, :, read].to(self.values.device)
+        self.valid[target] = False  # a reused slot may hold a departed row's positions
+        self.valid[target, write] = source.valid[index, read].to(self.valid.device)
+        self.next_position[target] = source.next_position[index].to(self.next_position.device)
+        self.has_padding = True
+
+    def select_rows(self, rows: Sequence[int], room: int) -> KVCache:
+        """A new cache with only ``rows`` of this one, in that order, right-aligned (see :meth:`write_rows`):
+        positions that no kept row uses are dropped on the left, and ``room`` free positions follow ``length``."""
+        rows = list(rows)
+        if not rows:
+            raise ValueError("selecting rows needs at least one row")
+        length = self.span(rows)
+        out = self.new_zeros(len(rows), length + room, length=length)
+        out.write_rows(self, rows, range(len(rows)))
         return out
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[index], self.values[index]
 
-    def reset(self) -> None:
-        """Forget every cached position; the buffers are kept for the next generation."""
+    def reset(self, *, length: int = 0) -> None:
+        """Forget every cached position; the buffers are kept for the next generation. ``length`` > 0 takes that many
+        positions as padding already, for rows written after it with :meth:`write_rows`."""
+        if not 0 <= length <= self.max_length:
+            raise ValueError(f"a reset offset must be within 0..{self.max_length}, got {length}")
         self.valid.zero_()
         self.next_position.zero_()
-        self.length = 0
-        self.has_padding = False
+        self.length = length
+        self.has_padding = length > 0
 
     def fits(self, batch_size: int, max_length: int, dtype: torch.dtype, device: torch.device) -> bool:
         return (

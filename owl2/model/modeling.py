@@ -295,56 +295,15 @@ class Owl2ForCausalLM(nn.Module):
         """Greedy decoding of up to ``max_new_tokens`` new ids per row -> [B, new] (``GenerateOutput`` with the
         per-step logits when ``return_dict``). Prompts must be left-padded. A row that emits an id of
         ``eos_token_id`` is filled with ``pad_token_id`` afterwards; decoding stops once every row has finished.
-        ``cache`` reuses a preallocated :class:`KVCache` (reset first)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        b, t = input_ids.shape
-        device = self.device
-        input_ids = input_ids.to(device)
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(device)
-            if not bool(attention_mask[:, -1].all()):
-                raise ValueError("generate needs left-padded prompts: the last column of attention_mask has padding")
-        if image_embeds is None and pixel_values is not None and pixel_values.shape[0] > 0:
-            image_embeds = self.model.encode_images(pixel_values.to(device))
-        eos = _as_id_tensor(eos_token_id, device)
-        pad = pad_token_id if pad_token_id is not None else (self.config.pad_token_id or 0)
-        if use_cache:
-            if cache is None or not cache.fits(b, t + max_new_tokens, self.dtype, device):
-                cache = self.new_cache(b, t + max_new_tokens)
-            cache.reset()
+        ``cache`` reuses a preallocated :class:`KVCache` (reset first).
 
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
-        tokens: list[torch.Tensor] = []
-        scores: list[torch.Tensor] = []
-        ids, mask = input_ids, attention_mask
-        out = self(ids, mask, image_embeds=image_embeds, cache=cache, logits_to_keep=1)
-        for step in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
-            next_ids = torch.where(finished, torch.full_like(finished, pad, dtype=torch.long), logits.argmax(-1))
-            tokens.append(next_ids)
-            scores.append(logits)
-            if eos is not None:
-                finished |= torch.isin(next_ids, eos)
-                if bool(finished.all()):
-                    break
-            if step == max_new_tokens - 1:
-                break
-            if use_cache:
-                out = self(next_ids[:, None], cache=cache, logits_to_keep=1)
-            else:
-                ids = torch.cat([ids, next_ids[:, None]], 1)
-                if mask is not None:
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-                out = self(ids, mask, image_embeds=image_embeds, logits_to_keep=1)
-        sequences = torch.stack(tokens, 1)
-        if return_dict:
-            return GenerateOutput(sequences=sequences, scores=torch.stack(scores, 1))
-        return sequences
+        Decoding lives in ``owl2.generation.decoding`` (:func:`~owl2.generation.decoding.generate_ids`), beside the
+        sampling decode loops, and the model keeps only its forward, as gpt-fast keeps decoding outside the model;
+        it is imported here, when called, because ``owl2.generation`` sits above ``owl2.model``."""
+        from owl2.generation.decoding import generate_ids
 
-
-def _as_id_tensor(ids: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
-    if ids is None:
-        return None
-    ids = [ids] if isinstance(ids, int) else list(ids)
-    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+        return generate_ids(
+            self, input_ids, attention_mask, pixel_values, image_embeds=image_embeds, max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=use_cache, cache=cache,
+            return_dict=return_dict,
+        )

@@ -14,28 +14,34 @@ The parts, as in vLLM:
   generation requests join the running batch (up to ``max_batch_size``), and which prefill-only rows form this
   iteration's prefill batch (FIFO, up to ``prefill_rows`` rows and ``prefill_tokens`` positions counted as rows x
   the longest row, since rows are left-padded to it; a row longer than the budget runs alone).
-- :class:`RunningBatch` is the cache side: the running generation rows, their shared :class:`KVCache` and the
-  next-token logits of each row. Finished or cancelled rows are dropped and newcomers merged with
-  :meth:`owl2.model.cache.KVCache.merge`.
-- :class:`Runner` makes the model calls: one decode step, the prefill of newcomers merged into the running batch,
+- :class:`RunningBatch` is the cache side: the running generation rows, the next-token logits of each row and the
+  :class:`~owl2.serving.cache_manager.CacheManager` that keeps their key/value cache. The manager owns one
+  preallocated buffer; the running rows occupy its first slots and every forward runs on a view of them, so a decode
+  step writes straight into it. A finished or cancelled row's slot takes the last running row (one row copied; the
+  row list follows the same move), newcomers' rows are copied into free slots right-aligned to the shared write
+  offset, and only a newcomer that does not fit (a prompt longer than the offset, too few free positions for the
+  largest remaining budget, or no free slot) lays the buffer out anew: unused positions trimmed on the left,
+  growth at least doubling, so copies of the whole cache stay rare.
+- :class:`Runner` makes the model calls: one decode step, the prefill of newcomers joined to the running batch,
   and one prefill-only batch (``GenerationEngine.next_token_logits``, the very call ``Pipeline.rate`` makes).
 
 Each iteration of the worker: (1) emit every running row's next token and decode one step for those still going;
-(2) prefill the admitted newcomers and merge them; (3) run at most one prefill-only batch. Prefill-only rows get
-their own forward rather than riding in the newcomers' prefill because that prefill allocates and merges cache rows
-(wasted on rows that never decode), and because a separate, budgeted batch bounds what a backlog of ratings costs
-the decoding rows: one bounded forward per decode step, so a request of 64 images is split over several iterations
-and chat tokens keep flowing between them. When nothing decodes, prefill batches run back to back.
+(2) prefill the admitted newcomers and join them to the cache; (3) run at most one prefill-only batch. Prefill-only
+rows get their own forward rather than riding in the newcomers' prefill because that prefill allocates and joins
+cache rows (wasted on rows that never decode), and because a separate, budgeted batch bounds what a backlog of
+ratings costs the decoding rows: one bounded forward per decode step, so a request of 64 images is split over
+several iterations and chat tokens keep flowing between them. When nothing decodes, prefill batches run back to
+back.
 
-A row's result does not depend on which rows share its forward: padding is masked, RoPE positions are per row and
-each generation row keeps its own sampling state (:class:`owl2.generation.engine.RowDecoder`). A failure stays with
-the rows that caused it: a row whose settings, sampling or text fail ends alone, a newcomer or prefill-only batch
-that fails is retried row by row, and only the failing row gets the error. Every request the worker holds gets an
-answer: should the worker itself fail, each running row, each newcomer taken off the line and each prefill row of
-the iteration is told, and the worker goes on (a dead worker would leave every later request waiting forever). The
-waiting lines are bounded: ``submit`` and ``submit_prefill`` raise :class:`QueueFullError` when theirs is full (the
-server answers 429). ``max_batch_size=1`` decodes one request at a time (the baseline of
-``benchmarks/serve_load.py``).
+A row's result does not depend on which rows share its forward: padding is masked, RoPE positions are per row and each
+generation row keeps its own sampling state (:class:`owl2.generation.engine.RowDecoder`). A failure stays with the rows
+that caused it: a row whose settings, sampling or text fail ends alone, a newcomer or prefill-only batch that fails is
+retried row by row, and only the failing row gets the error; a newcomer's rows reach the cache last, written into free
+slots or a buffer built aside, so its failure never touches the running rows. Every request the worker holds gets an
+answer: should the worker itself fail, each running row, each newcomer taken off the line and each prefill row of the
+iteration is told, and the worker goes on (a dead worker would leave every later request waiting forever). The waiting
+lines are bounded: ``submit`` and ``submit_prefill`` raise :class:`QueueFullError` when theirs is full (the server
+answers 429). ``max_batch_size=1`` decodes one request at a time (the baseline of ``benchmarks/serve_load.py``).
 """
 
 from __future__ import annotations
@@ -49,15 +55,10 @@ from dataclasses import dataclass, field
 import torch
 
 from owl2.constants import OFFICIAL_IMAGE_TOKEN
-from owl2.generation.engine import (
-    GenerationEngine,
-    GenerationRequest,
-    RowDecoder,
-    StepEvent,
-    decode_step,
-    step_logprobs,
-)
+from owl2.generation.decoding import RowDecoder, StepEvent, decode_rows, forward_step, prefill
+from owl2.generation.engine import GenerationEngine, GenerationRequest
 from owl2.model.cache import KVCache
+from owl2.serving.cache_manager import CacheManager
 
 EventSink = Callable[[StepEvent | BaseException], None]
 """Called from the worker thread with each step's event of a request, or with the error that ended it."""
@@ -160,6 +161,7 @@ class BatcherStats:
     prefill_only_batches: int = 0
     prefill_only_rows: int = 0  # rows that got their logits
     peak_prefill_only_rows: int = 0  # the largest prefill-only batch
+    cache_relayouts: int = 0  # joins that laid the running rows' cache out anew, copying every running row
     prefill_only_during_decode: int = 0  # prefill-only batches run in an iteration that also decoded
 
 
@@ -266,16 +268,27 @@ class _Row:
 
 @dataclass
 class RunningBatch:
-    """The decoding rows, their key/value cache and each row's next-token logits [len(rows), V]."""
+    """The decoding rows, their key/value cache and each row's next-token logits [len(rows), V]. Row ``i`` is
+    slot ``i`` of ``slots`` (the :class:`CacheManager`), and the list follows the manager's moves."""
 
     rows: list[_Row] = field(default_factory=list)
-    cache: KVCache | None = None
+    slots: CacheManager = field(default_factory=CacheManager)
     logits: torch.Tensor | None = None
+
+    @property
+    def cache(self) -> KVCache | None:
+        """The running rows' cache: a view of the manager's buffer."""
+        return self.slots.cache
+
+    def clear(self) -> None:
+        """Forget every row, the cache and the logits."""
+        self.rows, self.logits = [], None
+        self.slots.clear()
 
     def fail(self, error: BaseException) -> None:
         """End every row with ``error`` and forget the cache."""
         rows = self.rows
-        self.rows, self.cache, self.logits = [], None, None
+        self.clear()
         for row in rows:
             row.submission.tell(error)
 
@@ -297,40 +310,33 @@ class Runner:
         row whose sampling or text fails gets its error alone; only a failure of the shared forward raises."""
         assert batch.cache is not None and batch.logits is not None
         rows = batch.rows
-        decoders = [row.decoder for row in rows]
-        logprobs = step_logprobs(decoders, batch.logits)  # before decode_step masks the stop ids in place
-        chosen = decode_step(decoders, batch.logits)
+        results = decode_rows([row.decoder for row in rows], batch.logits)
         keep: list[int] = []
+        tokens: dict[int, int] = {}  # the id each kept row feeds to the next step
         for i, row in enumerate(rows):
             if row.submission.cancelled:
                 self.stats.cancelled += 1
                 continue
-            picked = chosen[i]
-            try:
-                if isinstance(picked, Exception):
-                    raise picked
-                event = row.decoder.advance(i, picked, None if logprobs is None else logprobs[i])
-            except Exception as exc:  # this row's own failure: its neighbours go on
-                row.submission.tell(exc)
+            event = results[i]
+            if not isinstance(event, StepEvent):  # this row's own failure: its neighbours go on
+                row.submission.tell(event if event is not None else RuntimeError("the row had already finished"))
                 continue
             self.stats.generated_tokens += 1
             row.submission.tell(event)
-            if not row.decoder.finished and not row.submission.cancelled:
+            if not row.decoder.finished and not row.submission.cancelled and event.token_id is not None:
                 keep.append(i)
+                tokens[i] = event.token_id
         if not keep:
-            batch.rows, batch.cache, batch.logits = [], None, None
+            batch.clear()
             return
-        kept = [rows[i] for i in keep]
-        cache = batch.cache
-        if len(keep) < len(rows):
-            cache = cache.select_rows(keep, room=batch.room(kept))
-        feed = torch.tensor([chosen[i] for i in keep], device=self.engine.model.device)
-        out = self.engine.model(feed[:, None], cache=cache, logits_to_keep=1)
+        order = batch.slots.retain(keep)  # departed slots take the last rows: the list follows
+        batch.rows = [rows[i] for i in order]
+        feed = torch.tensor([tokens[i] for i in order], device=self.engine.model.device)
+        batch.logits = forward_step(self.engine.model, feed, batch.slots.cache)
         self.stats.steps += 1
-        batch.rows, batch.cache, batch.logits = kept, cache, out.logits[:, -1].float()
 
     def join(self, batch: RunningBatch, newcomers: list[Submission]) -> None:
-        """Prefill ``newcomers`` together and merge them into the running batch. A newcomer whose settings or
+        """Prefill ``newcomers`` together and join them to the running batch. A newcomer whose settings or
         prompt fail gets its error and the others still join; the running rows are never touched by a failure."""
         engine = self.engine
         joining: list[_Row] = []
@@ -353,7 +359,7 @@ class Runner:
             lengths = prepared["attention_mask"].sum(1).cpu()
             engine.check_context(lengths)
             fresh = engine.model.new_cache(*prepared["input_ids"].shape)
-            out = engine.model(**prepared, cache=fresh, logits_to_keep=1)
+            fresh_logits = prefill(engine.model, prepared, fresh)
         except Exception as exc:  # the newcomers' own problem: the running rows go on
             if len(joining) > 1:  # find which of them it is: the others still join
                 for row in joining:
@@ -365,16 +371,16 @@ class Runner:
         for row, n in zip(joining, lengths, strict=True):
             row.decoder.max_new_tokens = min(row.decoder.max_new_tokens, engine.context_length - int(n))
         everyone = batch.rows + joining
-        try:  # built aside and swapped in whole: a failure here leaves the running batch as it was
-            parts = [(batch.cache, range(len(batch.rows)))] if batch.rows and batch.cache is not None else []
-            merged = KVCache.merge([*parts, (fresh, range(len(joining)))], room=batch.room(everyone))
-            new_logits = out.logits[:, -1].float()
-            logits = new_logits if not batch.rows or batch.logits is None else torch.cat([batch.logits, new_logits])
+        try:  # the join comes last: it writes free slots or a buffer built aside, never the running rows
+            logits = (fresh_logits if not batch.rows or batch.logits is None
+                      else torch.cat([batch.logits, fresh_logits]))
+            batch.slots.join(fresh, room=batch.room(everyone))
         except Exception as exc:
             for row in joining:
                 row.submission.tell(exc)
             return
-        batch.rows, batch.cache, batch.logits = everyone, merged, logits
+        self.stats.cache_relayouts = batch.slots.relayouts
+        batch.rows, batch.logits = everyone, logits
 
     def prefill_only(self, rows: list[tuple[PrefillSubmission, int]]) -> None:
         """One forward for ``rows``; each row's logits (or error) go to its submission's sink."""
@@ -501,9 +507,11 @@ class ContinuousBatcher:
                     submission.tell(exc)
 
     def _run(self) -> None:
-        batch = RunningBatch()
+        batch = RunningBatch(slots=CacheManager(max_rows=self.max_batch_size))
         while True:
             with self._wake:
+                if not batch.rows and not self.scheduler.has_work():
+                    batch.slots.clear()  # idle: give the cache's memory back (kept while requests keep coming)
                 while not batch.rows and not self.scheduler.has_work() and not self._closed:
                     self._wake.wait()
                 if self._closed:

@@ -3,16 +3,44 @@ refused one is a one-line ValueError naming the setting."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Sequence
 
 import pytest
 import torch
 
-from owl2.generation.sampling import SEED_MAX, SEED_MIN, SamplingParams, filter_top_k_top_p, make_generator, next_token
+from owl2.generation.decoding import RowDecoder, pick_tokens
+from owl2.generation.engine import GenerationRequest
+from owl2.generation.sampling import (
+    SEED_MAX,
+    SEED_MIN,
+    SamplingParams,
+    apply_repetition_penalty,
+    filtered_distribution,
+    make_generator,
+)
 from owl2.generation.streaming import TextStream
 
 VOCAB = 32000
-NONE = torch.tensor([], dtype=torch.long)
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, seen: Sequence[int] = (), seed: int | None = None) -> int:
+    """The id the decoding core picks for one row of ``logits`` [V] under ``params``, with ``seen`` as the ids
+    the repetition penalty looks at and the row's generator seeded with ``seed`` when given."""
+    if seed is not None:
+        params = dataclasses.replace(params, seed=seed)
+    row = RowDecoder(GenerationRequest(list(seen), None, params), lambda ids: "", (), params.max_new_tokens,
+                     torch.device("cpu"))
+    result = pick_tokens([row], logits[None])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result.token
+
+
+def kept_ids(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Bool [V]: the ids the top-p filter keeps (temperature 1)."""
+    return filtered_distribution(logits[None], [1.0], [0], [top_p])[0] > 0
 
 
 def _logits(seed: int = 0) -> torch.Tensor:
@@ -25,14 +53,14 @@ def test_a_tiny_temperature_picks_the_best_token(temperature):
     logits = _logits()
     params = SamplingParams(temperature=temperature, seed=1)
     for seed in range(3):
-        assert next_token(logits, params, NONE, torch.Generator().manual_seed(seed)) == int(logits.argmax())
+        assert next_token(logits, params, seed=seed) == int(logits.argmax())
 
 
 def test_a_tiny_temperature_shares_the_mass_between_tied_best_tokens():
     logits = torch.full((8,), -5.0)
     logits[[2, 5]] = 3.0
     params = SamplingParams(temperature=1e-300)
-    picks = {next_token(logits, params, NONE, torch.Generator().manual_seed(s)) for s in range(40)}
+    picks = {next_token(logits, params, seed=s) for s in range(40)}
     assert picks == {2, 5}
 
 
@@ -42,10 +70,10 @@ def test_a_tiny_top_p_keeps_the_best_token(top_p):
     every token was dropped, and sampling failed on NaN probabilities."""
     for seed in range(5):
         logits = _logits(seed)
-        kept = filter_top_k_top_p(logits, 0, top_p).isfinite()
+        kept = kept_ids(logits, top_p)
         assert kept.sum() == 1 and kept[logits.argmax()]
         params = SamplingParams(temperature=1.0, top_p=top_p)
-        assert next_token(logits, params, NONE, torch.Generator().manual_seed(0)) == int(logits.argmax())
+        assert next_token(logits, params, seed=0) == int(logits.argmax())
 
 
 @pytest.mark.parametrize("penalty", [1e-300, 1e-30, 1e30, 1e300])
@@ -55,21 +83,24 @@ def test_extreme_repetition_penalties_stay_finite(penalty, temperature):
     logits = _logits()
     seen = logits.topk(50).indices
     params = SamplingParams(temperature=temperature, repetition_penalty=penalty, top_p=0.9, top_k=40)
-    token = next_token(logits, params, seen, torch.Generator().manual_seed(0))
+    token = next_token(logits, params, seen.tolist(), seed=0)
     assert 0 <= token < VOCAB
+    mask = torch.zeros(VOCAB, dtype=torch.bool)
+    mask[seen] = True
+    assert apply_repetition_penalty(logits[None], mask[None], torch.tensor([penalty])).isfinite().all()
 
 
 def test_every_token_masked_is_a_clear_error():
     params = SamplingParams(temperature=1.0)
     with pytest.raises(ValueError, match="every logit is -inf"):
-        next_token(torch.full((5,), float("-inf")), params, NONE, torch.Generator().manual_seed(0))
+        next_token(torch.full((5,), float("-inf")), params, seed=0)
 
 
 @pytest.mark.parametrize("seed", [SEED_MIN, -1, 0, 2**63 - 1, 2**63 + 15, SEED_MAX])
 def test_every_accepted_seed_seeds_a_generator(seed):
     params = SamplingParams(temperature=1.0, seed=seed)
     generator = make_generator(params, torch.device("cpu"))
-    draws = [next_token(_logits(), params, NONE, make_generator(params, torch.device("cpu"))) for _ in range(2)]
+    draws = [next_token(_logits(), params) for _ in range(2)]
     assert generator is not None and draws[0] == draws[1]
 
 

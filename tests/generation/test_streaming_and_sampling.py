@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import sentencepiece as spm
 import torch
 
-from owl2.generation.sampling import SamplingParams, apply_repetition_penalty, filter_top_k_top_p, next_token
+from owl2.generation.decoding import RowDecoder, pick_tokens
+from owl2.generation.engine import GenerationRequest
+from owl2.generation.sampling import SamplingParams, apply_repetition_penalty, filtered_distribution
 from owl2.generation.streaming import TextStream
 from tests.conftest import FIXTURES
 
@@ -56,31 +60,46 @@ def test_earliest_of_several_stop_strings_wins():
     assert "".join(run(stream, SP.encode("one STOP two END"))) == "one "
 
 
+def pick(logits: torch.Tensor, params: SamplingParams, seed: int | None = None) -> int:
+    """The id the decoding core picks for one row of ``logits`` [V] under ``params`` (its generator seeded with
+    ``seed`` when given)."""
+    if seed is not None:
+        params = dataclasses.replace(params, seed=seed)
+    row = RowDecoder(GenerationRequest([], None, params), decode, (), params.max_new_tokens, torch.device("cpu"))
+    result = pick_tokens([row], logits[None])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result.token
+
+
+def kept(logits: torch.Tensor, top_k: int, top_p: float) -> list[bool]:
+    """Which ids of ``logits`` [V] the top-k/top-p filters keep (temperature 1)."""
+    return (filtered_distribution(logits[None], [1.0], [top_k], [top_p])[0] > 0).tolist()
+
+
 def test_repetition_penalty_follows_the_ctrl_rule():
     logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
-    out = apply_repetition_penalty(logits, torch.tensor([0, 1, 1]), 2.0)
-    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
+    seen = torch.zeros(4, dtype=torch.bool)
+    seen[[0, 1, 1]] = True
+    out = apply_repetition_penalty(logits[None], seen[None], torch.tensor([2.0]))
+    assert out[0].tolist() == [1.0, -4.0, 1.0, 0.5]
 
 
 def test_top_k_and_top_p_filters():
     logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
-    kept = filter_top_k_top_p(logits, top_k=2, top_p=1.0).isfinite().tolist()
-    assert kept == [True, True, False, False, False]
+    assert kept(logits, top_k=2, top_p=1.0) == [True, True, False, False, False]
     # top_p 0.8: 0.5 + 0.2 = 0.7 < 0.8, so 0.15 is needed too; 0.1 and 0.05 go
-    kept = filter_top_k_top_p(logits, top_k=0, top_p=0.8).isfinite().tolist()
-    assert kept == [True, True, True, False, False]
-    kept = filter_top_k_top_p(logits, top_k=0, top_p=0.01).isfinite().tolist()
-    assert kept == [True, False, False, False, False]  # the best token always stays
+    assert kept(logits, top_k=0, top_p=0.8) == [True, True, True, False, False]
+    assert kept(logits, top_k=0, top_p=0.01) == [True, False, False, False, False]  # the best token always stays
 
 
 def test_sampling_is_reproducible_with_a_seed_and_greedy_without_temperature():
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=1.0, seed=7)
-    draws = [next_token(logits, params, torch.tensor([], dtype=torch.long), torch.Generator().manual_seed(7))
-             for _ in range(2)]
+    draws = [pick(logits, params) for _ in range(2)]
     assert draws[0] == draws[1]
     greedy = SamplingParams(temperature=0.0)
-    assert next_token(logits, greedy, torch.tensor([], dtype=torch.long), None) == int(logits.argmax())
+    assert pick(logits, greedy) == int(logits.argmax())
 
 
 @pytest.mark.parametrize(

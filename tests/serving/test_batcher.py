@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from owl2.generation import GenerationRequest, SamplingParams
-from owl2.model.cache import KVCache
 from owl2.serving.batcher import ContinuousBatcher, PrefillRow, PrefillSubmission, QueueFullError, Scheduler
 from tests.serving.conftest import scene
 
@@ -145,20 +144,22 @@ def test_a_bad_newcomer_does_not_end_the_running_rows(tiny_pipeline):
     assert collected.tokens(0) == tiny_pipeline.engine.generate([good])[0].token_ids
 
 
-def test_cache_merge_right_aligns_and_trims(tiny_pipeline):
+def test_cache_rows_right_align_and_trim(tiny_pipeline):
     model = tiny_pipeline.model
     prompts = [tiny_pipeline.request("a b c d e f g h", max_new_tokens=2), tiny_pipeline.request("x", max_new_tokens=2)]
     batch = tiny_pipeline.engine.prepare([p.prompt_ids for p in prompts], [None, None])
     cache = model.new_cache(*batch["input_ids"].shape)
     with torch.inference_mode():
         model(**batch, cache=cache, logits_to_keep=1)
-    short_only = KVCache.merge([(cache, [1])], room=5)
+    short_only = cache.select_rows([1], room=5)
     real = int(cache.valid[1].sum())
     assert short_only.length == real  # the long row's extra columns are gone
     assert short_only.max_length == real + 5
     assert bool(short_only.valid[0, :real].all())
     torch.testing.assert_close(short_only.keys[:, 0, :, :real], cache.keys[:, 1, :, cache.length - real:cache.length])
-    both = KVCache.merge([(short_only, [0]), (cache, [0])], room=1)
+    both = short_only.new_zeros(2, cache.span([0]) + 1, length=cache.span([0]))  # the longest history
+    both.write_rows(short_only, [0], [0])
+    both.write_rows(cache, [0], [1])
     assert both.length == cache.length and both.batch_size == 2
     assert int(both.valid[0].sum()) == real and int(both.valid[1].sum()) == int(cache.valid[0].sum())
     assert both.next_position.tolist() == [int(cache.next_position[1]), int(cache.next_position[0])]
