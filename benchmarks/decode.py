@@ -38,7 +38,8 @@ VARIANTS = {
     "int8-dynamic": (torch.float32, "int8-dynamic"),
     "int8": (torch.bfloat16, "int8"),
 }
-# Figures of the official code on this machine (issue 2): tokens/s, batch 1 and total at batch 4.
+# Figures of the official code (its pinned libraries) on a 2-core CPU machine of the same class: tokens/s, batch 1 and
+# total at batch 4 (docs/benchmarks.md, the "official" column).
 OFFICIAL_REPORTED = {("fp32", 1): 25.7, ("bf16", 1): 44.1, ("fp32", 4): 52.0, ("bf16", 4): 152.0}
 
 
@@ -208,7 +209,7 @@ def main() -> None:
             results.append(row)
             print(f"{variant:12} {b:5d} {row['prefill_s']:9.3f} {tok_s:8.1f} {ref:9.1f} {tok_s / ref:6.2f} "
                   f"{reported:9.1f} {tok_s / reported:6.2f} {roofline:8.2f}")
-    print("* official: the official code's figures on this machine class, quoted in issue 2 (not run here)")
+    print("* official: the official code's figures on a machine of this class (docs/benchmarks.md; not run here)")
     if not args.no_engine:
         print(f"generation engine, 4 mixed requests (0/1/1/2 images, 13-41 prompt tokens), {args.new_tokens} new "
               "tokens each; total tokens/s")
