@@ -4,6 +4,7 @@ The model and checkpoint I/O need only torch, numpy and safetensors. The tokeniz
 the pipeline (``owl2.load``) also need the ``processing`` extra; they are imported on first use.
 """
 
+import sys
 from typing import Any
 
 from owl2.checkpoint import CheckpointError, convert_checkpoint, load_model, save_model
@@ -42,3 +43,13 @@ __all__ = [
     "save_model",
     *_LAZY,
 ]
+
+if "transformers" in sys.modules:
+    # Someone already works with transformers here: make every mPLUG-Owl2 checkpoint load through its Auto classes.
+    # Not otherwise: importing transformers' Auto classes takes seconds that `import owl2` (and every CLI call)
+    # should not pay; `import owl2.integrations.transformers` registers explicitly.
+    import contextlib
+
+    # a transformers that cannot load its Auto classes is skipped here; the explicit import says why
+    with contextlib.suppress(ImportError):
+        import owl2.integrations.transformers  # noqa: F401
