@@ -157,6 +157,30 @@ class KVCache:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[index], self.values[index]
 
+    def resized(self, max_length: int) -> KVCache:
+        """A copy with room for ``max_length`` positions (at least ``length``): the cached positions, the valid
+        flags and the next RoPE positions as they are (a cache that grows)."""
+        if max_length < self.length:
+            raise ValueError(f"a cache holding {self.length} positions cannot shrink to {max_length}")
+        out = self.new_zeros(self.batch_size, max_length, length=self.length)
+        end = self.length
+        out.keys[:, :, :, :end] = self.keys[:, :, :, :end]
+        out.values[:, :, :, :end] = self.values[:, :, :, :end]
+        out.valid[:, :end] = self.valid[:, :end]
+        out.next_position.copy_(self.next_position)
+        out.has_padding = self.has_padding
+        return out
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from ``length`` on (``0 <= length <= self.length``); each row's next RoPE position
+        goes back by the real tokens forgotten."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"a cache holding {self.length} positions cannot be cut to {length}")
+        self.next_position -= self.valid[:, length:self.length].sum(-1)
+        self.valid[:, length:] = False
+        self.length = length
+        self.has_padding = bool((~self.valid[:, :length]).any())
+
     def reset(self, *, length: int = 0) -> None:
         """Forget every cached position; the buffers are kept for the next generation. ``length`` > 0 takes that many
         positions as padding already, for rows written after it with :meth:`write_rows`."""

@@ -46,14 +46,7 @@ class Owl2Cache(Cache):
         if kv.batch_size != batch_size:
             raise ValueError(f"the cache holds {kv.batch_size} rows but the input has {batch_size}")
         if kv.length + new_tokens > kv.max_length:
-            capacity = max(kv.length + new_tokens, kv.max_length + max(kv.max_length, GROWTH_STEP))
-            grown = kv.new_zeros(batch_size, capacity, length=kv.length)
-            grown.keys[:, :, :, : kv.length] = kv.keys[:, :, :, : kv.length]
-            grown.values[:, :, :, : kv.length] = kv.values[:, :, :, : kv.length]
-            grown.valid[:, : kv.length] = kv.valid[:, : kv.length]
-            grown.next_position.copy_(kv.next_position)
-            grown.has_padding = kv.has_padding
-            self.kv = grown
+            self.kv = kv.resized(max(kv.length + new_tokens, kv.max_length + max(kv.max_length, GROWTH_STEP)))
         return self.kv
 
     # ----------------------------------------------------------------------------------------- generate's side
@@ -130,12 +123,8 @@ class Owl2Cache(Cache):
             return
         keep = kv.length + max_length if max_length < 0 else min(max_length, kv.length)
         keep = max(keep, 0)
-        if keep == kv.length:
-            return
-        kv.next_position -= kv.valid[:, keep : kv.length].sum(-1)
-        kv.valid[:, keep:] = False
-        kv.length = keep
-        kv.has_padding = bool((~kv.valid[:, :keep]).any())
+        if keep < kv.length:
+            kv.truncate(keep)
 
 
 __all__ = ["GROWTH_STEP", "Owl2Cache"]
