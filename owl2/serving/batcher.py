@@ -33,15 +33,16 @@ ratings costs the decoding rows: one bounded forward per decode step, so a reque
 several iterations and chat tokens keep flowing between them. When nothing decodes, prefill batches run back to
 back.
 
-A row's result does not depend on which rows share its forward: padding is masked, RoPE positions are per row and each
-generation row keeps its own sampling state (:class:`owl2.generation.engine.RowDecoder`). A failure stays with the rows
-that caused it: a row whose settings, sampling or text fail ends alone, a newcomer or prefill-only batch that fails is
-retried row by row, and only the failing row gets the error; a newcomer's rows reach the cache last, written into free
-slots or a buffer built aside, so its failure never touches the running rows. Every request the worker holds gets an
-answer: should the worker itself fail, each running row, each newcomer taken off the line and each prefill row of the
-iteration is told, and the worker goes on (a dead worker would leave every later request waiting forever). The waiting
-lines are bounded: ``submit`` and ``submit_prefill`` raise :class:`QueueFullError` when theirs is full (the server
-answers 429). ``max_batch_size=1`` decodes one request at a time (the baseline of ``benchmarks/serve_load.py``).
+A row's result does not depend on which rows share its forward: padding is masked, RoPE positions are per row and
+each generation row keeps its own sampling state (:class:`owl2.generation.decoding.RowDecoder`). A failure stays
+with the rows that caused it: a row whose settings, sampling or text fail ends alone, a newcomer or prefill-only
+batch that fails is retried row by row, and only the failing row gets the error; a newcomer's rows reach the cache
+last, written into free slots or a buffer built aside, so its failure never touches the running rows. Every request
+the worker holds gets an answer: should the worker itself fail, each running row, each newcomer taken off the line
+and each prefill row of the iteration is told, and the worker goes on (a dead worker would leave every later request
+waiting forever). The waiting lines are bounded: ``submit`` and ``submit_prefill`` raise :class:`QueueFullError`
+when theirs is full (the server answers 429). ``max_batch_size=1`` decodes one request at a time (the baseline of
+``benchmarks/serve_load.py``).
 """
 
 from __future__ import annotations
@@ -326,8 +327,9 @@ class Runner:
             if not row.decoder.finished and not row.submission.cancelled and event.token_id is not None:
                 keep.append(i)
                 tokens[i] = event.token_id
-        if not keep:
-            batch.clear()
+        if not keep:  # the buffer stays for the next rows; the worker releases it when it goes idle
+            batch.slots.retain([])
+            batch.rows, batch.logits = [], None
             return
         order = batch.slots.retain(keep)  # departed slots take the last rows: the list follows
         batch.rows = [rows[i] for i in order]

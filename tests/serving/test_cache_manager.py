@@ -223,3 +223,19 @@ def test_relayouts_stay_rare_over_a_long_random_run(tiny_fp32):
     assert joined > 60 and driver.manager.rows_moved > 5  # the run did join and drop many rows
     assert driver.manager.relayouts <= 8
     assert driver.manager.capacity[1] <= 4 * largest  # sized from the rows, not from the context
+
+
+@torch.no_grad()
+def test_a_batch_that_empties_keeps_its_buffer_for_the_next_rows(tiny_fp32):
+    driver = _settled(tiny_fp32)
+    manager = driver.manager
+    buffer, relayouts = manager.buffer, manager.relayouts
+    driver.leave(set(range(len(driver.live))))  # every row finished at once
+    assert manager.rows == 0 and manager.cache is None and manager.buffer is buffer
+    newcomer = make_streams(tiny_fp32, 1, seed=12, budget=3, text=(2, 8), image_rate=0)[0]
+    driver.join([newcomer])
+    assert manager.relayouts == relayouts and manager.buffer is buffer
+    for _ in range(3):
+        driver.step()  # decodes as the row alone
+    manager.clear()
+    assert manager.buffer is None and manager.capacity == (0, 0)
