@@ -22,10 +22,12 @@ def official_state() -> dict[str, torch.Tensor]:
     return load_file(OFFICIAL_TINY / "model.safetensors")
 
 
-def write_official_layout(directory: Path, state: dict[str, torch.Tensor], dtype=torch.float16) -> Path:
-    """The released layout: shard k holds decoder layer k-1 (with its inv_freq), the last shard everything else."""
+def write_official_layout(directory: Path, state: dict[str, torch.Tensor], dtype=torch.float16,
+                          config_json: str | None = None) -> Path:
+    """The released layout: shard k holds decoder layer k-1 (with its inv_freq), the last shard everything else.
+    ``config_json``: the config.json text (default: official-tiny's)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text((OFFICIAL_TINY / "config.json").read_text())
+    (directory / "config.json").write_text(config_json or (OFFICIAL_TINY / "config.json").read_text())
     layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"model\.layers\.(\d+)\.", k))})
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(len(layers) + 1)]
     for key, tensor in state.items():

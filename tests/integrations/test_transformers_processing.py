@@ -240,6 +240,14 @@ def test_chat_template_renders_exactly_as_render_conversation(processor: MPLUGOw
         assert rendered == expected, messages
 
 
+def test_chat_template_with_bos_starts_with_the_tokenizer_bos(processor: MPLUGOwl2Processor) -> None:
+    """For servers that tokenize the rendered text without special tokens: BOS, then the same conversation."""
+    jinja = chat_template("mplug_owl2", bos=True)
+    for messages in CONVERSATIONS:
+        rendered = processor.apply_chat_template(messages, chat_template=jinja, add_generation_prompt=True)
+        assert rendered == "<s>" + render_conversation(messages, "mplug_owl2", True), messages
+
+
 @pytest.mark.parametrize("answer", ["The answer is", "The answer is ", [{"type": "text", "text": "In parts "}]])
 def test_continue_final_message_leaves_the_answer_open(processor: MPLUGOwl2Processor, answer: Any) -> None:
     """What pipelines do with a chat that ends with the assistant: the answer stays open, spaces kept."""

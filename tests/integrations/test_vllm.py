@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,6 +32,7 @@ from owl2.model.config import Owl2Config
 from owl2.model.init import init_weights
 from owl2.model.modeling import Owl2ForCausalLM
 from owl2.processing.conversation import render_conversation
+from tests.checkpoint.test_io import write_official_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -110,18 +110,7 @@ def write_checkpoint(directory: Path) -> Path:
     for i in range(config.num_hidden_layers):
         state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq
 
-    directory.mkdir(parents=True)
-    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_hidden_layers + 1)]
-    for key, tensor in state.items():
-        layer = re.match(r"model\.layers\.(\d+)\.", key)
-        shards[int(layer.group(1)) if layer else -1][key] = tensor
-    weight_map = {}
-    for k, shard in enumerate(shards, 1):
-        name = f"pytorch_model-{k}-of-{len(shards)}.bin"
-        torch.save(shard, directory / name)
-        weight_map.update(dict.fromkeys(shard, name))
-    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_official_layout(directory, state, torch.float32, json.dumps(config.to_dict(), indent=2))
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(FIXTURES / "llama2-tokenizer" / name, directory / name)
     size = config.vision.image_size

@@ -124,7 +124,7 @@ def _model_config(directory: Path) -> Owl2Config | None:
 
 
 # ------------------------------------------------------------------------------------------------------- chat template
-def chat_template(template: str | ConversationTemplate = MODEL_TYPE) -> str:
+def chat_template(template: str | ConversationTemplate = MODEL_TYPE, *, bos: bool = False) -> str:
     """The Jinja chat template that renders messages as :func:`~owl2.processing.conversation.render_conversation`
     does with ``template`` (``"mplug_owl2"`` or ``"vicuna_v1"``), character for character, with its checks.
 
@@ -133,6 +133,9 @@ def chat_template(template: str | ConversationTemplate = MODEL_TYPE) -> str:
     render_conversation's: after a user message it opens the answer (``ASSISTANT:``), after an assistant message it
     leaves that answer open (no ``</s>``). transformers drops keys whose value is None, so an assistant message
     without content is the open answer slot, as ``content: None`` is for render_conversation.
+
+    ``bos``: start the text with the tokenizer's ``bos_token``, for servers that tokenize a rendered chat without
+    adding special tokens (vLLM's OpenAI server); the processor adds BOS itself when it tokenizes.
     """
     conv = get_template(template)
     user, assistant = conv.roles
@@ -214,6 +217,8 @@ def chat_template(template: str | ConversationTemplate = MODEL_TYPE) -> str:
         "{%- endif -%}",
         "{%- endfor -%}",
     ]
+    if bos:
+        lines.insert(0, "{{- bos_token -}}")
     return "\n".join(line for line in lines if line)
 
 
