@@ -220,15 +220,23 @@ class _SlowImage(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_fetching_does_not_block_the_server_and_long_videos_are_refused(tiny_pipeline):
+@contextlib.contextmanager
+def slow_image_url() -> Iterator[str]:
+    """The URL of an image that a local server sends after a second; the server stops on exit."""
     images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowImage)
     threading.Thread(target=images.serve_forever, daemon=True).start()
-    slow = f"http://127.0.0.1:{images.server_address[1]}/orange.png"
+    try:
+        yield f"http://127.0.0.1:{images.server_address[1]}/orange.png"
+    finally:
+        images.shutdown()
+
+
+def test_fetching_does_not_block_the_server_and_long_videos_are_refused(tiny_pipeline):
     settings = ServerSettings(model_name="tiny", max_video_frames=64,
                               images=ImagePolicy(allow_remote=True, allow_private_hosts=True))
     app = create_app(tiny_pipeline, settings)
 
-    async def run(url: str) -> tuple[httpx.Response, float]:
+    async def run(url: str, slow: str) -> tuple[httpx.Response, float]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             rating = asyncio.create_task(client.post(RATE, json={"items": [{"image_url": slow}]}))
             await asyncio.sleep(0.3)  # the server is now waiting for the image
@@ -238,22 +246,19 @@ def test_fetching_does_not_block_the_server_and_long_videos_are_refused(tiny_pip
             assert not rating.done()
             return await rating, health_seconds
 
-    try:
-        with serve_in_thread(app) as url:
-            reply, health_seconds = asyncio.run(run(url))
-            assert health_seconds < 0.5, f"/health took {health_seconds:.2f} s while an image was fetched"
-            assert reply.status_code == 200
-            assert reply.json()["data"][0]["score"] == pytest.approx(tiny_pipeline.rate([scene("orange")])[0].score,
-                                                                     abs=1e-5)
-            # 60 frames of 9 positions each do not fit the tiny model's 512 positions
-            video = {"video": [data_url(scene("red"))] * 60}
-            refused = httpx.post(url + RATE, json={"items": [{"image_url": data_url(scene("red"))}, video]},
-                                 timeout=60)
-            assert refused.status_code == 400
-            assert refused.json()["error"]["message"].startswith("items[1]: 60 frames")
-            assert "more than the context of 512; send fewer frames" in refused.json()["error"]["message"]
-    finally:
-        images.shutdown()
+    with slow_image_url() as slow, serve_in_thread(app) as url:
+        reply, health_seconds = asyncio.run(run(url, slow))
+        assert health_seconds < 0.5, f"/health took {health_seconds:.2f} s while an image was fetched"
+        assert reply.status_code == 200
+        assert reply.json()["data"][0]["score"] == pytest.approx(tiny_pipeline.rate([scene("orange")])[0].score,
+                                                                 abs=1e-5)
+        # 60 frames of 9 positions each do not fit the tiny model's 512 positions
+        video = {"video": [data_url(scene("red"))] * 60}
+        refused = httpx.post(url + RATE, json={"items": [{"image_url": data_url(scene("red"))}, video]},
+                             timeout=60)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["message"].startswith("items[1]: 60 frames")
+        assert "more than the context of 512; send fewer frames" in refused.json()["error"]["message"]
 
 
 def test_images_being_decoded_count_against_the_rating_queue(tiny_pipeline):
@@ -261,31 +266,25 @@ def test_images_being_decoded_count_against_the_rating_queue(tiny_pipeline):
     once all held their decoded images (megabytes per image for a real model) at the same time. Now the images of a
     request being fetched and decoded count as waiting: one more gets 429 at once, and once the first is queued
     and run the room is back."""
-    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowImage)
-    threading.Thread(target=images.serve_forever, daemon=True).start()
-    slow = f"http://127.0.0.1:{images.server_address[1]}/orange.png"
     settings = ServerSettings(model_name="tiny", max_rate_queue=1,
                               images=ImagePolicy(allow_remote=True, allow_private_hosts=True))
     app = create_app(tiny_pipeline, settings)
     other = {"items": [{"image_url": data_url(scene("red"))}]}
 
-    async def run(url: str) -> tuple[httpx.Response, httpx.Response]:
+    async def run(url: str, slow: str) -> tuple[httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             first = asyncio.create_task(client.post(RATE, json={"items": [{"image_url": slow}]}))
             await asyncio.sleep(0.3)  # the server is now fetching its image
             refused = await client.post(RATE, json=other)
             return refused, await first
 
-    try:
-        with serve_in_thread(app) as url:
-            refused, first = asyncio.run(asyncio.wait_for(run(url), timeout=60))
-            assert refused.status_code == 429, refused.text
-            assert refused.json()["error"]["code"] == "queue_full"
-            assert first.status_code == 200, first.text
-            assert app.state.server.building_images == 0
-            assert httpx.post(url + RATE, json=other, timeout=60).status_code == 200
-    finally:
-        images.shutdown()
+    with slow_image_url() as slow, serve_in_thread(app) as url:
+        refused, first = asyncio.run(asyncio.wait_for(run(url, slow), timeout=60))
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert first.status_code == 200, first.text
+        assert app.state.server.building_images == 0
+        assert httpx.post(url + RATE, json=other, timeout=60).status_code == 200
 
 
 def test_cli_parses_rating_options(tmp_path: Path):
