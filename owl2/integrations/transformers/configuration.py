@@ -50,11 +50,12 @@ class MPLUGOwl2Config(PretrainedConfig):
             setattr(self, name, copy.deepcopy(getattr(config, name)))
         setattr(self, VISUAL_KEY, layout[VISUAL_KEY])
 
-    def _official_dict(self) -> dict[str, Any]:
-        """The official keys as this config holds them now (attributes may have been set after construction)."""
+    def _official(self) -> Owl2Config:
+        """The :class:`Owl2Config` of the official keys as this config holds them now (attributes may have been set
+        after construction), validated."""
         data = {name: copy.deepcopy(getattr(self, name)) for name in OWL2_FIELDS}
         data[VISUAL_KEY] = copy.deepcopy(getattr(self, VISUAL_KEY))
-        return data
+        return Owl2Config.from_dict(data)
 
     def to_owl2(self) -> Owl2Config:
         """The :class:`Owl2Config` of the ``config.json`` this config writes (validated again: attributes may have
@@ -69,13 +70,13 @@ class MPLUGOwl2Config(PretrainedConfig):
     @property
     def tokens_per_image(self) -> int:
         """Positions one image takes in expanded ``input_ids`` (the abstractor's queries plus its end token)."""
-        return Owl2Config.from_dict(self._official_dict()).tokens_per_image
+        return self._official().tokens_per_image
 
     @property
     def image_token_index(self) -> int:
         """The id that fills an image's positions in expanded ``input_ids`` (``image_token_id``, else
         ``vocab_size``)."""
-        return Owl2Config.from_dict(self._official_dict()).image_token_index
+        return self._official().image_token_index
 
     # ------------------------------------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -84,7 +85,7 @@ class MPLUGOwl2Config(PretrainedConfig):
         out = super().to_dict()
         for name in OWL2_FIELDS:
             out.pop(name, None)
-        official = Owl2Config.from_dict(self._official_dict()).to_dict()
+        official = self._official().to_dict()
         for key in OFFICIAL_KEYS:
             if key in official:
                 out[key] = official[key]

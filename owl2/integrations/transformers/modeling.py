@@ -233,7 +233,8 @@ class MPLUGOwl2LlamaForCausalLM(MPLUGOwl2PreTrainedModel, GenerationMixin):
         images = {key: model_kwargs.pop(key) for key in ("pixel_values", "image_embeds")
                   if model_kwargs.get(key) is not None}
         if expand_size > 1 and images and input_ids is not None:
-            per_row = (input_ids == self.config.image_token_index).sum(-1) // self.config.tokens_per_image
+            layout = self.owl2_config
+            per_row = (input_ids == layout.image_token_index).sum(-1) // layout.tokens_per_image
             first = torch.cumsum(per_row, 0) - per_row
             index = torch.cat([
                 torch.arange(int(start), int(start) + int(count)).repeat(expand_size)
