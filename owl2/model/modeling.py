@@ -277,7 +277,6 @@ class Owl2ForCausalLM(nn.Module):
         return (allowed | (key_pos == query_pos))[:, None]
 
     # --------------------------------------------------------------------------------------------------- generation
-    @torch.inference_mode()
     def generate(
         self,
         input_ids: torch.Tensor,
