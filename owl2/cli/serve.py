@@ -47,7 +47,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         lenient=args.lenient,
         default_temperature=args.default_temperature, max_rate_items=args.max_rate_items,
         max_video_frames=args.max_video_frames, prefill_rows=args.prefill_rows, prefill_tokens=args.prefill_tokens,
-        max_rate_queue=args.max_rate_queue)
+        max_rate_queue=args.max_rate_queue, prefix_cache_mb=args.prefix_cache_mb)
 
 
 def _missing(module: str, why: str) -> None:
@@ -181,6 +181,9 @@ def register(commands: Any) -> None:
                        "counted as their visual tokens")
     serve.add_argument("--max-rate-queue", type=int, default=1024,
                        help="images (video frames count one each) of ratings waiting before 429")
+    serve.add_argument("--prefix-cache-mb", type=float, default=512.0,
+                       help="memory for the keys and values of finished prompts and answers, reused by requests "
+                       "that start the same way (a chat's next turn, the same image and prompt start); 0: off")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--replicas", type=int, default=1, help="N > 1: N copies behind one endpoint (Ray Serve)")
     serve.add_argument("--ray-address", default=None,

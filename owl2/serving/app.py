@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from owl2.generation.engine import GenerationRequest, StepEvent
+from owl2.generation.prefix_cache import PrefixCache
 from owl2.serving.batcher import ContinuousBatcher, PrefillRow, PrefillSubmission, QueueFullError, Submission
 from owl2.serving.errors import APIError, clip, error_response
 from owl2.serving.images import ImagePolicy, TooManyDownloads
@@ -100,6 +101,8 @@ class ServerSettings:
     """Positions per batched rating prefill: rows x the longest row (images counted as their visual tokens)."""
     max_rate_queue: int = 1024
     """Images (video frames counted one each) of ratings that may wait before 429."""
+    prefix_cache_mb: float = 512.0
+    """Memory for the keys and values of prompt prefixes kept for later requests (a chat's next turn); 0: off."""
 
     def __post_init__(self) -> None:
         """ValueError for an HTTP limit that would refuse every request or none (a zero or NaN deadline, say), or an
@@ -111,6 +114,9 @@ class ServerSettings:
         if self.max_body_bytes < 0 or self.max_header_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 0 and max_header_bytes >= 1, got {self.max_body_bytes} and "
                              f"{self.max_header_bytes}")
+        if not (isinstance(self.prefix_cache_mb, int | float) and math.isfinite(self.prefix_cache_mb)
+                and self.prefix_cache_mb >= 0):
+            raise ValueError(f"prefix_cache_mb must be 0 (off) or a positive number, got {self.prefix_cache_mb!r}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(f"max_connections must be at least 1 (or None: no cap), got {self.max_connections}")
         if isinstance(self.api_keys, str | bytes):  # its characters would each be a key of one character
@@ -207,7 +213,9 @@ class Owl2Server:
         self.batcher = ContinuousBatcher(engine, max_batch_size=settings.max_batch_size,
                                          max_queue=settings.max_queue, prefill_rows=settings.prefill_rows,
                                          prefill_tokens=settings.prefill_tokens,
-                                         prefill_queue_images=settings.max_rate_queue)
+                                         prefill_queue_images=settings.max_rate_queue,
+                                         prefix_cache=PrefixCache(int(settings.prefix_cache_mb * 2**20))
+                                         if settings.prefix_cache_mb > 0 else None)
         self.metrics = ServerMetrics(self.batcher, engine.image_cache)
         self.building_images = 0
         """Images of rating requests being fetched and decoded (changed on the event loop only)."""

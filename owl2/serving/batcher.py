@@ -33,6 +33,11 @@ ratings costs the decoding rows: one bounded forward per decode step, so a reque
 several iterations and chat tokens keep flowing between them. When nothing decodes, prefill batches run back to
 back.
 
+With a :class:`~owl2.generation.prefix_cache.PrefixCache` (``prefix_cache``; ``owl2 serve --prefix-cache-mb``), a
+newcomer's prefill reuses the keys and values of the longest prefix it shares with an earlier row
+(:meth:`GenerationEngine.start`), and a row that finishes leaves its prompt and answer in the cache before its slot
+is given away (:meth:`GenerationEngine.remember`), so a chat's next turn prefills only what is new.
+
 A row's result does not depend on which rows share its forward: padding is masked, RoPE positions are per row and
 each generation row keeps its own sampling state (:class:`owl2.generation.decoding.RowDecoder`). A failure stays
 with the rows that caused it: a row whose settings, sampling or text fail ends alone, a newcomer or prefill-only
@@ -47,6 +52,7 @@ when theirs is full (the server answers 429). ``max_batch_size=1`` decodes one r
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -56,8 +62,9 @@ from dataclasses import dataclass, field
 import torch
 
 from owl2.constants import OFFICIAL_IMAGE_TOKEN
-from owl2.generation.decoding import RowDecoder, StepEvent, decode_rows, forward_step, prefill
+from owl2.generation.decoding import RowDecoder, StepEvent, decode_rows, forward_step
 from owl2.generation.engine import GenerationEngine, GenerationRequest
+from owl2.generation.prefix_cache import PrefixCache, PrefixKey
 from owl2.model.cache import KVCache
 from owl2.serving.cache_manager import CacheManager
 
@@ -265,6 +272,10 @@ class Scheduler:
 class _Row:
     submission: Submission
     decoder: RowDecoder
+    key: PrefixKey | None = None
+    """What the row's prompt positions hold (with a prefix cache), to keep its keys and values when it ends."""
+    fed: list[int] = field(default_factory=list)
+    """The answer tokens fed back to the model so far: their keys and values follow the prompt's in the cache."""
 
 
 @dataclass
@@ -302,9 +313,10 @@ class RunningBatch:
 class Runner:
     """The model calls of the batcher; it holds no queue and no lock."""
 
-    def __init__(self, engine: GenerationEngine, stats: BatcherStats) -> None:
+    def __init__(self, engine: GenerationEngine, stats: BatcherStats, prefix_cache: PrefixCache | None = None) -> None:
         self.engine = engine
         self.stats = stats
+        self.prefix_cache = prefix_cache
 
     def step(self, batch: RunningBatch) -> None:
         """Emit every row's next token, drop finished, failed and cancelled rows, decode one step for the others. A
@@ -327,6 +339,8 @@ class Runner:
             if not row.decoder.finished and not row.submission.cancelled and event.token_id is not None:
                 keep.append(i)
                 tokens[i] = event.token_id
+            elif row.decoder.finished:
+                self._remember(batch.cache, i, row)
         if not keep:  # the buffer stays for the next rows; the worker releases it when it goes idle
             batch.slots.retain([])
             batch.rows, batch.logits = [], None
@@ -335,7 +349,17 @@ class Runner:
         batch.rows = [rows[i] for i in order]
         feed = torch.tensor([tokens[i] for i in order], device=self.engine.model.device)
         batch.logits = forward_step(self.engine.model, feed, batch.slots.cache)
+        for i, row in zip(order, batch.rows, strict=True):
+            row.fed.append(tokens[i])
         self.stats.steps += 1
+
+    def _remember(self, cache: KVCache, slot: int, row: _Row) -> None:
+        """Keep a finished row's prompt and answer in the prefix cache (before its slot is given to another row).
+        Best effort: a failure here must not end the rows still decoding."""
+        if self.prefix_cache is None or row.key is None:
+            return
+        with contextlib.suppress(Exception):  # the cache only saves work: the answer was already given
+            self.engine.remember(self.prefix_cache, row.key, cache, slot, row.fed)
 
     def join(self, batch: RunningBatch, newcomers: list[Submission]) -> None:
         """Prefill ``newcomers`` together and join them to the running batch. A newcomer whose settings or
@@ -356,12 +380,8 @@ class Runner:
     def _prefill(self, batch: RunningBatch, joining: list[_Row]) -> None:
         engine = self.engine
         try:
-            prepared = engine.prepare([r.submission.request.prompt_ids for r in joining],
-                                      [r.submission.request.images for r in joining])
-            lengths = prepared["attention_mask"].sum(1).cpu()
-            engine.check_context(lengths)
-            fresh = engine.model.new_cache(*prepared["input_ids"].shape)
-            fresh_logits = prefill(engine.model, prepared, fresh)
+            started = engine.start([r.submission.request for r in joining], prefix_cache=self.prefix_cache)
+            fresh, fresh_logits = started.cache, started.logits
         except Exception as exc:  # the newcomers' own problem: the running rows go on
             if len(joining) > 1:  # find which of them it is: the others still join
                 for row in joining:
@@ -370,8 +390,10 @@ class Runner:
             joining[0].submission.tell(exc)
             return
         self.stats.prefills += 1
-        for row, n in zip(joining, lengths, strict=True):
-            row.decoder.max_new_tokens = min(row.decoder.max_new_tokens, engine.context_length - int(n))
+        for row, key in zip(joining, started.keys, strict=True):
+            n = engine.prompt_tokens(row.submission.request)
+            row.decoder.max_new_tokens = min(row.decoder.max_new_tokens, engine.context_length - n)
+            row.key = key
         everyone = batch.rows + joining
         try:  # the join comes last: it writes free slots or a buffer built aside, never the running rows
             logits = (fresh_logits if not batch.rows or batch.logits is None
@@ -417,7 +439,8 @@ class ContinuousBatcher:
     """
 
     def __init__(self, engine: GenerationEngine, *, max_batch_size: int = 8, max_queue: int = 64,
-                 prefill_rows: int = 16, prefill_tokens: int = 4096, prefill_queue_images: int = 1024) -> None:
+                 prefill_rows: int = 16, prefill_tokens: int = 4096, prefill_queue_images: int = 1024,
+                 prefix_cache: PrefixCache | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_queue < 0:
@@ -432,7 +455,8 @@ class ContinuousBatcher:
         self.scheduler = Scheduler(max_queue=max_queue, prefill_queue_images=prefill_queue_images,
                                    prefill_rows=prefill_rows, prefill_tokens=prefill_tokens,
                                    tokens_per_image=engine.model.config.tokens_per_image)
-        self.runner = Runner(engine, self.stats)
+        self.prefix_cache = prefix_cache
+        self.runner = Runner(engine, self.stats, prefix_cache)
         self._wake = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None

@@ -41,6 +41,18 @@ class ServerMetrics:
             lambda: len(image_cache))
         Gauge("owl2_image_cache_hits", "Images whose encoding was reused", registry=self.registry).set_function(
             lambda: image_cache.hits)
+        prefix = getattr(batcher, "prefix_cache", None)  # None: prefix caching is off, every figure stays 0
+        for name, field, what in (
+            ("hits", "hits", "Prompts that reused a cached prefix's keys and values"),
+            ("misses", "misses", "Prompts that found no cached prefix"),
+            ("reused_tokens", "reused_tokens", "Prompt positions not prefilled thanks to the prefix cache (images "
+             "counted as their tokens)"),
+            ("bytes", "bytes", "Bytes of keys and values the prefix cache holds"),
+            ("entries", "entries", "Prefixes the prefix cache holds"),
+            ("evictions", "evictions", "Prefixes dropped, least recently used first, to stay within the budget"),
+        ):
+            Gauge(f"owl2_prefix_cache_{name}", what, registry=self.registry).set_function(
+                lambda field=field: 0 if prefix is None else getattr(prefix.stats, field))
 
     def first_token(self, submitted: float) -> None:
         self.ttft.observe(time.perf_counter() - submitted)
