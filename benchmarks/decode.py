@@ -1,14 +1,15 @@
 """Decode speed of owl2 against the official algorithm, on a mid-size random model, in one run.
 
 Model: LLM hidden 1024, 8 layers, 16 heads, intermediate 2816, vocab 32000; ViT 512 wide, 6 layers, 224 px;
-abstractor 2 layers, 64 queries. Input: one image plus 32 text tokens per row; greedy, 64 new tokens; batch 1 and 4;
-fp32 and bf16, and the int8 load options (``int8-dynamic`` with fp32 activations, ``int8`` weight-only with bf16
-activations). For each case it prints the prefill time, decode tokens/s (total over the batch), the same for the
-official-style baseline (``official_style.py``: the official decode algorithm on the same weights), their ratio,
-and decode as a fraction of the memory-bandwidth roofline: the weight bytes one decode step must read divided by
-the copy bandwidth measured in the same run.
+abstractor 2 layers, 64 queries. Input: one image plus 32 text tokens per row; greedy, 64 new tokens; batch 1, 4
+and 8; fp32 and bf16 (with the prepacked CPU layers ``owl2.load`` gives them), and the quantised load options
+(``int8-dynamic`` with fp32 activations, ``int8`` and ``int4`` weight-only with bf16 activations). For each case it
+prints the prefill time, decode tokens/s (total over the batch), the same for the official-style baseline
+(``official_style.py``: the official decode algorithm on the same unquantised weights, in the variant's activation
+dtype), their ratio, and decode as a fraction of the memory-bandwidth roofline: the weight bytes one decode step
+must read divided by the copy bandwidth measured in the same run.
 
-    python benchmarks/decode.py [--runs 3] [--new-tokens 64] [--batch 1 4] [--variant fp32 bf16 int8-dynamic int8]
+    python benchmarks/decode.py [--runs 3] [--new-tokens 64] [--batch 1 4 8] [--variant fp32 bf16 int8 int4 ...]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from official_style import OfficialStyleDecoder
 import owl2
 from owl2.generation import GenerationEngine, GenerationRequest, SamplingParams
 from owl2.model.config import AbstractorConfig, Owl2Config, VisionConfig
-from owl2.model.quantize import quantize_language_model, use_cpu_bf16_kernels
+from owl2.model.quantize import DEFAULT_INT4_GROUP_SIZE, pack_for_cpu_inference, quantize_language_model
 
 # variant -> (activation dtype, quantisation)
 VARIANTS = {
@@ -37,10 +38,10 @@ VARIANTS = {
     "bf16": (torch.bfloat16, None),
     "int8-dynamic": (torch.float32, "int8-dynamic"),
     "int8": (torch.bfloat16, "int8"),
+    "int4": (torch.bfloat16, "int4"),
 }
-# Figures of the official code (its pinned libraries) on a 2-core CPU machine of the same class: tokens/s, batch 1 and
-# total at batch 4 (docs/benchmarks.md, the "official" column).
-OFFICIAL_REPORTED = {("fp32", 1): 25.7, ("bf16", 1): 44.1, ("fp32", 4): 52.0, ("bf16", 4): 152.0}
+# Bytes a decode step reads per quantised weight: int4 adds a bf16 scale and zero per group.
+WEIGHT_BYTES = {"int8-dynamic": 1.0, "int8": 1.0, "int4": 0.5 + 4 / DEFAULT_INT4_GROUP_SIZE}
 
 
 def mid_config() -> Owl2Config:
@@ -67,19 +68,20 @@ def random_model(config: Owl2Config, seed: int = 0) -> owl2.Owl2ForCausalLM:
 
 
 def as_loaded(model: owl2.Owl2ForCausalLM, quantize: str | None = None) -> owl2.Owl2ForCausalLM:
-    """``model`` with the layers ``owl2.load_model`` gives it: quantised, or with the CPU's few-row bf16 kernel."""
-    return quantize_language_model(model, quantize) if quantize is not None else use_cpu_bf16_kernels(model)
+    """``model`` with the layers ``owl2.load`` gives it: quantised, or with oneDNN's prepacked CPU weights."""
+    return quantize_language_model(model, quantize) if quantize is not None else pack_for_cpu_inference(model)
 
 
-def decode_step_bytes(model: owl2.Owl2ForCausalLM, quantized: bool) -> int:
+def decode_step_bytes(model: owl2.Owl2ForCausalLM, quantize: str | None) -> int:
     """Weight bytes one text decode step reads: the LLM without the image branch, one embedding row, the head
-    (matrices at one byte per weight when quantised)."""
+    (matrices at the quantised size per weight when quantised). ``model`` is the unquantised model."""
     total = 0
     for name, p in model.named_parameters():
         if name.startswith(("model.vision_model", "model.visual_abstractor")) or ".multiway.1." in name:
             continue
-        size = 1 if quantized and p.ndim == 2 and name != "model.embed_tokens.weight" else p.element_size()
-        total += (p.shape[1] if name == "model.embed_tokens.weight" else p.numel()) * size
+        quantized = quantize is not None and p.ndim == 2 and name != "model.embed_tokens.weight"
+        size = WEIGHT_BYTES[quantize] if quantized else p.element_size()
+        total += int((p.shape[1] if name == "model.embed_tokens.weight" else p.numel()) * size)
     return total
 
 
@@ -146,7 +148,8 @@ def time_engine(model: owl2.Owl2ForCausalLM, new_tokens: int, runs: int) -> tupl
     requests = engine_requests(model.config, new_tokens)
     batched, single = [], []
     for _ in range(runs):
-        engine = GenerationEngine(model, lambda ids: " ".join(map(str, ids)), eos_token_id=None)
+        # no prefix cache: the one-at-a-time pass repeats the batched prompts and would reuse them
+        engine = GenerationEngine(model, lambda ids: " ".join(map(str, ids)), eos_token_id=None, prefix_cache=False)
         engine.generate(requests[:1])  # warm-up, and fills the image cache for both timings
         t0 = time.perf_counter()
         results = engine.generate(requests)
@@ -164,7 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="repetitions per case (the median is reported)")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--variant", choices=list(VARIANTS), nargs="+", default=list(VARIANTS))
     parser.add_argument("--no-baseline", action="store_true", help="skip the official-style baseline")
     parser.add_argument("--no-engine", action="store_true", help="skip the generation-engine batching comparison")
@@ -173,14 +176,13 @@ def main() -> None:
     config = mid_config()
     bandwidth = copy_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    header = (f"{'variant':12} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'baseline':>9} {'ratio':>6} "
-              f"{'official*':>9} {'x off.':>6} {'roofline':>8}")
+    header = f"{'variant':12} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'baseline':>9} {'ratio':>6} {'roofline':>8}"
     print(header)
     results = []
     for variant in args.variant:
         dtype, quantize = VARIANTS[variant]
         model = random_model(config).to(dtype)
-        step_bytes = decode_step_bytes(model, quantized=quantize is not None)
+        step_bytes = decode_step_bytes(model, quantize)
         model = as_loaded(model, quantize)
         # the baseline always runs the unquantised weights in the variant's activation dtype
         decoder = OfficialStyleDecoder(random_model(config).to(dtype))
@@ -198,18 +200,15 @@ def main() -> None:
             tok_s = statistics.median(speed)
             roofline = step_bytes / bandwidth * (tok_s / b)
             ref = statistics.median(baseline) if baseline else float("nan")
-            reported = OFFICIAL_REPORTED.get(("fp32" if dtype == torch.float32 else "bf16", b), float("nan"))
             agree = ref_tokens is None or bool((tokens == ref_tokens).float().mean() > 0.9)
             row = {
                 "variant": variant, "batch": b, "prefill_s": statistics.median(prefill), "tokens_per_s": tok_s,
-                "baseline_tokens_per_s": ref, "ratio_vs_baseline": tok_s / ref, "official_reported": reported,
-                "ratio_vs_official_reported": tok_s / reported, "roofline_fraction": roofline,
+                "baseline_tokens_per_s": ref, "ratio_vs_baseline": tok_s / ref, "roofline_fraction": roofline,
                 "step_weight_bytes": step_bytes, "greedy_tokens_agree_with_baseline": agree,
             }
             results.append(row)
             print(f"{variant:12} {b:5d} {row['prefill_s']:9.3f} {tok_s:8.1f} {ref:9.1f} {tok_s / ref:6.2f} "
-                  f"{reported:9.1f} {tok_s / reported:6.2f} {roofline:8.2f}")
-    print("* official: the official code's figures on a machine of this class (docs/benchmarks.md; not run here)")
+                  f"{roofline:8.2f}")
     if not args.no_engine:
         print(f"generation engine, 4 mixed requests (0/1/1/2 images, 13-41 prompt tokens), {args.new_tokens} new "
               "tokens each; total tokens/s")

@@ -60,7 +60,7 @@ from official_style import OfficialStyleDecoder
 import owl2
 from owl2.api import Pipeline
 from owl2.generation.engine import ImageEmbeddingCache
-from owl2.model.quantize import use_cpu_bf16_kernels
+from owl2.model.quantize import pack_for_cpu_inference
 from owl2.processing.image import ImageProcessor
 from owl2.processing.tokenizer import load_tokenizer
 from owl2.rating import PROMPTS, RatingScale
@@ -89,7 +89,7 @@ def build_pipeline(dtype: torch.dtype) -> Pipeline:
     size = config.vision.image_size
     processor = ImageProcessor(size=size, crop_size=size, default_policy="pad")
     # no parameter needs a gradient in inference (and torch's FLOP counter trips over ones that do)
-    model = use_cpu_bf16_kernels(random_model(config).to(dtype)).requires_grad_(False)  # as owl2.load_model does
+    model = pack_for_cpu_inference(random_model(config).to(dtype).requires_grad_(False))  # as owl2.load does
     return Pipeline(model, load_tokenizer(TOKENIZER), processor)
 
 

@@ -258,8 +258,10 @@ def load(
     (``adapter_model.bin`` + ``non_lora_trainables.bin``), merged into the loaded weights
     (:func:`owl2.training.lora.merge_into`; owl2's own layout needs peft). The tokenizer and image processor come
     from the base checkpoint.
-    ``quantize``: ``"int8-dynamic"`` or ``"int8"`` quantises the language model's linear layers for faster decoding
-    (:mod:`owl2.model.quantize`), after the adapter is merged. ``device`` is checked first (:func:`check_device`).
+    ``quantize``: ``"int8-dynamic"``, ``"int8"`` or ``"int4"`` quantises the language model's linear layers for
+    faster decoding (:mod:`owl2.model.quantize`), after the adapter is merged; a checkpoint saved quantised loads as
+    saved. Unquantised layers on the CPU get oneDNN's prepacked weights
+    (:func:`~owl2.model.quantize.pack_for_cpu_inference`). ``device`` is checked first (:func:`check_device`).
     """
     from owl2.processing.image import load_image_processor
     from owl2.processing.tokenizer import load_tokenizer
@@ -278,6 +280,9 @@ def load(
             from owl2.model.quantize import quantize_language_model
 
             quantize_language_model(model, quantize)
+    from owl2.model.quantize import pack_for_cpu_inference
+
+    pack_for_cpu_inference(model)
     return Pipeline(model, load_tokenizer(directory), load_image_processor(directory), policy=policy,
                     source=directory, adapter=adapter)
 

@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from torch import nn
 
 import owl2
-from owl2.model.quantize import CpuBf16Linear, quantization, quantize_language_model, use_cpu_bf16_kernels
+from owl2.model.quantize import quantization, quantize_language_model
 from tests.conftest import OFFICIAL_TINY
 
 
@@ -62,30 +61,6 @@ def test_decoder_is_written_with_plain_linear_layers():
     model = owl2.Owl2ForCausalLM(owl2.Owl2Config.from_json(OFFICIAL_TINY))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is nn.Linear for m in linears)
-
-
-@pytest.mark.parametrize(("dtype", "swapped"), [(torch.bfloat16, True), (torch.float32, False)])
-def test_cpu_bf16_load_swaps_the_language_linears_only(dtype, swapped):
-    model = owl2.load_model(OFFICIAL_TINY, dtype=dtype, show_progress=False)
-    names = [name for name, m in model.named_modules() if isinstance(m, CpuBf16Linear)]
-    # per layer: q, k (text, image), v (text, image), o, gate, up, down; plus the LM head
-    assert len(names) == (9 * model.config.num_hidden_layers + 1 if swapped else 0)
-    assert not any(name.startswith(("model.vision_model", "model.visual_abstractor")) for name in names)
-    assert list(model.state_dict()) == list(owl2.Owl2ForCausalLM(model.config).state_dict())  # the same names
-
-
-@torch.no_grad()
-def test_cpu_bf16_kernel_swap_keeps_parameters_and_picks_the_kernel_by_rows():
-    plain = owl2.load_model(OFFICIAL_TINY, dtype=torch.float32, show_progress=False).to(torch.bfloat16)
-    swapped = use_cpu_bf16_kernels(owl2.load_model(OFFICIAL_TINY, dtype=torch.float32, show_progress=False)
-                                   .to(torch.bfloat16))
-    for (name, a), (_, b) in zip(plain.named_parameters(), swapped.named_parameters(), strict=True):
-        assert torch.equal(a, b), name
-    layer = swapped.model.layers[0].mlp.up_proj
-    x = torch.randn(3, 1, layer.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    assert torch.equal(layer(x), (layer.weight @ x.reshape(3, -1).T).T.reshape(3, 1, -1))  # the few-row kernel
-    many = torch.randn(16, layer.in_features).to(torch.bfloat16)
-    assert torch.equal(layer(many), nn.functional.linear(many, layer.weight))
 
 
 def test_quantization_is_read_from_the_layer_types():

@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -40,6 +41,8 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 
 # Buffers the official model saves that owl2 recomputes: accepted in a checkpoint, never used.
+QUANTIZATION_KEY = "owl2_quantization"
+"""The ``config.json`` entry saying how a checkpoint saved quantised stores its layers (:func:`saved_quantization`)."""
 RECOMPUTED_KEYS = re.compile(r"(\.rotary_emb\.inv_freq|\.attention\.[qk]_pos_embed)$")
 
 DTYPES = {
@@ -356,15 +359,16 @@ def stored_capacity(files: list[Path]) -> int:
     return total
 
 
-def check_capacity(directory: Path, config: Owl2Config, files: list[Path]) -> None:
-    """Raise :class:`CheckpointError` when ``config`` describes more than twice the weights ``files`` can hold.
+def check_capacity(directory: Path, config: Owl2Config, files: list[Path], *, packed: bool = False) -> None:
+    """Raise :class:`CheckpointError` when ``config`` describes more than twice the weights ``files`` can hold
+    (four times with ``packed``: a quantised checkpoint stores two int4 weights per byte).
 
     Checked before the model is laid out, which for an absurd config (a million layers) would take minutes and
     gigabytes on its own. A config only a little too large is left to the key and shape checks, whose messages name
     the tensors that differ.
     """
     needed, held = stored_size(config), stored_capacity(files)
-    if needed > 2 * held:
+    if needed > (4 if packed else 2) * held:
         names = ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
         raise CheckpointError(
             f"{directory / 'config.json'} describes a model of {needed:,} weights but the weight files ({names}) hold "
@@ -434,6 +438,20 @@ def _materialize_buffers(model: Owl2ForCausalLM, device: torch.device) -> None:
     model.reset_buffers()
 
 
+def saved_quantization(config: Owl2Config) -> dict[str, Any] | None:
+    """How a checkpoint saved quantised (``owl2 convert --quantize``) stores its language model's linear layers:
+    ``config.json``'s ``owl2_quantization`` entry (``{"mode": "int4", "group_size": 64}``), or None."""
+    settings = config.extra.get(QUANTIZATION_KEY)
+    if settings is None:
+        return None
+    from owl2.model.quantize import SAVABLE_MODES
+
+    if not isinstance(settings, dict) or settings.get("mode") not in SAVABLE_MODES:
+        raise CheckpointError(f"config.json: {QUANTIZATION_KEY} must be an object whose mode is one of "
+                              f"{', '.join(SAVABLE_MODES)}; got {_one_line(settings)}")
+    return settings
+
+
 def load_model(
     path_or_id: str | os.PathLike[str],
     dtype: torch.dtype | str = torch.float32,
@@ -442,22 +460,52 @@ def load_model(
     revision: str | None = None,
     show_progress: bool = True,
     quantize: str | None = None,
+    group_size: int | None = None,
 ) -> Owl2ForCausalLM:
     """Load a checkpoint (official or owl2 layout) into an :class:`Owl2ForCausalLM` in eval mode.
 
     Tensors are cast to ``dtype`` shard by shard. Missing or unexpected keys raise :class:`CheckpointError` listing
     them; the official model's recomputed buffers (``rotary_emb.inv_freq``, the abstractor's sin-cos tables) are
-    accepted and ignored. ``quantize`` ("int8-dynamic" or "int8") quantises the LLM's linear layers for inference
-    (see :mod:`owl2.model.quantize`); without it, bf16 weights on the CPU get the faster few-row kernel
-    (:func:`~owl2.model.quantize.use_cpu_bf16_kernels`).
+    accepted and ignored. ``quantize`` ("int8-dynamic", "int8" or "int4"; ``group_size`` for int4, default 64)
+    quantises the LLM's linear layers for inference (see :mod:`owl2.model.quantize`) as each weight arrives, so the
+    float weights of the whole model are never in memory at once. A checkpoint saved quantised
+    (``owl2 convert --quantize``) loads into quantised layers directly; ``quantize`` may then only name its mode.
     """
+    from owl2.model.quantize import (
+        DEFAULT_INT4_GROUP_SIZE,
+        check_quantizable,
+        language_linear_names,
+        quantized_modules,
+        quantizer,
+        replace_layer,
+    )
+
     dtype = parse_dtype(dtype)
     device = torch.device(device)
     directory = resolve_checkpoint(path_or_id, revision=revision)
     config = Owl2Config.from_json(directory)
+    saved = saved_quantization(config)
     files = weight_files(directory)
-    check_capacity(directory, config, files)
+    check_capacity(directory, config, files, packed=saved is not None)
     model = build_empty(config)
+    # layer name -> the keys still to arrive before the layer is quantised
+    pending: dict[str, set[str]] = {}
+    make = None
+    try:
+        if saved is not None:
+            if quantize is not None and quantize != saved["mode"]:
+                raise CheckpointError(f"{directory} holds {saved['mode']} weights; load it with quantize=None or "
+                                      f"quantize={saved['mode']!r}, not {quantize!r}")
+            quantized_modules(model, saved["mode"], saved.get("group_size", DEFAULT_INT4_GROUP_SIZE))
+        elif quantize is not None:
+            size = group_size or DEFAULT_INT4_GROUP_SIZE
+            check_quantizable(model, quantize, size)
+            make = quantizer(quantize, size)
+            pending = {name: {f"{name}.{p}" for p, _ in model.get_submodule(name).named_parameters()}
+                       for name in language_linear_names(model)}
+    except ValueError as exc:
+        raise CheckpointError(f"{directory}: {exc}") from None
+    layer_of = {key: name for name, keys in pending.items() for key in keys}
     expected = expected_keys(model, config)
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -472,16 +520,15 @@ def load_model(
             value = value.clone()
         _set_tensor(model, key, value)
         seen.add(key)
+        name = layer_of.get(key)
+        if name is not None and make is not None:
+            pending[name].discard(key)
+            if not pending[name]:
+                replace_layer(model, name, make)
     check_keys(expected, seen, unexpected, directory)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_buffers(model, device)
-    from owl2.model.quantize import quantize_language_model, use_cpu_bf16_kernels
-
-    if quantize is not None:
-        quantize_language_model(model, quantize)
-    else:
-        use_cpu_bf16_kernels(model)  # a no-op unless the weights are bf16 on the CPU
     return model.eval()
 
 
@@ -606,8 +653,16 @@ def save_model(
     dtype: torch.dtype | str | None = None,
     max_shard_size: int | str = "2GB",
 ) -> list[Path]:
-    """Save parameters as sharded safetensors plus ``config.json`` (the owl2 layout, loadable by :func:`load_model`)."""
-    return save_state_dict(model.state_dict(), model.config, directory, dtype=dtype, max_shard_size=max_shard_size)
+    """Save parameters as sharded safetensors plus ``config.json`` (the owl2 layout, loadable by :func:`load_model`).
+    A model quantised int8 or int4 saves its quantised layers as they are, and ``config.json`` says so."""
+    from owl2.model.quantize import quantization_settings
+
+    config = model.config
+    settings = quantization_settings(model)
+    if settings is not None:
+        config = Owl2Config.from_dict(config.to_dict())
+        config.extra[QUANTIZATION_KEY] = settings
+    return save_state_dict(model.state_dict(), config, directory, dtype=dtype, max_shard_size=max_shard_size)
 
 
 def save_state_dict(
@@ -638,6 +693,7 @@ def save_state_dict(
 
 __all__ = [
     "PROCESSING_FILES",
+    "QUANTIZATION_KEY",
     "CheckpointError",
     "ShardWriter",
     "atomic_output",
@@ -655,5 +711,6 @@ __all__ = [
     "save_model",
     "save_safetensors",
     "save_state_dict",
+    "saved_quantization",
     "weight_files",
 ]
