@@ -7,8 +7,9 @@ What it measures, on whatever machine runs it (CPU by default):
    holds decoder layer k-1 plus its ``rotary_emb.inv_freq`` buffer, shard 33 everything else) and
    ``pytorch_model.bin.index.json``. Shards are generated and written one at a time. A complete checkpoint already
    in ``--workdir`` is reused, and a partial one is resumed.
-2. **Load**: wall time of ``owl2.load_model(dir, dtype=torch.bfloat16)`` and the process's peak RSS right after it
-   (``ru_maxrss``; the parent only imported torch before, so this is the load peak).
+2. **Load**: wall time of loading the checkpoint with bf16 activations as ``owl2.load`` does (``--variant``: bf16
+   with the prepacked CPU layers, or int8 / int4 quantised layer by layer while loading) and the process's peak RSS
+   right after it (``ru_maxrss``; each variant runs in its own fresh process, so this is the load peak).
 3. **Prefill**: one forward pass over a prompt of 32 text tokens plus one 448x448 image (expanded to 65 image
    positions by ``owl2.prepare_official_inputs``), vision encoder and abstractor included, writing a KV cache.
    The first run is reported as the cold figure; with ``--prefill-runs`` > 1 the best later run is the warm one.
@@ -45,9 +46,11 @@ from typing import Any
 import torch
 
 import owl2
-from owl2.checkpoint.io import build_empty
+from owl2.checkpoint.io import build_empty, stored_size
+from owl2.model.quantize import pack_for_cpu_inference
 
 GIB = 1024**3
+VARIANTS = ("bf16", "int8", "int4")
 INDEX_NAME = "pytorch_model.bin.index.json"
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 OFFICIAL_IMAGE_TOKEN = -200
@@ -247,18 +250,26 @@ def run_prefill(
     return time.perf_counter() - start, cache, out.logits[:, -1].float()
 
 
-def benchmark(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+def load(directory: Path, variant: str) -> owl2.Owl2ForCausalLM:
+    """The model as ``owl2.load`` gives it for ``variant``: bf16 activations, the language model's linear layers
+    quantised while loading (int8, int4) or prepacked for the CPU (bf16)."""
+    if variant == "bf16":
+        return pack_for_cpu_inference(owl2.load_model(directory, dtype=torch.bfloat16))
+    return owl2.load_model(directory, dtype=torch.bfloat16, quantize=variant)
+
+
+def benchmark(args: argparse.Namespace, directory: Path, variant: str = "bf16") -> dict[str, Any]:
+    results: dict[str, Any] = {"variant": variant}
     rss_before = proc_status("VmRSS")
 
-    print(f"loading {directory} as bfloat16 ...", flush=True)
+    print(f"loading {directory} as {variant} ...", flush=True)
     start = time.perf_counter()
-    model = owl2.load_model(directory, dtype=torch.bfloat16)
+    model = load(directory, variant)
     results["load_s"] = round(time.perf_counter() - start, 2)
     results["load_peak_rss_gib"] = gib(max_rss_bytes())
     results["rss_after_load_gib"] = gib(proc_status("VmRSS"))
     results["rss_before_load_gib"] = gib(rss_before)
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = stored_size(model.config)
     results["params_b"] = round(num_params / 1e9, 3)
     print(f"loaded {num_params / 1e9:.2f} B parameters in {results['load_s']:.1f} s", flush=True)
 
@@ -355,6 +366,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-generate", dest="generate", action="store_false", help="skip the end-to-end model.generate timing"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the weights and inputs")
+    parser.add_argument("--variant", nargs="+", choices=VARIANTS, default=["bf16"],
+                        help="how the model is loaded; each variant runs in its own process, one after the other, "
+                        "and the last table gives each one's figures against the first's")
     parser.add_argument(
         "--num-layers",
         type=int,
@@ -369,6 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def print_table(results: dict[str, Any]) -> None:
     rows = [
+        ("variant", results["variant"]),
         ("torch", results["torch"]),
         ("threads", results["threads"]),
         ("parameters (B)", results["params_b"]),
@@ -428,13 +443,43 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             results["write_s"] = round(time.perf_counter() - start, 1)
             results["write_peak_rss_gib"] = gib(max_rss_bytes(resource.RUSAGE_CHILDREN))
-        results.update(benchmark(args, directory))
+        runs = [{**results, **run_variant(args, directory, variant)} for variant in args.variant]
     finally:
         if not args.keep:
             remove_checkpoint(directory, config)
-    print_table(results)
-    print(json.dumps(results), flush=True)
+    for run in runs:
+        print_table(run)
+    if len(runs) > 1:
+        print_ratios(runs)
+    print(json.dumps(runs), flush=True)
     return 0
+
+
+def _variant_child(args: argparse.Namespace, directory: str, variant: str, queue: Any) -> None:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    queue.put(benchmark(args, Path(directory), variant))
+
+
+def run_variant(args: argparse.Namespace, directory: Path, variant: str) -> dict[str, Any]:
+    """:func:`benchmark` in a fresh process, so that each variant's peak RSS is its own."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_variant_child, args=(args, str(directory), variant, queue))
+    child.start()
+    results = queue.get()
+    child.join()
+    return results
+
+
+def print_ratios(runs: list[dict[str, Any]]) -> None:
+    base = runs[0]
+    print(f"\nagainst {base['variant']}, measured in this run:")
+    for run in runs[1:]:
+        print(f"  {run['variant']}: decode {run['decode_tok_s'] / base['decode_tok_s']:.2f}x, prefill (warm) "
+              f"{(run['prefill_warm_s'] or run['prefill_s']) / (base['prefill_warm_s'] or base['prefill_s']):.2f}x "
+              f"the time, load {run['load_s'] / base['load_s']:.2f}x the time, peak RSS {run['peak_rss_gib']} GiB "
+              f"against {base['peak_rss_gib']} GiB")
 
 
 if __name__ == "__main__":
