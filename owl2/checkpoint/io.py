@@ -444,11 +444,15 @@ def saved_quantization(config: Owl2Config) -> dict[str, Any] | None:
     settings = config.extra.get(QUANTIZATION_KEY)
     if settings is None:
         return None
-    from owl2.model.quantize import SAVABLE_MODES
+    from owl2.model.quantize import INT4_GROUP_SIZES, SAVABLE_MODES
 
     if not isinstance(settings, dict) or settings.get("mode") not in SAVABLE_MODES:
         raise CheckpointError(f"config.json: {QUANTIZATION_KEY} must be an object whose mode is one of "
                               f"{', '.join(SAVABLE_MODES)}; got {_one_line(settings)}")
+    if settings["mode"] == "int4" and (type(settings.get("group_size")) is not int
+                                       or settings["group_size"] not in INT4_GROUP_SIZES):
+        raise CheckpointError(f"config.json: {QUANTIZATION_KEY} of an int4 checkpoint needs a group_size among "
+                              f"{', '.join(map(str, INT4_GROUP_SIZES))}; got {_one_line(settings.get('group_size'))}")
     return settings
 
 
@@ -496,6 +500,9 @@ def load_model(
             if quantize is not None and quantize != saved["mode"]:
                 raise CheckpointError(f"{directory} holds {saved['mode']} weights; load it with quantize=None or "
                                       f"quantize={saved['mode']!r}, not {quantize!r}")
+            if group_size is not None and group_size != saved.get("group_size"):
+                raise CheckpointError(f"{directory} holds {saved['mode']} weights of group size "
+                                      f"{saved.get('group_size')}; it cannot be loaded at group size {group_size}")
             quantized_modules(model, saved["mode"], saved.get("group_size", DEFAULT_INT4_GROUP_SIZE))
         elif quantize is not None:
             size = group_size or DEFAULT_INT4_GROUP_SIZE
@@ -515,7 +522,10 @@ def load_model(
                 unexpected.append(key)
             continue
         check_shape(key, tensor, expected)
-        value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        # int8 layers keep their per-channel scales in float32 whatever the model dtype (they are cast per call)
+        target = (torch.float32 if saved is not None and saved["mode"] == "int8" and key.endswith(".scale")
+                  else dtype)
+        value = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
         if value.data_ptr() == tensor.data_ptr():  # own the memory rather than keep a file mapping alive
             value = value.clone()
         _set_tensor(model, key, value)

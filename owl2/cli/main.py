@@ -21,11 +21,24 @@ def _convert(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         verify=not args.no_verify,
         show_progress=not args.quiet,
+        quantize=args.quantize,
+        group_size=args.group_size,
     )
-    status = "verified: every tensor equals its source" if report.verified else "not verified"
+    settings = report.quantization
+    if not report.verified:
+        status = "not verified"
+    elif settings is None:
+        status = "verified: every tensor equals its source"
+    else:
+        status = ("verified: every floating-point tensor equals its source and every quantised layer the source "
+                  "weight quantised again")
+    quantized = ""
+    if settings is not None:
+        group = f", group size {settings['group_size']}" if "group_size" in settings else ""
+        quantized = f" (language model's linear layers {settings['mode']}{group})"
     print(
         f"wrote {report.tensors} tensors ({report.bytes / 1e9:.2f} GB) in {len(report.files)} file(s) to "
-        f"{args.destination}; {status}; dropped {len(report.skipped)} recomputed buffer(s)"
+        f"{args.destination}{quantized}; {status}; dropped {len(report.skipped)} recomputed buffer(s)"
     )
     return 0
 
@@ -479,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                          help="cast floating tensors (default: keep the stored dtype)")
     convert.add_argument("--max-shard-size", default="2GB", help="largest output shard (default: 2GB)")
+    convert.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                         help="store the language model's linear layers quantised: int8 (per-channel int8 weights) or "
+                         "int4 (group-wise int4 weights); the vision tower, abstractor, embeddings and norms keep "
+                         "their dtype. Loads back quantised as saved (int8-dynamic cannot be saved)")
+    convert.add_argument("--group-size", type=int, default=None, metavar="N",
+                         help="int4 only: inputs per scale and zero, 32, 64, 128 or 256 (default: 64)")
     convert.add_argument("--no-verify", action="store_true", help="skip reading every tensor back")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(handler=_convert)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from owl2.cli import ADAPTER_HELP
+from owl2.cli import ADAPTER_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP
 from owl2.rating.scale import LEVELS, PROMPTS, TASKS
 from owl2.utils import atomic_write_text, progress
 
@@ -328,10 +328,12 @@ def _rate_all(pipe: Any, todo: Sequence[Path], settings: Settings, args: argpars
         yield from records
 
 
-def _model_name(model: str | None, adapter: str | None) -> str:
-    """The model a rating came from, as the resume check compares it: an adapter makes another model."""
+def _model_name(model: str | None, adapter: str | None, quantize: str | None = None) -> str:
+    """The model a rating came from, as the resume check compares it: an adapter, or quantising the weights, makes
+    another model."""
     name = model or "owl2-tiny"
-    return name if adapter is None else f"{name} + {adapter}"
+    name = name if adapter is None else f"{name} + {adapter}"
+    return name if quantize is None else f"{name} ({quantize})"
 
 
 def _load(args: argparse.Namespace, directory: Path) -> Any:
@@ -339,7 +341,7 @@ def _load(args: argparse.Namespace, directory: Path) -> Any:
 
     print(f"loading {args.model or 'owl2-tiny (the embedded default)'} ...", file=sys.stderr, flush=True)
     return load(directory, dtype=args.dtype, device=args.device, policy=args.policy, adapter=args.adapter,
-                show_progress=not args.quiet)
+                show_progress=not args.quiet, quantize=args.quantize)
 
 
 def _print_table(records: Sequence[dict[str, Any]]) -> None:
@@ -370,7 +372,7 @@ def _rate(args: argparse.Namespace) -> int:
     # weights) lets a finished run be resumed without loading the model at all.
     policy = args.policy or load_image_processor(directory).default_policy
     settings = Settings(args.task, args.prompt, policy, args.num_frames,
-                        _model_name(args.model, args.adapter))
+                        _model_name(args.model, args.adapter, args.quantize))
     keys = [record_key(rating_record(p, "video" if _is_video(p) else "image", settings, error="")) for p in paths]
     todo = [p for p, k in zip(paths, keys, strict=True) if sink is None or not sink.done(k)]
     kept = len(paths) - len(todo)
@@ -429,6 +431,7 @@ def register(commands: Any) -> None:
     rate.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16")
     rate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     rate.add_argument("--adapter", default=None, help=ADAPTER_HELP)
+    rate.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     rate.add_argument("--policy", choices=["crop", "pad", "stretch"], default=None,
                       help="how images become squares (default: the checkpoint's; Q-Align's is pad)")
     rate.add_argument("--output", default=None, metavar="FILE",
