@@ -40,11 +40,19 @@ MODES = ("int8-dynamic", "int8", "int4")
 SAVABLE_MODES = ("int8", "int4")
 
 
-def _per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: ``weight ~= q * scale[:, None]``."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+def _per_channel_int8(weight: torch.Tensor, rows_per_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``weight ~= q * scale[:, None]``. Works on ``rows_per_chunk`` rows at a
+    time, so that the float32 temporaries stay in cache (a whole 7B matrix would need 180 MB of them)."""
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(n, device=weight.device)
+    for start in range(0, n, rows_per_chunk):
+        w = weight[start:start + rows_per_chunk].detach().to(torch.float32, copy=True)
+        low, high = torch.aminmax(w, dim=1)
+        chunk_scale = (torch.maximum(-low, high) / 127.0).clamp_(min=1e-12)
+        w.div_(chunk_scale[:, None]).round_().clamp_(-127, 127)
+        q[start:start + rows_per_chunk] = w
+        scale[start:start + rows_per_chunk] = chunk_scale
     return q, scale
 
 
@@ -180,13 +188,13 @@ def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _group_int4(weight: torch.Tensor, group_size: int, dtype: torch.dtype,
-                rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                rows_per_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest asymmetric int4 per group of ``group_size`` inputs:
     ``weight[n, k] ~= (q[n, k] - 8) * scale[n, g] + zero[n, g]``, ``g = k // group_size``.
 
     Scales and zeros are rounded to bfloat16 before ``q`` is computed, so that a bf16 kernel reproduces exactly the
-    weights the stored ``q``, scales and zeros describe. Works on ``rows_per_chunk`` output rows at a time (the 7B's
-    largest matrix would otherwise need 2 GB of float32 temporaries). Returns ``q`` [N, K] uint8 and
+    weights the stored ``q``, scales and zeros describe. Works on ``rows_per_chunk`` output rows at a time, so that the
+    float32 temporaries stay in cache. Returns ``q`` [N, K] uint8 and
     ``scales_and_zeros`` [K / group_size, ceil(N/64) * 64, 2] in ``dtype``.
     """
     n, k = weight.shape
@@ -200,8 +208,8 @@ def _group_int4(weight: torch.Tensor, group_size: int, dtype: torch.dtype,
         zero = (low + 8 * scale).to(torch.bfloat16).float()
         # q = round((w - zero) / scale + 8), written as one multiply-add on the reciprocal
         inverse = scale.reciprocal()
-        w.mul_(inverse).add_(8 - zero * inverse).round_().clamp_(0, 15)
-        q[start:start + rows_per_chunk] = w.view(-1, k).to(torch.uint8)
+        torch.addcmul(8 - zero * inverse, w, inverse, out=w).round_().clamp_(0, 15)
+        q[start:start + rows_per_chunk] = w.view(-1, k)
         end = start + w.shape[0]
         scales_and_zeros[:, start:end, 0] = scale.squeeze(-1).t().to(dtype)
         scales_and_zeros[:, start:end, 1] = zero.squeeze(-1).t().to(dtype)
