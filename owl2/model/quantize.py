@@ -242,6 +242,7 @@ class WeightOnlyInt4Linear(nn.Module):
                                                              device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self._repacked: torch.Tensor | None = None
+        self._torch_layout = _int4_layout_matches_torch()  # asked once, not per call (and not inside a compiled graph)
         self.workspace: DequantWorkspace | None = None
 
     @classmethod
@@ -279,7 +280,7 @@ class WeightOnlyInt4Linear(nn.Module):
 
     def _kernel_weight(self) -> torch.Tensor:
         """``qweight`` as torch's CPU kernel takes it: [padded out, in / 2] uint8."""
-        if _int4_layout_matches_torch():
+        if self._torch_layout:
             return self.qweight.view(-1, self.in_features // 2)
         if self._repacked is None or self._repacked.device != self.qweight.device:
             self._repacked = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
