@@ -8,8 +8,9 @@ What it measures, on whatever machine runs it (CPU by default):
    ``pytorch_model.bin.index.json``. Shards are generated and written one at a time. A complete checkpoint already
    in ``--workdir`` is reused, and a partial one is resumed.
 2. **Load**: wall time of loading the checkpoint with bf16 activations as ``owl2.load`` does (``--variant``: bf16
-   with the prepacked CPU layers, or int8 / int4 quantised layer by layer while loading) and the process's peak RSS
-   right after it (``ru_maxrss``; each variant runs in its own fresh process, so this is the load peak).
+   with the prepacked CPU layers, or int8-dynamic / int8 / int4, quantised layer by layer while loading) and the
+   process's peak RSS right after it (``ru_maxrss``; each variant runs in its own fresh process, so this is the
+   load peak).
 3. **Prefill**: one forward pass over a prompt of 32 text tokens plus one 448x448 image (expanded to 65 image
    positions by ``owl2.prepare_official_inputs``), vision encoder and abstractor included, writing a KV cache.
    The first run is reported as the cold figure; with ``--prefill-runs`` > 1 the best later run is the warm one.
@@ -50,7 +51,7 @@ from owl2.checkpoint.io import build_empty, stored_size
 from owl2.model.quantize import pack_for_cpu_inference
 
 GIB = 1024**3
-VARIANTS = ("bf16", "int8", "int4")
+VARIANTS = ("bf16", "int8-dynamic", "int8", "int4")
 INDEX_NAME = "pytorch_model.bin.index.json"
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 OFFICIAL_IMAGE_TOKEN = -200

@@ -28,7 +28,6 @@ layer oneDNN's prepacked weight (:class:`CpuPackedLinear`): the same values, rea
 from __future__ import annotations
 
 import functools
-import re
 import warnings
 from collections.abc import Callable
 
@@ -398,7 +397,7 @@ def quantize_language_model(model: nn.Module, mode: str = "int8-dynamic", *,
     check_quantizable(model, mode, group_size)
     make = quantizer(mode, group_size)
     for name in language_linear_names(model):
-        _replace(model, name, make(model.get_submodule(name)))
+        replace_layer(model, name, make)
     return model
 
 
@@ -464,6 +463,3 @@ def quantization(model: nn.Module) -> str | None:
                 return mode
     return None
 
-
-QUANTIZED_KEY = re.compile(r"\.(qweight|scale|scales_and_zeros)$")
-"""The tensor names a quantised layer adds to a checkpoint."""
