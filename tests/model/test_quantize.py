@@ -189,3 +189,20 @@ def test_batched_bf16_rows_compute_as_they_do_alone():
         alone = run(row[None], None, fed[i:i + 1])
         for step in range(4):
             assert max_abs(together[step][i:i + 1], alone[step]) < 0.08, (i, step)
+
+
+@torch.no_grad()
+def test_int4_layers_repack_for_cpus_whose_kernel_takes_another_layout():
+    """On CPUs without AVX-512 torch's int4 kernel packs another layout; the layer then hands it a copy packed by
+    torch itself, from the stored values. Forced here on one layer: the kernel path must compute what it computes
+    on the stored layout, and the stored tensors stay as they were (so the model saves the same)."""
+    linear = _linear(200, 256, torch.bfloat16)
+    native = WeightOnlyInt4Linear.from_linear(linear, 64)
+    other = WeightOnlyInt4Linear.from_linear(linear, 64)
+    if not native._torch_layout:
+        pytest.skip("this CPU already takes the repacked path")
+    other._torch_layout = False
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    assert torch.equal(other(x), native(x))
+    assert other._repacked is not None and other._repacked.data_ptr() != other.qweight.data_ptr()
+    assert torch.equal(other.qweight, native.qweight)
