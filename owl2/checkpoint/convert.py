@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from owl2.checkpoint.io import (
     weight_files,
 )
 from owl2.model.config import Owl2Config
+from owl2.model.quantize import DEFAULT_INT4_GROUP_SIZE, SAVABLE_MODES, LayerQuantizer, check_int4_shape
 from owl2.utils import progress
 
 
@@ -65,8 +65,6 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def quantization_entry(quantize: str | None, group_size: int | None) -> dict[str, Any] | None:
     """The ``config.json`` entry a conversion with ``quantize`` and ``group_size`` writes (None without
     ``quantize``); ValueError for a mode a checkpoint cannot hold or a group size that is not int4's."""
-    from owl2.model.quantize import DEFAULT_INT4_GROUP_SIZE, SAVABLE_MODES, check_int4_shape
-
     if quantize is None:
         if group_size is not None:
             raise ValueError("a group size applies to int4 quantisation only; add --quantize int4")
@@ -85,44 +83,18 @@ def quantization_entry(quantize: str | None, group_size: int | None) -> dict[str
     return {"mode": "int4", "group_size": size}
 
 
-class _LayerQuantizer:
-    """Gathers the tensors of the language model's linear layers as a checkpoint streams past, and quantises each
-    layer once all its tensors have arrived (for the LLaMA decoder, the weight alone: its linears have no bias)."""
+def _layer_quantizer(model: nn.Module, settings: dict[str, Any]) -> LayerQuantizer:
+    return LayerQuantizer(model, settings["mode"], settings.get("group_size", DEFAULT_INT4_GROUP_SIZE))
 
-    def __init__(self, model: nn.Module, settings: dict[str, Any]) -> None:
-        from owl2.model.quantize import DEFAULT_INT4_GROUP_SIZE, check_quantizable, language_linear_names, quantizer
 
-        size = settings.get("group_size", DEFAULT_INT4_GROUP_SIZE)
-        check_quantizable(model, settings["mode"], size)
-        self.make = quantizer(settings["mode"], size)
-        self.layers: dict[str, nn.Linear] = {}
-        self.layer_of: dict[str, tuple[str, str]] = {}
-        for name in language_linear_names(model):  # a tied LM head is not among them: it is the embeddings
-            layer = model.get_submodule(name)
-            self.layers[name] = layer
-            for param, _ in layer.named_parameters():
-                self.layer_of[f"{name}.{param}"] = (name, param)
-        self.pending: dict[str, dict[str, torch.Tensor]] = {}
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.layer_of
-
-    def add(self, key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        """Take the float tensor ``key`` (already cast); once its layer is complete, yield the quantised layer's
-        (key, tensor) pairs, named as the checkpoint names them."""
-        name, param = self.layer_of[key]
-        arrived = self.pending.setdefault(name, {})
-        arrived[param] = tensor
-        template = self.layers[name]
-        if len(arrived) < len(dict(template.named_parameters())):
-            return
-        del self.pending[name]
-        linear = nn.Linear(template.in_features, template.out_features, bias=template.bias is not None,
-                           device="meta")
-        for param_name, value in arrived.items():
-            setattr(linear, param_name, nn.Parameter(value, requires_grad=False))
-        for suffix, value in self.make(linear).state_dict().items():
-            yield f"{name}.{suffix}", value
+def _quantized_tensors(layers: LayerQuantizer, key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Hand ``tensor`` (already cast) to ``layers``; once its layer is complete, the quantised layer's (key, tensor)
+    pairs, named as the checkpoint names them (none before)."""
+    done = layers.add(key, tensor)
+    if done is None:
+        return []
+    name, layer = done
+    return [(f"{name}.{suffix}", value) for suffix, value in layer.state_dict().items()]
 
 
 def convert_checkpoint(
@@ -164,7 +136,7 @@ def convert_checkpoint(
     model = build_empty(config)
     expected = expected_keys(model, config)
     try:
-        layers = None if settings is None else _LayerQuantizer(model, settings)
+        layers = None if settings is None else _layer_quantizer(model, settings)
     except ValueError as exc:
         raise CheckpointError(f"{src}: {exc}") from None
 
@@ -180,7 +152,7 @@ def convert_checkpoint(
         check_shape(key, tensor, expected)
         seen.add(key)
         if layers is not None and key in layers:
-            for name, value in layers.add(key, _cast(tensor, dtype)):
+            for name, value in _quantized_tensors(layers, key, _cast(tensor, dtype)):
                 writer.add(name, value)
                 written += 1
         else:
@@ -210,7 +182,7 @@ def verify_conversion(
     layers = None
     if quantization is not None:
         config = Owl2Config.from_json(source)
-        layers = _LayerQuantizer(build_empty(config), quantization)
+        layers = _layer_quantizer(build_empty(config), quantization)
     where: dict[str, Path] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
@@ -226,7 +198,7 @@ def verify_conversion(
                 if RECOMPUTED_KEYS.search(key):
                     continue
                 if layers is not None and key in layers:
-                    pairs = list(layers.add(key, _cast(tensor, dtype)))
+                    pairs = _quantized_tensors(layers, key, _cast(tensor, dtype))
                 else:
                     pairs = [(key, _cast(tensor, dtype))]
                 for name, expected in pairs:

@@ -40,9 +40,9 @@ SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 
-# Buffers the official model saves that owl2 recomputes: accepted in a checkpoint, never used.
 QUANTIZATION_KEY = "owl2_quantization"
 """The ``config.json`` entry saying how a checkpoint saved quantised stores its layers (:func:`saved_quantization`)."""
+# Buffers the official model saves that owl2 recomputes: accepted in a checkpoint, never used.
 RECOMPUTED_KEYS = re.compile(r"(\.rotary_emb\.inv_freq|\.attention\.[qk]_pos_embed)$")
 
 DTYPES = {
@@ -475,14 +475,7 @@ def load_model(
     float weights of the whole model are never in memory at once. A checkpoint saved quantised
     (``owl2 convert --quantize``) loads into quantised layers directly; ``quantize`` may then only name its mode.
     """
-    from owl2.model.quantize import (
-        DEFAULT_INT4_GROUP_SIZE,
-        check_quantizable,
-        language_linear_names,
-        quantized_modules,
-        quantizer,
-        replace_layer,
-    )
+    from owl2.model.quantize import DEFAULT_INT4_GROUP_SIZE, LayerQuantizer, quantized_modules
 
     dtype = parse_dtype(dtype)
     device = torch.device(device)
@@ -492,9 +485,7 @@ def load_model(
     files = weight_files(directory)
     check_capacity(directory, config, files, packed=saved is not None)
     model = build_empty(config)
-    # layer name -> the keys still to arrive before the layer is quantised
-    pending: dict[str, set[str]] = {}
-    make = None
+    layers: LayerQuantizer | None = None  # quantises the LLM's linear layers as their weights arrive
     try:
         if saved is not None:
             if quantize is not None and quantize != saved["mode"]:
@@ -505,14 +496,9 @@ def load_model(
                                       f"{saved.get('group_size')}; it cannot be loaded at group size {group_size}")
             quantized_modules(model, saved["mode"], saved.get("group_size", DEFAULT_INT4_GROUP_SIZE))
         elif quantize is not None:
-            size = group_size or DEFAULT_INT4_GROUP_SIZE
-            check_quantizable(model, quantize, size)
-            make = quantizer(quantize, size)
-            pending = {name: {f"{name}.{p}" for p, _ in model.get_submodule(name).named_parameters()}
-                       for name in language_linear_names(model)}
+            layers = LayerQuantizer(model, quantize, group_size or DEFAULT_INT4_GROUP_SIZE)
     except ValueError as exc:
         raise CheckpointError(f"{directory}: {exc}") from None
-    layer_of = {key: name for name, keys in pending.items() for key in keys}
     expected = expected_keys(model, config)
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -528,13 +514,13 @@ def load_model(
         value = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
         if value.data_ptr() == tensor.data_ptr():  # own the memory rather than keep a file mapping alive
             value = value.clone()
-        _set_tensor(model, key, value)
         seen.add(key)
-        name = layer_of.get(key)
-        if name is not None and make is not None:
-            pending[name].discard(key)
-            if not pending[name]:
-                replace_layer(model, name, make)
+        if layers is not None and key in layers:
+            done = layers.add(key, value)
+            if done is not None:
+                model.set_submodule(*done)
+        else:
+            _set_tensor(model, key, value)
     check_keys(expected, seen, unexpected, directory)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

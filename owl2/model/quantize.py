@@ -361,15 +361,9 @@ def language_linear_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner_name) if owner_name else model, attr, module)
-
-
 def quantizer(mode: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> Callable[[nn.Linear], nn.Module]:
     """A function turning one ``nn.Linear`` into its quantised layer of ``mode``; the layers it makes share one
-    :class:`DequantWorkspace`. The loader calls it as each weight arrives, so that the float weights of the whole
-    model are never held at once."""
+    :class:`DequantWorkspace`."""
     if mode not in MODES:
         raise ValueError(f"unknown quantisation {mode!r}; use one of {', '.join(MODES)}")
     if mode == "int8-dynamic":
@@ -397,13 +391,43 @@ def quantize_language_model(model: nn.Module, mode: str = "int8-dynamic", *,
     check_quantizable(model, mode, group_size)
     make = quantizer(mode, group_size)
     for name in language_linear_names(model):
-        replace_layer(model, name, make)
+        model.set_submodule(name, make(model.get_submodule(name)))
     return model
 
 
-def replace_layer(model: nn.Module, name: str, make: Callable[[nn.Linear], nn.Module]) -> None:
-    """Replace the linear layer ``name`` of ``model`` (one of :func:`language_linear_names`) by ``make(layer)``."""
-    _replace(model, name, make(model.get_submodule(name)))
+class LayerQuantizer:
+    """Quantises the language model's linear layers of ``model`` (built on the meta device) as a checkpoint's tensors
+    stream past: :meth:`add` keeps each tensor of such a layer until the layer is complete (for the LLaMA decoder,
+    the weight alone: its linears have no bias), then returns the quantised layer. The loader and ``owl2 convert``
+    use it, so that the float weights of the whole model are never held at once. Raises ValueError, before any
+    tensor is read, when ``mode`` cannot quantise the model's layers."""
+
+    def __init__(self, model: nn.Module, mode: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> None:
+        check_quantizable(model, mode, group_size)
+        self._make = quantizer(mode, group_size)
+        self._templates: dict[str, nn.Module] = {name: model.get_submodule(name)
+                                                 for name in language_linear_names(model)}
+        self._layer_of = {f"{name}.{param}": (name, param)
+                          for name, layer in self._templates.items() for param, _ in layer.named_parameters()}
+        self._arrived: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._layer_of
+
+    def add(self, key: str, tensor: torch.Tensor) -> tuple[str, nn.Module] | None:
+        """Take the float tensor ``key`` of a layer (already in its dtype and device); once the layer is complete,
+        return its name and its quantised layer, else None."""
+        name, param = self._layer_of[key]
+        arrived = self._arrived.setdefault(name, {})
+        arrived[param] = tensor
+        template = self._templates[name]
+        if len(arrived) < len(dict(template.named_parameters())):
+            return None
+        del self._arrived[name]
+        linear = nn.Linear(template.in_features, template.out_features, bias=template.bias is not None, device="meta")
+        for param_name, value in arrived.items():
+            setattr(linear, param_name, nn.Parameter(value, requires_grad=False))
+        return name, self._make(linear)
 
 
 def quantized_modules(model: nn.Module, mode: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> nn.Module:
@@ -421,7 +445,7 @@ def quantized_modules(model: nn.Module, mode: str, group_size: int = DEFAULT_INT
         else:
             new = WeightOnlyInt4Linear(linear.in_features, linear.out_features, bias, group_size, device="meta")
         new.workspace = workspace
-        _replace(model, name, new)
+        model.set_submodule(name, new)
     return model
 
 
@@ -449,7 +473,7 @@ def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
         linear = model.get_submodule(name)
         if (type(linear) is nn.Linear and linear.weight.device.type == "cpu"
                 and linear.weight.dtype in (torch.float32, torch.bfloat16)):
-            _replace(model, name, CpuPackedLinear(linear))
+            model.set_submodule(name, CpuPackedLinear(linear))
     return model
 
 
